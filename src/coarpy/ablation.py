@@ -1,0 +1,397 @@
+"""Ablation: running a model with some components replaced by an ablation value.
+
+``ablate(model, components, keep)`` masks activations with hooks while the model
+runs; it reproduces the paper's weight zeroing exactly (a conv channel or linear unit
+becomes its bias, a head or neuron becomes zero) without copying or rewriting the
+model. ``mode="mean"`` replaces a unit by its mean over a reference set instead.
+``apply_ablation`` makes the same edit permanent, in the weights of a copy.
+
+keep: bool tensor of shape (n_components,) shared by the batch, or (batch,
+n_components) with one mask per batch row. True keeps the component. A floating
+keep in [0, 1] interpolates (out * m + value * (1 - m)) and is differentiable; the
+gradient baseline uses it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ._batching import batches_on, run_model_input
+from .components import Components, Group, _is_hf_conv1d
+from .errors import ComponentError, MaskError
+
+MODES = ("zero", "mean")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _feature_index(units: Tensor, unit_size: int) -> Tensor:
+    """Feature positions of the given units: unit u covers u*size ... u*size+size-1."""
+    if unit_size == 1:
+        return units
+    return (units[:, None] * unit_size + torch.arange(unit_size, device=units.device)).reshape(-1)
+
+
+def _feature_mask(keep_g: Tensor, unit_size: int) -> Tensor:
+    return keep_g if unit_size == 1 else keep_g.repeat_interleave(unit_size, dim=-1)
+
+
+def _zero_values(model: nn.Module, group: Group) -> Tensor:
+    """The value a unit takes when its weights are zeroed: its bias, else 0."""
+    module = model.get_submodule(group.hook)
+    ref = next(module.parameters(), None)
+    device = ref.device if ref is not None else _model_device(model)
+    dtype = ref.dtype if ref is not None else torch.float32
+    bias = getattr(module, "bias", None)
+    if group.site == "output" and isinstance(bias, Tensor):
+        return bias.detach().clone()
+    return torch.zeros(group.n_features, device=device, dtype=dtype)
+
+
+def _check_keep(keep: Tensor, n: int, device: torch.device) -> None:
+    if not isinstance(keep, Tensor):
+        raise MaskError(
+            f"keep must be a torch.Tensor of shape ({n},) or (batch, {n}), got "
+            f"{type(keep).__name__}. Build it with torch.ones({n}, dtype=torch.bool)."
+        )
+    if keep.dtype != torch.bool and not keep.is_floating_point():
+        raise MaskError(
+            f"keep must be a bool tensor (True keeps a component), got dtype {keep.dtype}. "
+            "Convert with keep.bool()."
+        )
+    if keep.ndim not in (1, 2) or keep.shape[-1] != n:
+        raise MaskError(
+            f"keep must have shape ({n},) or (batch, {n}) for these {n} components, got "
+            f"{tuple(keep.shape)}. Build masks for the same Components the model uses."
+        )
+    if keep.device != device:
+        raise MaskError(
+            f"keep is on {keep.device} but the model is on {device}. Move it with "
+            f"keep.to('{device}')."
+        )
+
+
+class Ablator:
+    """Hooks that stay on a model while ``set(keep)`` changes what they ablate.
+
+    ``ablate`` is the everyday interface; collection uses an Ablator directly so the
+    hooks are registered once for thousands of masks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        components: Components,
+        *,
+        mode: str = "zero",
+        means: Mapping[str, Tensor] | None = None,
+    ):
+        if mode not in MODES:
+            raise ComponentError(f"mode must be one of {MODES}, got {mode!r}.")
+        if mode == "mean" and means is None:
+            raise ComponentError(
+                "mode='mean' needs means=: compute them once with "
+                "coarpy.ablation.mean_values(model, components, data)."
+            )
+        self.model = model
+        self.components = components
+        self.mode = mode
+        self.device = _model_device(model)
+        self.values: list[Tensor] = []
+        for g in components.groups:
+            if mode == "zero":
+                value = _zero_values(model, g)
+            else:
+                if g.module not in means:
+                    raise ComponentError(
+                        f"means has no entry for module {g.module!r}. Compute means with "
+                        "mean_values() for the same Components."
+                    )
+                value = means[g.module].to(self.device)
+                if g.site == "param":
+                    raise ComponentError(
+                        f"mode='mean' is not supported for {g.module!r} "
+                        "(nn.MultiheadAttention has no hook point for its heads). Use "
+                        "mode='zero' for it."
+                    )
+            if value.numel() != g.n_features:
+                raise ComponentError(
+                    f"Ablation values for {g.module!r} have {value.numel()} entries, "
+                    f"expected {g.n_features}."
+                )
+            self.values.append(value)
+        self.state: list[tuple[str, Tensor, Tensor] | None] = [None] * len(components.groups)
+        self._handles: list = []
+        self._saved: dict[int, Tensor] = {}
+
+    # -- masks --------------------------------------------------------------------
+    def set(self, keep: Tensor | None) -> None:
+        """Ablate what ``keep`` says from the next forward pass on (None: ablate nothing)."""
+        if keep is None:
+            self.state = [None] * len(self.components.groups)
+            self._set_params(None)
+            return
+        _check_keep(keep, len(self.components), self.device)
+        soft = keep.is_floating_point()
+        state: list[tuple[str, Tensor, Tensor] | None] = []
+        for g, value in zip(self.components.groups, self.values):
+            keep_g = keep[..., g.offset : g.stop]
+            if g.site == "param":
+                state.append(None)
+                continue
+            if soft:
+                state.append(("soft", _feature_mask(keep_g, g.unit_size), value))
+            elif keep.ndim == 2:
+                state.append(("rows", _feature_mask(keep_g, g.unit_size), value))
+            else:
+                units = torch.nonzero(~keep_g).flatten()
+                if units.numel() == 0:
+                    state.append(None)
+                else:
+                    idx = _feature_index(units, g.unit_size)
+                    state.append(("idx", idx, value[idx]))
+        self.state = state
+        self._set_params(keep)
+
+    def _set_params(self, keep: Tensor | None) -> None:
+        for gi, g in enumerate(self.components.groups):
+            if g.site != "param":
+                continue
+            weight = self.model.get_submodule(g.hook).out_proj.weight
+            with torch.no_grad():
+                weight.copy_(self._saved[gi])
+                if keep is None:
+                    continue
+                if keep.ndim != 1 or keep.is_floating_point():
+                    raise MaskError(
+                        f"{g.module!r} is an nn.MultiheadAttention: its heads are ablated "
+                        "by zeroing weights, which one mask must share across the batch. "
+                        f"Pass a bool keep of shape ({len(self.components)},), not "
+                        f"{tuple(keep.shape)} {keep.dtype}."
+                    )
+                units = torch.nonzero(~keep[g.offset : g.stop]).flatten()
+                if units.numel():
+                    weight[:, _feature_index(units, g.unit_size)] = 0
+
+    # -- hooks --------------------------------------------------------------------
+    def _apply(self, gi: int, x: Tensor, inplace: bool) -> Tensor:
+        st = self.state[gi]
+        if st is None:
+            return x
+        g = self.components.groups[gi]
+        how, mask, value = st
+        dim = g.dim if g.dim >= 0 else x.ndim + g.dim
+        if how == "idx":
+            if not inplace or x.requires_grad and torch.is_grad_enabled():
+                x = x.clone()
+            fill = value.to(x.dtype)
+            if dim == x.ndim - 1:
+                x[..., mask] = fill
+            else:
+                x[(slice(None),) * dim + (mask,)] = fill.view(-1, *([1] * (x.ndim - dim - 1)))
+            return x
+        shape = [1] * x.ndim
+        shape[dim] = -1
+        value = value.to(x.dtype).view(shape)
+        if mask.ndim == 2:
+            if x.shape[0] != mask.shape[0]:
+                raise MaskError(
+                    f"keep has {mask.shape[0]} rows but {g.hook!r} got a batch of "
+                    f"{x.shape[0]}. Per-row masks need one row per example in the batch."
+                )
+            mshape = [1] * x.ndim
+            mshape[0], mshape[dim] = mask.shape[0], -1
+            mask = mask.view(mshape)
+        else:
+            mask = mask.view(shape)
+        if how == "rows":
+            return torch.where(mask, x, value)
+        mask = mask.to(x.dtype)
+        return x * mask + value * (1 - mask)
+
+    def __enter__(self) -> Ablator:
+        try:
+            for gi, g in enumerate(self.components.groups):
+                module = self.model.get_submodule(g.hook)
+                if g.site == "output":
+                    self._handles.append(module.register_forward_hook(self._output_hook(gi)))
+                elif g.site == "input":
+                    self._handles.append(
+                        module.register_forward_pre_hook(self._input_hook(gi), with_kwargs=True)
+                    )
+                else:
+                    self._saved[gi] = module.out_proj.weight.detach().clone()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        with torch.no_grad():
+            for gi, saved in self._saved.items():
+                g = self.components.groups[gi]
+                self.model.get_submodule(g.hook).out_proj.weight.copy_(saved)
+        self._saved.clear()
+
+    def _output_hook(self, gi: int):
+        def hook(module, args, out):
+            if self.state[gi] is None:
+                return None
+            if not isinstance(out, Tensor):
+                raise ComponentError(
+                    f"{self.components.groups[gi].hook!r} returned {type(out).__name__}, "
+                    "not a tensor; its output cannot be masked. Select a module that "
+                    "returns a tensor."
+                )
+            return self._apply(gi, out, inplace=True)
+
+        return hook
+
+    def _input_hook(self, gi: int):
+        def hook(module, args, kwargs):
+            if self.state[gi] is None:
+                return None
+            if args:
+                return (self._apply(gi, args[0], inplace=False), *args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: self._apply(gi, kwargs[key], inplace=False)}
+
+        return hook
+
+
+@contextmanager
+def ablate(
+    model: nn.Module,
+    components: Components,
+    keep: Tensor,
+    *,
+    mode: str = "zero",
+    means: Mapping[str, Tensor] | None = None,
+) -> Iterator[nn.Module]:
+    """Run ``model`` with the components where ``keep`` is False ablated.
+
+    Hooks (and, for nn.MultiheadAttention, temporarily zeroed weights) are removed
+    on exit, also when the body raises, leaving the model bit for bit as it was.
+
+    Examples
+    --------
+    >>> net = nn.Linear(2, 3)
+    >>> comps = Components.from_spec(net, {"": "linear"})
+    >>> with ablate(net, comps, torch.tensor([True, False, True])):
+    ...     out = net(torch.ones(1, 2))
+    >>> bool(out[0, 1] == net.bias[1])
+    True
+    """
+    ablator = Ablator(model, components, mode=mode, means=means)
+    ablator.set(keep)
+    with ablator:
+        yield model
+
+
+def mean_values(
+    model: nn.Module,
+    components: Components,
+    data: Iterable,
+    *,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """Mean of every unit's activation over ``data``, for ``mode="mean"``.
+
+    The mean is over examples and every position other than the unit's own feature
+    (the spatial map of a conv channel, the tokens of a sequence). ``data`` yields
+    batches in the form the model's forward takes (see ``collect``).
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    sums = [torch.zeros(g.n_features, dtype=torch.float64, device=device) for g in components.groups]
+    counts = [0] * len(components.groups)
+    handles = []
+
+    def record(gi: int, x: Tensor) -> None:
+        g = components.groups[gi]
+        dim = g.dim if g.dim >= 0 else x.ndim + g.dim
+        flat = x.detach().movedim(dim, -1).reshape(-1, x.shape[dim])
+        sums[gi] += flat.sum(0, dtype=torch.float64)
+        counts[gi] += flat.shape[0]
+
+    for gi, g in enumerate(components.groups):
+        module = model.get_submodule(g.hook)
+        if g.site == "param":
+            raise ComponentError(
+                f"mean_values cannot observe the heads of {g.module!r} "
+                "(nn.MultiheadAttention has no hook point). Use mode='zero' for it."
+            )
+        if g.site == "output":
+            handles.append(module.register_forward_hook(lambda m, a, o, gi=gi: record(gi, o)))
+        else:
+            handles.append(module.register_forward_pre_hook(lambda m, a, gi=gi: record(gi, a[0])))
+    try:
+        with torch.inference_mode():
+            for batch in batches_on(data, device):
+                run_model_input(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if not any(counts):
+        raise ComponentError("mean_values got no batches from data; pass a non-empty iterable.")
+    return {
+        g.module: (s / max(c, 1)).to(torch.float32)
+        for g, s, c in zip(components.groups, sums, counts)
+    }
+
+
+def zero_weights_(model: nn.Module, components: Components, ablated: Tensor) -> nn.Module:
+    """Zero, in place, the weights of the components with flat indices ``ablated``.
+
+    This is the paper's definition of ablation; ``ablate(..., mode="zero")`` matches it.
+    """
+    ablated = torch.as_tensor(ablated, dtype=torch.long).flatten().cpu()
+    if ablated.numel() and (ablated.min() < 0 or ablated.max() >= len(components)):
+        raise ComponentError(
+            f"ablated indices must lie in [0, {len(components)}), got "
+            f"[{int(ablated.min())}, {int(ablated.max())}]."
+        )
+    groups, units = components.locate(ablated)
+    with torch.no_grad():
+        for gi, g in enumerate(components.groups):
+            sel = units[groups == gi]
+            if sel.numel() == 0:
+                continue
+            feats = _feature_index(sel, g.unit_size)
+            module = model.get_submodule(g.hook)
+            if g.site == "param":
+                module.out_proj.weight[:, feats] = 0
+                continue
+            weight = module.weight
+            conv1d = _is_hf_conv1d(module)  # weight stored (in, out)
+            if g.site == "output":
+                if conv1d:
+                    weight[:, feats] = 0
+                else:
+                    weight[feats] = 0
+            elif conv1d:
+                weight[feats, :] = 0
+            else:
+                weight[:, feats] = 0
+    return model
+
+
+def apply_ablation(model: nn.Module, components: Components, ablated: Tensor) -> nn.Module:
+    """A copy of ``model`` whose ablated components have zeroed weights.
+
+    The copy runs without coarpy (no hooks); the original is untouched.
+    """
+    return zero_weights_(copy.deepcopy(model), components, ablated)
