@@ -76,7 +76,9 @@ def _cat_padded(parts: list[Tensor], pad_value: int) -> Tensor:
             f"{[tuple(p.shape) for p in parts]}. Give every batch the same example shape."
         )
     width = max(p.shape[1] for p in parts)
-    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_value) for p in parts])
+    return torch.cat(
+        [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_value) for p in parts]
+    )
 
 
 def index(batch: Batch, rows: slice | Tensor) -> Batch:

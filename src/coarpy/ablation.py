@@ -316,7 +316,9 @@ def mean_values(
     batches in the form the model's forward takes (see ``collect``).
     """
     device = torch.device(device) if device is not None else _model_device(model)
-    sums = [torch.zeros(g.n_features, dtype=torch.float64, device=device) for g in components.groups]
+    sums = [
+        torch.zeros(g.n_features, dtype=torch.float64, device=device) for g in components.groups
+    ]
     counts = [0] * len(components.groups)
     handles = []
 

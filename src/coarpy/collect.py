@@ -1,0 +1,260 @@
+"""Collection: fill a component dataset by running the model under random ablations.
+
+For every mask row of every unfinished block, the model runs over the whole (fixed)
+example set with that mask's components ablated, and the output function gives one
+number per example. The examples are moved to the device once. When the example set
+is smaller than a batch, several masks share one forward pass (per-row masks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from . import _batching as B
+from . import outputs as _outputs
+from ._fingerprint import model_fingerprint, tensors_fingerprint
+from .ablation import Ablator, _model_device
+from .components import Components
+from .errors import CoarError, CollectError
+from .masks import sample_masks
+from .store import ComponentDataset
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def shard_from_env() -> tuple[int, int] | None:
+    """``(k, K)`` from SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE, else None."""
+    for idx, count in (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("RANK", "WORLD_SIZE")):
+        if idx in os.environ and count in os.environ:
+            k, n = int(os.environ[idx]), int(os.environ[count])
+            if idx.startswith("SLURM"):
+                k -= int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            return k, n
+    return None
+
+
+def _check_shard(shard: tuple[int, int] | str | None) -> tuple[int, int] | None:
+    if shard == "env":
+        shard = shard_from_env()
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        k, _, n = shard.partition("/")
+        shard = (int(k), int(n))
+    k, n = shard
+    if not (n >= 1 and 0 <= k < n):
+        raise ValueError(f"shard must be (k, K) with 0 <= k < K, got {shard}.")
+    return int(k), int(n)
+
+
+class ExampleSet:
+    """The fixed examples of a run, on the device, in forward-pass-sized batches."""
+
+    def __init__(self, data: Iterable, device: torch.device, batch_size: int | None):
+        batches = [B.to_device(b, device) for b in B.as_batches(data, batch_size)]
+        if not batches:
+            raise ValueError("data yielded no batches; pass a non-empty DataLoader or list.")
+        self.n_examples = sum(B.batch_size(b) for b in batches)
+        largest = max(B.batch_size(b) for b in batches)
+        self.batch_size = batch_size or largest
+        self.whole = B.concat(batches) if len(batches) > 1 else batches[0]
+        self.batches = B.split(self.whole, self.batch_size)
+        # Masks per forward pass: pack several when the examples fit in a batch.
+        self.pack = max(1, self.batch_size // self.n_examples)
+        self._packed: dict[int, object] = {}
+
+    def fingerprint(self) -> str:
+        return tensors_fingerprint(B.tensors(self.whole))
+
+    def packed(self, times: int):
+        if times not in self._packed:
+            self._packed[times] = B.repeat(self.whole, times)
+        return self._packed[times]
+
+
+def run_masks(
+    model: nn.Module,
+    ablator: Ablator,
+    examples: ExampleSet,
+    keep: Tensor,
+    output: _outputs.OutputFn,
+) -> Tensor:
+    """Outputs of every example under every mask: keep (n, N) -> (n, E) float32."""
+    n, e = keep.shape[0], examples.n_examples
+    result = torch.empty(n, e, dtype=torch.float32, device=keep.device)
+    if examples.pack > 1:
+        for i in range(0, n, examples.pack):
+            rows = keep[i : i + examples.pack]
+            ablator.set(rows.repeat_interleave(e, dim=0))  # (p*E, N): row r*E+j is mask r
+            batch = examples.packed(rows.shape[0])
+            values = _outputs.check_values(output(model, batch), rows.shape[0] * e, output)
+            result[i : i + rows.shape[0]] = values.view(rows.shape[0], e)
+        return result
+    for i in range(n):
+        ablator.set(keep[i])
+        col = 0
+        for batch in examples.batches:
+            size = B.batch_size(batch)
+            result[i, col : col + size] = _outputs.check_values(output(model, batch), size, output)
+            col += size
+    return result
+
+
+def _progress_bar(total: int, enabled: bool | None, desc: str):
+    from tqdm.auto import tqdm
+
+    disable = not (sys.stderr.isatty() if enabled is None else enabled)
+    return tqdm(total=total, desc=desc, unit="block", disable=disable, dynamic_ncols=True)
+
+
+def collect(
+    model: nn.Module,
+    components: Components,
+    data: Iterable,
+    *,
+    output: _outputs.OutputFn | str = _outputs.margin,
+    path: str | os.PathLike,
+    n_masks: int,
+    alpha: float,
+    seed: int = 0,
+    sampler: str = "bernoulli",
+    block_size: int = 100,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    mode: str = "zero",
+    means: dict[str, Tensor] | None = None,
+    shard: tuple[int, int] | str | None = None,
+    autocast: str | None = None,
+    dtype: str = "float32",
+    allow_nonfinite: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> ComponentDataset:
+    """Fill (or resume) the component dataset at ``path`` and return it.
+
+    Parameters
+    ----------
+    model, components : the model and the components to ablate.
+    data : the fixed example set: a DataLoader, a list of batches, or a tuple of
+        tensors ``(inputs, labels)``.
+    output : output function, or the name of a built-in one (``coarpy.outputs``).
+    path : store directory; an existing compatible store is resumed.
+    n_masks, alpha, seed, sampler : how many masks, the ablation fraction, and the
+        seeded sampler (row i depends only on (seed, i)).
+    block_size : masks per block file (the unit of work and of commit).
+    batch_size : examples per forward pass (default: the data's own batches).
+    device : where to run (default: where the model is).
+    shard : ``(k, K)`` or ``"k/K"`` to do only blocks b with b % K == k; ``"env"``
+        reads SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE.
+    autocast : ``"bf16"`` or ``"fp16"`` to run under torch.autocast (GPU).
+    dtype : ``"float32"`` or ``"float16"`` for the stored outputs.
+    allow_nonfinite : store NaN/inf outputs instead of stopping at the first one.
+
+    Raises
+    ------
+    StoreMismatchError : the store at ``path`` was built with other settings.
+    CollectError : a block failed; the message names it and the cause is chained.
+    """
+    output_fn = _outputs.resolve(output)
+    shard = _check_shard(shard)
+    if device is not None:
+        model.to(device)
+    device = _model_device(model)
+    if autocast is not None and autocast not in _AUTOCAST:
+        raise ValueError(f"autocast must be one of {tuple(_AUTOCAST)} or None, got {autocast!r}.")
+    examples = ExampleSet(data, device, batch_size)
+    ds = ComponentDataset.create(
+        path,
+        components=components.to_dict()["groups"],
+        n_examples=examples.n_examples,
+        n_masks=n_masks,
+        alpha=alpha,
+        seed=seed,
+        sampler=sampler,
+        block_size=block_size,
+        output=_outputs.name_of(output_fn),
+        mode=mode,
+        dtype=dtype,
+        fingerprint=model_fingerprint(model),
+        data_fingerprint=examples.fingerprint(),
+        overwrite=overwrite,
+    )
+    n_blocks = -(-n_masks // block_size)
+    todo = [
+        b
+        for b in range(n_blocks)
+        if (shard is None or b % shard[1] == shard[0]) and not ds.is_done(b)
+    ]
+    done_before = n_blocks - len([b for b in range(n_blocks) if not ds.is_done(b)])
+    if done_before:
+        log.info("%s: resuming, %d of %d blocks already done", ds.path, done_before, n_blocks)
+    if not todo:
+        return ComponentDataset(ds.path)
+
+    was_training = model.training
+    if was_training:
+        warnings.warn(
+            "The model is in training mode; collect runs it in eval mode (no dropout, "
+            "BatchNorm running statistics) and restores the mode afterwards.",
+            stacklevel=2,
+        )
+    model.eval()
+    ablator = Ablator(model, components, mode=mode, means=means)
+    cast = torch.autocast(device.type, dtype=_AUTOCAST[autocast]) if autocast else nullcontext()
+    bar = _progress_bar(len(todo), progress, desc=f"collect {ds.path.name}")
+    pending: list[Future] = []
+    started = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as writer, ablator, torch.inference_mode(), cast:
+            for count, b in enumerate(todo, 1):
+                start, stop = ds.block_rows(b)
+                keep = sample_masks(
+                    start, stop, len(components), alpha=alpha, seed=seed, sampler=sampler
+                )
+                try:
+                    values = run_masks(model, ablator, examples, keep.to(device), output_fn)
+                except CoarError:
+                    raise
+                except Exception as err:
+                    raise CollectError(
+                        f"Block {b} (mask rows {start}..{stop - 1}) failed: "
+                        f"{type(err).__name__}: {err}"
+                    ) from err
+                if not allow_nonfinite:
+                    _check_finite(values, start)
+                # Commit off the critical path; keep at most one write in flight.
+                while pending:
+                    pending.pop().result()
+                pending.append(writer.submit(ds.write_block, b, keep, values.cpu()))
+                bar.update(1)
+                rate = count * (stop - start) / (time.perf_counter() - started)
+                bar.set_postfix(masks_per_s=f"{rate:.1f}", refresh=False)
+            while pending:
+                pending.pop().result()
+    finally:
+        bar.close()
+        model.train(was_training)
+    return ComponentDataset(ds.path)
+
+
+def _check_finite(values: Tensor, first_row: int) -> None:
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        row, example = (int(i) for i in bad.nonzero()[0])
+        raise CollectError(
+            f"Mask row {first_row + row} gave a non-finite output ({values[row, example].item()})"
+            f" on example {example}. Check the model and output function, or pass "
+            "allow_nonfinite=True to store such values."
+        )
