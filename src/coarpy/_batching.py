@@ -61,7 +61,7 @@ def concat(batches: list[Batch], key: str | None = None) -> Batch:
     if isinstance(first, Tensor):
         return _cat_padded(batches, -100 if key in LABEL_KEYS else 0)
     if isinstance(first, dict) or (hasattr(first, "items") and hasattr(first, "keys")):
-        return {k: concat([b[k] for b in batches], k) for k in first.keys()}
+        return {k: concat([b[k] for b in batches], k) for k in first}
     if isinstance(first, (tuple, list)):
         return type(first)(concat([b[i] for b in batches]) for i in range(len(first)))
     return first

@@ -145,7 +145,7 @@ class Ablator:
         _check_keep(keep, len(self.components), self.device)
         soft = keep.is_floating_point()
         state: list[tuple[str, Tensor, Tensor] | None] = []
-        for g, value in zip(self.components.groups, self.values):
+        for g, value in zip(self.components.groups, self.values, strict=True):
             keep_g = keep[..., g.offset : g.stop]
             if g.site == "param":
                 state.append(None)
@@ -351,7 +351,7 @@ def mean_values(
         raise ComponentError("mean_values got no batches from data; pass a non-empty iterable.")
     return {
         g.module: (s / max(c, 1)).to(torch.float32)
-        for g, s, c in zip(components.groups, sums, counts)
+        for g, s, c in zip(components.groups, sums, counts, strict=True)
     }
 
 
