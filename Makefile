@@ -1,0 +1,26 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv, then run the whole method on real data (coar demo)
+#   make test   set up .venv, then lint and run the full test suite
+PY ?= python3
+VENV ?= .venv
+
+.PHONY: setup demo test test-fast lint bench
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	PY=$(PY) VENV=$(VENV) bash scripts/setup.sh
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/coar demo
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff format --check src tests bench examples
+
+test: lint
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "not slow"

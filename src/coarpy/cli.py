@@ -1,0 +1,126 @@
+"""The ``coar`` command: parses arguments and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .errors import CoarError
+
+
+def _shard(text: str) -> tuple[int, int]:
+    k, sep, n = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        return int(k), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected k/K such as 0/4, got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="coar",
+        description="COAR: attribute a model's predictions to its components, and edit it.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the whole method on real data in a few minutes (CPU)")
+    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    d.add_argument("--n-masks", type=int, default=None, help="training masks")
+    d.add_argument("--eval-masks", type=int, default=None, help="held-out masks per alpha")
+    d.add_argument("--n-examples", type=int, default=None, help="held-out digits to attribute")
+    d.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("collect", help="collect (or resume) a component dataset from CONFIG")
+    c.add_argument("config", help="TOML run configuration (see coarpy.config)")
+    c.add_argument("--shard", type=_shard, default=None, help="k/K: only blocks b%%K==k")
+
+    w = sub.add_parser("worker", help="fill this worker's blocks of an existing run")
+    w.add_argument("run", help="run directory made by `coar collect`")
+    w.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        help="k/K (default: SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE, else all)",
+    )
+
+    s = sub.add_parser("status", help="progress, speed, ETA and settings of a run")
+    s.add_argument("run")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    f = sub.add_parser("fit", help="fit attributions to a run's component dataset")
+    f.add_argument("run")
+    f.add_argument("--method", default="ridge", help="ridge (default), ols or lasso")
+
+    e = sub.add_parser("evaluate", help="held-out correlation of a run's attributions")
+    e.add_argument("run")
+    e.add_argument("--alphas", type=float, nargs="+", default=None)
+    e.add_argument("--n-masks", type=int, default=100)
+    e.add_argument("--seed", type=int, default=1)
+    e.add_argument(
+        "--baselines",
+        nargs="*",
+        default=["leave_one_out", "gradient"],
+        help="baselines evaluated on the same masks (default: leave_one_out gradient)",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except CoarError as err:
+        print(f"coar {args.command}: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"coar {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from . import runs
+
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(
+            args.out,
+            n_masks=args.n_masks,
+            eval_masks=args.eval_masks,
+            n_examples=args.n_examples,
+            seed=args.seed,
+        )
+    elif args.command == "collect":
+        ds = runs.collect_run(args.config, shard=args.shard)
+        print(ds)
+    elif args.command == "worker":
+        ds = runs.collect_run(runs.load_config(args.run), shard=args.shard or "env")
+        print(ds)
+    elif args.command == "status":
+        info = runs.status(args.run)
+        print(json.dumps(info, indent=1) if args.json else runs.format_status(info))
+    elif args.command == "fit":
+        attr = runs.fit_run(args.run, method=args.method)
+        print(f"fitted {attr.weights.shape[0]} examples x {attr.weights.shape[1]} components")
+    elif args.command == "evaluate":
+        result = runs.evaluate_run(
+            args.run,
+            alphas=args.alphas,
+            n_masks=args.n_masks,
+            seed=args.seed,
+            baselines=args.baselines,
+        )
+        print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

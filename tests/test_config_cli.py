@@ -1,0 +1,116 @@
+"""Run configurations, run directories and the `coar` command line."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from coarpy import runs
+from coarpy.cli import main
+from coarpy.config import ConfigError, RunConfig
+from coarpy.store import ComponentDataset
+
+FACTORY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def build(n_examples=12, width=4):
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.Linear(width * 16, 3),
+        ).eval()
+        x = torch.randn(n_examples, 1, 4, 4, generator=g)
+        y = torch.randint(0, 3, (n_examples,), generator=g)
+        return {"model": model, "data": (x, y)}
+    """
+)
+
+
+@pytest.fixture
+def config_file(tmp_path, monkeypatch):
+    (tmp_path / "cfgfactory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "run.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            factory = "cfgfactory:build"
+            path = "{tmp_path / "run"}"
+            n_masks = 30
+            alpha = 0.25
+            block_size = 10
+            kinds = ["conv"]
+
+            [factory_args]
+            n_examples = 12
+            """
+        )
+    )
+    return path
+
+
+def test_config_round_trips_through_toml(config_file, tmp_path):
+    cfg = RunConfig.load(config_file)
+    again = tmp_path / "again.toml"
+    again.write_text(cfg.to_toml())
+    assert RunConfig.load(again) == cfg
+
+
+def test_config_names_unknown_and_missing_fields(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('factory = "x:y"\npath = "r"\nn_masks = 3\nalpha = 0.1\nalfa = 2\n')
+    with pytest.raises(ConfigError, match="unknown field.*alfa"):
+        RunConfig.load(bad)
+    bad.write_text('factory = "x:y"\npath = "r"\n')
+    with pytest.raises(ConfigError, match="missing required field.*n_masks.*alpha"):
+        RunConfig.load(bad)
+    bad.write_text('factory = "x:y"\npath = "r"\nn_masks = "many"\nalpha = 0.1\n')
+    with pytest.raises(ConfigError, match="n_masks should be int"):
+        RunConfig.load(bad)
+
+
+def test_collect_run_fills_the_store_and_saves_the_config(config_file, tmp_path):
+    ds = runs.collect_run(config_file, progress=False)
+    assert len(ds) == 30 and ds.n_examples == 12 and ds.n_components == 4
+    assert runs.load_config(tmp_path / "run") == RunConfig.load(config_file)
+
+
+def test_worker_shards_together_equal_one_run(config_file, tmp_path):
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, shard=(0, 2), progress=False)
+    partial = ComponentDataset(cfg.path)
+    assert partial.done_blocks() == [0, 2]
+    assert main(["worker", cfg.path, "--shard", "1/2"]) == 0
+    whole = runs.collect_run(
+        RunConfig.from_dict({**_raw(cfg), "path": str(tmp_path / "whole")}), progress=False
+    )
+    assert torch.equal(ComponentDataset(cfg.path).outputs(), whole.outputs())
+
+
+def _raw(cfg: RunConfig) -> dict:
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+
+
+def test_status_reports_progress_as_text_and_json(config_file, tmp_path, capsys):
+    runs.collect_run(config_file, shard=(0, 3), progress=False)
+    run = str(tmp_path / "run")
+    assert main(["status", run]) == 0
+    text = capsys.readouterr().out
+    assert "10 / 30" in text and "blocks 1 / 3" in text and "alpha=0.25" in text
+    assert main(["status", run, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["done_rows"] == 10 and info["n_blocks"] == 3
+    assert info["settings"]["n_components"] == 4
+
+
+def test_cli_reports_library_errors_without_a_traceback(tmp_path, capsys):
+    assert main(["status", str(tmp_path / "nowhere")]) == 2
+    assert "No component dataset" in capsys.readouterr().err
