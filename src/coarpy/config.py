@@ -135,9 +135,10 @@ class RunConfig:
         factory = import_object(self.factory)
         made = factory(**self.factory_args)
         if not isinstance(made, Mapping) or "model" not in made or "data" not in made:
+            keys = f" with keys {list(made)}" if isinstance(made, Mapping) else ""
             raise ConfigError(
                 f"Factory {self.factory} must return a mapping with 'model' and 'data', got "
-                f"{type(made).__name__}{' with keys ' + str(list(made)) if isinstance(made, Mapping) else ''}."
+                f"{type(made).__name__}{keys}."
             )
         model = made["model"]
         comps = made.get("components")

@@ -133,12 +133,10 @@ def format_status(info: dict[str, Any]) -> str:
         eta = info["eta_s"]
         eta_text = "done" if not eta else time.strftime("%H:%M:%S", time.gmtime(eta))
         lines.append(f"speed      {info['masks_per_s']:.2f} masks/s, ETA {eta_text}")
-    lines.append(
-        f"active     {'yes (a block in the last 5 min)' if info['active_recently'] else 'no'}"
-    )
-    lines.append(
-        f"fitted     {'yes' if info['fitted'] else 'no'}; evaluated {'yes' if info['evaluated'] else 'no'}"
-    )
+    yes = {True: "yes", False: "no"}
+    active = "yes (a block in the last 5 min)" if info["active_recently"] else "no"
+    lines.append(f"active     {active}")
+    lines.append(f"fitted     {yes[info['fitted']]}; evaluated {yes[info['evaluated']]}")
     s = info["settings"]
     lines.append(
         f"settings   {s['n_components']} components, {s['n_examples']} examples, "
