@@ -76,7 +76,10 @@ def _next_token(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
     targets = ids[:, 1:]
     valid = targets != -100
     if "attention_mask" in batch:
-        valid &= batch["attention_mask"][:, 1:].to(logits.device).bool()
+        # Both ends must be real tokens: with left padding, the first real token is
+        # otherwise "predicted" from a padding position.
+        real = batch["attention_mask"].to(logits.device).bool()
+        valid &= real[:, 1:] & real[:, :-1]
     empty = (~valid).all(1)
     if empty.any():
         row = int(empty.nonzero()[0])
