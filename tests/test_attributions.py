@@ -1,0 +1,169 @@
+"""Tests of coarpy.attributions: predict, top, validation, and the on-disk format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from coarpy.attributions import Attributions
+from coarpy.errors import FitError, MaskError, StoreCorruptError
+
+
+def make(E=3, N=5, seed=0, meta=None):
+    g = torch.Generator().manual_seed(seed)
+    return Attributions(
+        weights=torch.randn(E, N, generator=g),
+        bias=torch.randn(E, generator=g),
+        names=[f"block.{i // 2}:{i % 2}" for i in range(N)],
+        meta=meta if meta is not None else {"method": "ridge", "l2": [0.1] * E},
+    )
+
+
+# ----------------------------------------------------------------- predict and top
+
+
+def test_predict_is_keep_times_weights_plus_bias():
+    attr = Attributions(
+        weights=torch.tensor([[1.0, 2.0, 4.0], [-1.0, 0.0, 0.5]]),
+        bias=torch.tensor([10.0, 0.0]),
+        names=["a:0", "a:1", "a:2"],
+    )
+    keep = torch.tensor([[True, True, True], [False, True, False], [False, False, False]])
+    expected = torch.tensor([[17.0, -0.5], [12.0, 0.0], [10.0, 0.0]])
+    assert torch.equal(attr.predict(keep), expected)
+    assert torch.equal(attr.predict(keep[0]), expected[0])
+    assert torch.equal(attr.predict(keep.float()), expected)
+
+
+def test_predict_refuses_a_mask_of_the_wrong_width():
+    attr = make(N=5)
+    with pytest.raises(MaskError, match=r"shape \(n_masks, 5\).*got \(2, 4\)"):
+        attr.predict(torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_predict_refuses_integer_masks_and_non_tensors():
+    attr = make(N=5)
+    with pytest.raises(MaskError, match="dtype torch.int64"):
+        attr.predict(torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(MaskError, match="torch.Tensor"):
+        attr.predict([[1, 1, 1, 1, 1]])
+
+
+def test_top_sorts_by_absolute_weight_and_keeps_signs():
+    attr = Attributions(
+        weights=torch.tensor([[0.5, -3.0, 2.0, -0.1, 2.0]]),
+        bias=torch.zeros(1),
+        names=["c:0", "c:1", "c:2", "c:3", "c:4"],
+    )
+    assert attr.top(0, k=3) == [("c:1", -3.0), ("c:2", 2.0), ("c:4", 2.0)]  # ties: index order
+    assert attr.top(0, k=10) == [
+        ("c:1", -3.0),
+        ("c:2", 2.0),
+        ("c:4", 2.0),
+        ("c:0", 0.5),
+        ("c:3", pytest.approx(-0.1)),
+    ]
+    assert attr.top(-1, k=1) == [("c:1", -3.0)]
+    with pytest.raises(IndexError, match="out of range for 1 examples"):
+        attr.top(1)
+
+
+def test_shape_properties():
+    attr = make(E=4, N=7)
+    assert (attr.n_examples, attr.n_components) == (4, 7)
+    assert attr.weights.dtype == torch.float32
+    assert "n_examples=4" in repr(attr)
+
+
+# ----------------------------------------------------------------- validation
+
+
+def test_bias_of_the_wrong_length_is_refused():
+    with pytest.raises(FitError, match=r"bias must have shape \(3,\).*got \(2,\)"):
+        Attributions(weights=torch.zeros(3, 4), bias=torch.zeros(2), names=list("abcd"))
+
+
+def test_names_must_match_the_number_of_components():
+    with pytest.raises(FitError, match="3 names but weights has 4 columns"):
+        Attributions(weights=torch.zeros(2, 4), bias=torch.zeros(2), names=list("abc"))
+
+
+def test_meta_must_be_jsonable():
+    with pytest.raises(FitError, match="JSON-able"):
+        Attributions(
+            weights=torch.zeros(1, 2),
+            bias=torch.zeros(1),
+            names=["a", "b"],
+            meta={"t": torch.ones(1)},
+        )
+
+
+# ----------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    attr = make(E=6, N=9, meta={"method": "ridge", "l2": [1e-3] * 6, "source": {"alpha": 0.05}})
+    attr.save(tmp_path / "attr")
+    back = Attributions.load(tmp_path / "attr")
+    assert torch.equal(back.weights, attr.weights)
+    assert torch.equal(back.bias, attr.bias)
+    assert back.names == attr.names
+    assert back.meta == attr.meta
+
+
+def test_saving_twice_overwrites(tmp_path):
+    make(seed=1).save(tmp_path)
+    second = make(seed=2)
+    second.save(tmp_path)
+    assert torch.equal(Attributions.load(tmp_path).weights, second.weights)
+
+
+def test_load_refuses_a_missing_directory(tmp_path):
+    with pytest.raises(StoreCorruptError, match="does not exist"):
+        Attributions.load(tmp_path / "nothing")
+
+
+def test_load_refuses_a_truncated_array_file(tmp_path):
+    make().save(tmp_path)
+    path = tmp_path / "arrays.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(StoreCorruptError, match="truncated or corrupted"):
+        Attributions.load(tmp_path)
+
+
+def test_load_refuses_altered_weights(tmp_path):
+    attr = make()
+    attr.save(tmp_path)
+    w = attr.weights.numpy().copy()
+    w[0, 0] += 1.0
+    np.savez(tmp_path / "arrays.npz", weights=w, bias=attr.bias.numpy())
+    with pytest.raises(StoreCorruptError, match="do not match the checksum"):
+        Attributions.load(tmp_path)
+
+
+def test_load_refuses_a_foreign_json_file(tmp_path):
+    make().save(tmp_path)
+    (tmp_path / "attributions.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(StoreCorruptError, match="not a coarpy attributions file"):
+        Attributions.load(tmp_path)
+    (tmp_path / "attributions.json").write_text("{not json")
+    with pytest.raises(StoreCorruptError, match="not valid JSON"):
+        Attributions.load(tmp_path)
+
+
+def test_load_refuses_a_foreign_npz(tmp_path):
+    make().save(tmp_path)
+    np.savez(tmp_path / "arrays.npz", other=np.zeros(3))
+    with pytest.raises(StoreCorruptError, match=r"expected \['bias', 'weights'\]"):
+        Attributions.load(tmp_path)
+
+
+def test_load_never_unpickles(tmp_path):
+    attr = make()
+    attr.save(tmp_path)
+    np.savez(tmp_path / "arrays.npz", weights=np.array([object()]), bias=attr.bias.numpy())
+    with pytest.raises(StoreCorruptError, match="cannot be read"):
+        Attributions.load(tmp_path)
