@@ -317,12 +317,12 @@ class Components:
                     if kind == "heads":
                         heads_at.append(target)
         # An attention class we could not read is an error unless a recognised
-        # attention module contains it or sits inside it (BertSelfAttention).
+        # attention module contains it or sits inside it (BertSelfAttention, or a
+        # whole model whose class name says "Attention").
         missed = [
             p
             for p in unrecognised
-            if wanted(p)
-            and not any(p.startswith(h + ".") or h.startswith(p + ".") or h == p for h in heads_at)
+            if wanted(p) and not any(_nested(p, h) or _nested(h, p) for h in heads_at)
         ]
         if missed:
             module = model.get_submodule(missed[0])
@@ -399,6 +399,11 @@ class Components:
     def to_dict(self) -> dict:
         """A JSON-ready description (used by stores and saved attributions)."""
         return {"groups": [[g.module, g.kind, g.n_units] for g in self.groups]}
+
+
+def _nested(inner: str, outer: str) -> bool:
+    """True if module path ``inner`` is ``outer`` or lies inside it ("" is the root)."""
+    return outer == "" or inner == outer or inner.startswith(outer + ".")
 
 
 def _discovered_path(model: nn.Module, path: str, module: nn.Module, kind: str) -> str | None:
