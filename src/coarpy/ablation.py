@@ -133,14 +133,20 @@ class Ablator:
             self.values.append(value)
         self.state: list[tuple[str, Tensor, Tensor] | None] = [None] * len(components.groups)
         self._handles: list = []
-        self._saved: dict[int, Tensor] = {}
+        self._saved: dict[int, Tensor] = {}  # original MHA weights, while entered
+        self._param_keep: Tensor | None = None
 
     # -- masks --------------------------------------------------------------------
     def set(self, keep: Tensor | None) -> None:
-        """Ablate what ``keep`` says from the next forward pass on (None: ablate nothing)."""
+        """Ablate what ``keep`` says from the next forward pass on (None: ablate nothing).
+
+        May be called before the hooks are on (``ablate`` does); weights of
+        nn.MultiheadAttention groups are then zeroed when the context is entered.
+        """
         if keep is None:
             self.state = [None] * len(self.components.groups)
-            self._set_params(None)
+            self._param_keep = None
+            self._write_params()
             return
         _check_keep(keep, len(self.components), self.device)
         soft = keep.is_floating_point()
@@ -148,9 +154,15 @@ class Ablator:
         for g, value in zip(self.components.groups, self.values, strict=True):
             keep_g = keep[..., g.offset : g.stop]
             if g.site == "param":
+                if keep.ndim != 1 or soft:
+                    raise MaskError(
+                        f"{g.module!r} is an nn.MultiheadAttention: its heads are ablated "
+                        "by zeroing weights, which one mask must share across the batch. "
+                        f"Pass a bool keep of shape ({len(self.components)},), not "
+                        f"{tuple(keep.shape)} {keep.dtype}."
+                    )
                 state.append(None)
-                continue
-            if soft:
+            elif soft:
                 state.append(("soft", _feature_mask(keep_g, g.unit_size), value))
             elif keep.ndim == 2:
                 state.append(("rows", _feature_mask(keep_g, g.unit_size), value))
@@ -162,24 +174,22 @@ class Ablator:
                     idx = _feature_index(units, g.unit_size)
                     state.append(("idx", idx, value[idx]))
         self.state = state
-        self._set_params(keep)
+        self._param_keep = keep
+        self._write_params()
 
-    def _set_params(self, keep: Tensor | None) -> None:
-        for gi, g in enumerate(self.components.groups):
-            if g.site != "param":
-                continue
-            weight = self.model.get_submodule(g.hook).out_proj.weight
-            with torch.no_grad():
-                weight.copy_(self._saved[gi])
+    def _write_params(self) -> None:
+        """Zero the ablated heads of nn.MultiheadAttention groups, from the saved weights.
+
+        Only while the context is entered (``_saved`` holds the original weights).
+        """
+        keep = self._param_keep
+        with torch.no_grad():
+            for gi, saved in self._saved.items():
+                g = self.components.groups[gi]
+                weight = self.model.get_submodule(g.hook).out_proj.weight
+                weight.copy_(saved)
                 if keep is None:
                     continue
-                if keep.ndim != 1 or keep.is_floating_point():
-                    raise MaskError(
-                        f"{g.module!r} is an nn.MultiheadAttention: its heads are ablated "
-                        "by zeroing weights, which one mask must share across the batch. "
-                        f"Pass a bool keep of shape ({len(self.components)},), not "
-                        f"{tuple(keep.shape)} {keep.dtype}."
-                    )
                 units = torch.nonzero(~keep[g.offset : g.stop]).flatten()
                 if units.numel():
                     weight[:, _feature_index(units, g.unit_size)] = 0
@@ -232,6 +242,7 @@ class Ablator:
                     )
                 else:
                     self._saved[gi] = module.out_proj.weight.detach().clone()
+            self._write_params()
         except BaseException:
             self.__exit__(None, None, None)
             raise
