@@ -97,7 +97,8 @@ def token_margin(model: nn.Module, batch: Any) -> Tensor:
     """
     logits, targets, valid = _next_token(model, batch)
     per_token = _margin(logits, targets)  # (batch, seq-1)
-    return (per_token * valid).sum(1) / valid.sum(1)
+    # where, not a product: logits at padding may be inf or NaN, and NaN * 0 is NaN
+    return per_token.where(valid, 0.0).sum(1) / valid.sum(1)
 
 
 def token_logprob(model: nn.Module, batch: Any) -> Tensor:
@@ -108,7 +109,7 @@ def token_logprob(model: nn.Module, batch: Any) -> Tensor:
     """
     logits, targets, valid = _next_token(model, batch)
     lp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (lp * valid).sum(1)
+    return lp.where(valid, 0.0).sum(1)
 
 
 REGISTRY: dict[str, OutputFn] = {
