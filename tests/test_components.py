@@ -1,0 +1,164 @@
+"""Finding and naming components: counts on real models, name round trips, bad specs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from coarpy.components import Components
+from coarpy.errors import ComponentError
+
+
+def test_discover_finds_every_conv_channel_of_the_cnn(cnn):
+    comps = Components.discover(cnn, kinds=("conv",))
+    assert len(comps) == 8 + 16
+    assert [(g.module, g.n_units, g.offset) for g in comps.groups] == [
+        ("features.0", 8, 0),
+        ("features.4", 16, 8),
+    ]
+    assert comps.names[0] == "features.0:0"
+    assert comps.names[8] == "features.4:0"
+    assert comps.names[-1] == "features.4:15"
+
+
+@pytest.mark.parametrize("kinds", [("conv",), ("conv", "linear")])
+def test_names_round_trip_on_the_cnn(cnn, kinds):
+    comps = Components.discover(cnn, kinds=kinds)
+    assert len(set(comps.names)) == len(comps)
+    assert [comps.index(name) for name in comps.names] == list(range(len(comps)))
+
+
+def test_linear_units_follow_the_convs_in_model_order(cnn):
+    comps = Components.discover(cnn, kinds=("linear", "conv"))
+    assert [(g.module, g.kind, g.n_units) for g in comps.groups] == [
+        ("features.0", "conv", 8),
+        ("features.4", "conv", 16),
+        ("classifier.1", "linear", 32),
+        ("classifier.3", "linear", 10),
+    ]
+    assert comps.kinds == ["conv"] * 24 + ["linear"] * 42
+
+
+def test_locate_inverts_the_flat_index(cnn):
+    comps = Components.discover(cnn, kinds=("conv", "linear"))
+    flat = torch.arange(len(comps))
+    groups, units = comps.locate(flat)
+    rebuilt = [
+        f"{comps.groups[g].module}:{u}"
+        for g, u in zip(groups.tolist(), units.tolist(), strict=True)
+    ]
+    assert rebuilt == comps.names
+
+
+def test_from_spec_orders_groups_by_the_model_not_the_spec(cnn):
+    comps = Components.from_spec(cnn, {"classifier.3": "linear", "features.0": "conv"})
+    assert [g.module for g in comps.groups] == ["features.0", "classifier.3"]
+    assert comps.to_dict() == {
+        "groups": [["features.0", "conv", 8], ["classifier.3", "linear", 10]]
+    }
+
+
+def test_minilm_has_72_heads_and_6_by_1536_neurons(minilm):
+    comps = Components.discover(minilm, kinds=("heads", "neurons"))
+    heads = [g for g in comps.groups if g.kind == "heads"]
+    neurons = [g for g in comps.groups if g.kind == "neurons"]
+    assert sum(g.n_units for g in heads) == 72 and len(heads) == 6
+    assert sum(g.n_units for g in neurons) == 6 * 1536 and len(neurons) == 6
+    assert len(comps) == 72 + 6 * 1536
+    assert heads[0].module == "encoder.layer.0.attention"
+    assert heads[0].hook == "encoder.layer.0.attention.output.dense"
+    assert heads[0].unit_size == 32
+    assert neurons[0].module == "encoder.layer.0.output.dense"
+    assert comps.names[12] == "encoder.layer.0.output.dense:0"
+    assert [comps.index(n) for n in comps.names] == list(range(len(comps)))
+
+
+def test_include_and_exclude_globs_select_layers(minilm):
+    first = Components.discover(minilm, kinds=("heads", "neurons"), include="encoder.layer.0.*")
+    assert [g.module for g in first.groups] == [
+        "encoder.layer.0.attention",
+        "encoder.layer.0.output.dense",
+    ]
+    rest = Components.discover(
+        minilm, kinds=("heads",), exclude=["encoder.layer.0.*", "encoder.layer.5.*"]
+    )
+    assert [g.module for g in rest.groups] == [f"encoder.layer.{i}.attention" for i in range(1, 5)]
+    assert len(rest) == 4 * 12
+
+
+def test_include_matching_nothing_is_an_error(cnn):
+    with pytest.raises(ComponentError, match=r"No components of kinds \('conv',\).*include="):
+        Components.discover(cnn, kinds=("conv",), include="decoder.*")
+
+
+def test_mlp_kinds_linear_neurons_inputs(mlp):
+    comps = Components.from_spec(mlp, {"0": "linear", "2": "neurons", "4": "inputs"})
+    assert [(g.module, g.kind, g.n_units, g.site) for g in comps.groups] == [
+        ("0", "linear", 16, "output"),
+        ("2.2", "neurons", 32, "input"),
+        ("4", "inputs", 16, "input"),
+    ]
+    assert Components.discover(mlp, kinds=("neurons",)).groups[0].module == "2.2"
+
+
+def test_multihead_attention_heads_are_a_param_site(attention_net):
+    comps = Components.discover(attention_net, kinds=("heads",))
+    (g,) = comps.groups
+    assert (g.module, g.n_units, g.unit_size, g.site) == ("attn", 4, 4, "param")
+    # its out_proj is never called as a module, so discovery must not offer it
+    linear = Components.discover(attention_net, kinds=("linear",))
+    assert [g.module for g in linear.groups] == ["readout"]
+
+
+def test_multihead_attention_submodule_is_refused_with_the_fix(attention_net):
+    with pytest.raises(ComponentError, match=r"nn.MultiheadAttention.*\{'attn': 'heads'\}"):
+        Components.from_spec(attention_net, {"attn.out_proj": "linear"})
+
+
+def test_unknown_module_suggests_a_close_match(cnn):
+    with pytest.raises(ComponentError, match=r"no module 'feature.0'.*Did you mean 'features.0'"):
+        Components.from_spec(cnn, {"feature.0": "conv"})
+
+
+def test_unsupported_kind_for_a_module_names_what_it_expects(cnn):
+    with pytest.raises(ComponentError, match=r"'classifier.1' is a Linear.*'conv'.*Conv1d/2d/3d"):
+        Components.from_spec(cnn, {"classifier.1": "conv"})
+
+
+def test_unknown_kind_lists_the_kinds(cnn):
+    with pytest.raises(ComponentError, match=r"Unknown component kind 'filters'.*conv, linear"):
+        Components.discover(cnn, kinds=("filters",))
+    with pytest.raises(ComponentError, match=r"Unknown component kind 'filters'"):
+        Components.from_spec(cnn, {"features.0": "filters"})
+
+
+def test_empty_selection_is_an_error(cnn):
+    with pytest.raises(ComponentError, match="empty spec"):
+        Components.from_spec(cnn, {})
+    with pytest.raises(ComponentError, match="selection is empty"):
+        Components([])
+
+
+def test_the_same_module_site_twice_is_refused(mlp):
+    # "neurons" of the block and "inputs" of its down projection mask the same input
+    with pytest.raises(ComponentError, match=r"input of module '2.2' is selected twice"):
+        Components.from_spec(mlp, {"2": "neurons", "2.2": "inputs"})
+
+
+def test_index_of_an_unknown_name_shows_the_name_format(cnn):
+    comps = Components.discover(cnn)
+    for bad in ("features.0:8", "features.0", "features.9:0", "features.0:x"):
+        with pytest.raises(ComponentError, match=r"No component named .*'features.0:0'"):
+            comps.index(bad)
+
+
+def test_unreadable_attention_module_is_an_error_not_silence():
+    class MyAttention(nn.Module):  # an "attention" with no head count
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(4, 12)
+
+    net = nn.Sequential(MyAttention())
+    with pytest.raises(ComponentError, match=r"'0' \(MyAttention\) looks like attention"):
+        Components.discover(net, kinds=("heads",))
