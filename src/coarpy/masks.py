@@ -50,6 +50,10 @@ def sample_masks(
     True
     """
     _check(n_components, alpha, sampler)
+    if not 0 <= start <= stop:
+        raise ValueError(
+            f"Mask rows start..stop-1 need 0 <= start <= stop, got start={start}, stop={stop}."
+        )
     out = np.empty((stop - start, n_components), dtype=bool)
     n_ablate = round(alpha * n_components)
     for r, i in enumerate(range(start, stop)):
