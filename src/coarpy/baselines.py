@@ -1,0 +1,221 @@
+"""Baselines: cheaper attribution estimates to compare COAR against.
+
+Both return :class:`~coarpy.attributions.Attributions` in COAR's convention, a linear
+model g(v) = b + w . v of the keep-mask v (v_j = 1 keeps component j), so
+``evaluate`` scores them on the same held-out masks as COAR:
+
+- ``leave_one_out``: w_j = f(full) - f(all but j), the output lost when component j
+  alone is ablated; b = f(full) - sum_j w_j, so g(full) = f(full) exactly.
+- ``gradient`` (attribution patching): w_j = df/dv_j at v = 1, the first-order
+  Taylor expansion around the full model; b = f(full) - sum_j w_j likewise.
+
+On a model whose output is exactly additive in its components, both recover the
+true weights and bias.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from . import _batching as B
+from . import outputs as _outputs
+from ._fingerprint import model_fingerprint
+from .ablation import Ablator, _model_device
+from .attributions import Attributions
+from .collect import ExampleSet, _progress_bar, run_masks
+from .components import Components
+from .errors import ComponentError
+
+_CHUNK = 64  # masks per progress step (rounded up to a multiple of the packing)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module, caller: str) -> Iterator[None]:
+    was_training = model.training
+    if was_training:
+        warnings.warn(
+            f"The model is in training mode; {caller} runs it in eval mode (no dropout, "
+            "BatchNorm running statistics) and restores the mode afterwards.",
+            stacklevel=4,
+        )
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _meta(method: str, model: nn.Module, examples: ExampleSet, output_fn, mode: str) -> dict:
+    return {
+        "method": method,
+        "output": _outputs.name_of(output_fn),
+        "mode": mode,
+        "n_examples": examples.n_examples,
+        "fingerprint": model_fingerprint(model),
+        "data_fingerprint": examples.fingerprint(),
+    }
+
+
+def leave_one_out(
+    model: nn.Module,
+    components: Components,
+    data: Iterable,
+    *,
+    output: _outputs.OutputFn | str = _outputs.margin,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    mode: str = "zero",
+    means: dict[str, Tensor] | None = None,
+    progress: bool | None = None,
+) -> Attributions:
+    """Leave-one-out attributions: the output change when one component alone is ablated.
+
+    ``weights[z, j] = f_z(full) - f_z(all but j)`` and ``bias[z] = f_z(full) -
+    sum_j weights[z, j]``. Costs N + 1 masked passes over ``data``; a ``batch_size``
+    larger than the example set runs several masks per forward pass.
+
+    Parameters
+    ----------
+    model, components, data, output, batch_size, device, mode, means, progress :
+        as for ``collect``.
+
+    Returns
+    -------
+    Attributions with ``meta["method"] == "leave_one_out"``.
+
+    Examples
+    --------
+    >>> net = nn.Linear(3, 1).eval()
+    >>> with torch.no_grad():
+    ...     _ = net.weight.copy_(torch.tensor([[1.0, 2.0, 3.0]])), net.bias.fill_(0.5)
+    >>> comps = Components.from_spec(net, {"": "inputs"})
+    >>> first = lambda model, batch: model(batch)[:, 0]
+    >>> loo = leave_one_out(net, comps, torch.ones(2, 3), output=first)
+    >>> loo.weights.tolist(), loo.bias.tolist()
+    ([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], [0.5, 0.5])
+    """
+    output_fn = _outputs.resolve(output)
+    if device is not None:
+        model.to(device)
+    device = _model_device(model)
+    examples = ExampleSet(data, device, batch_size)
+    n = len(components)
+    keep = torch.ones(n + 1, n, dtype=torch.bool)  # row 0: full model; row j+1: all but j
+    keep[1:].fill_diagonal_(False)
+    step = examples.pack * -(-_CHUNK // examples.pack)
+    values = torch.empty(n + 1, examples.n_examples)  # (N+1, E)
+    ablator = Ablator(model, components, mode=mode, means=means)
+    bar = _progress_bar(-(-(n + 1) // step), progress, desc="leave_one_out")
+    try:
+        with _eval_mode(model, "leave_one_out"), ablator, torch.inference_mode():
+            for start in range(0, n + 1, step):
+                rows = keep[start : start + step].to(device)
+                values[start : start + step] = run_masks(
+                    model, ablator, examples, rows, output_fn
+                ).cpu()
+                bar.update(1)
+    finally:
+        bar.close()
+    full = values[0]  # (E,)
+    weights = (full[None, :] - values[1:]).T.contiguous()  # (E, N)
+    bias = full - weights.sum(1)
+    return Attributions(
+        weights=weights,
+        bias=bias,
+        names=list(components.names),
+        meta=_meta("leave_one_out", model, examples, output_fn, mode),
+    )
+
+
+def gradient(
+    model: nn.Module,
+    components: Components,
+    data: Iterable,
+    *,
+    output: _outputs.OutputFn | str = _outputs.margin,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    mode: str = "zero",
+    means: dict[str, Tensor] | None = None,
+) -> Attributions:
+    """Gradient attributions (attribution patching): d f_z / d v_j at the full model.
+
+    Each example of a batch gets its own float keep row (all ones, requires grad), so
+    one forward and one backward pass per batch give every per-example gradient.
+    ``weights`` is the gradient and ``bias[z] = f_z(full) - sum_j weights[z, j]``,
+    the linear expansion around v = 1. The model's parameters get no ``.grad``.
+
+    Parameters
+    ----------
+    model, components, data, output, batch_size, device, mode, means : as for
+        ``collect``. Examples must not interact within a batch (the model is run in
+        eval mode, so BatchNorm uses its running statistics).
+
+    Returns
+    -------
+    Attributions with ``meta["method"] == "gradient"``.
+
+    Raises
+    ------
+    ComponentError : heads of an ``nn.MultiheadAttention``, which are ablated by
+        zeroing weights and so cannot take a per-example float mask.
+
+    Examples
+    --------
+    >>> net = nn.Linear(3, 1).eval()
+    >>> with torch.no_grad():
+    ...     _ = net.weight.copy_(torch.tensor([[1.0, 2.0, 3.0]])), net.bias.fill_(0.5)
+    >>> comps = Components.from_spec(net, {"": "inputs"})
+    >>> first = lambda model, batch: model(batch)[:, 0]
+    >>> grad = gradient(net, comps, torch.tensor([[1.0, 1.0, 2.0]]), output=first)
+    >>> grad.weights.tolist(), grad.bias.tolist()
+    ([[1.0, 2.0, 6.0]], [0.5])
+    """
+    for g in components.groups:
+        if g.site == "param":
+            raise ComponentError(
+                f"gradient cannot differentiate through the heads of {g.module!r}: an "
+                "nn.MultiheadAttention is ablated by zeroing its weights, which takes no "
+                "float or per-example mask. Use leave_one_out for these components, or "
+                "select components outside nn.MultiheadAttention."
+            )
+    output_fn = _outputs.resolve(output)
+    if device is not None:
+        model.to(device)
+    device = _model_device(model)
+    examples = ExampleSet(data, device, batch_size)
+    n = len(components)
+    weights = torch.empty(examples.n_examples, n)  # (E, N)
+    full = torch.empty(examples.n_examples)  # (E,)
+    ablator = Ablator(model, components, mode=mode, means=means)
+    with _eval_mode(model, "gradient"), ablator, torch.enable_grad():
+        row = 0
+        for batch in examples.batches:
+            size = B.batch_size(batch)
+            keep = torch.ones(size, n, device=device, requires_grad=True)  # (b, N) float
+            ablator.set(keep)
+            values = _outputs.check_values(output_fn(model, batch), size, output_fn)  # (b,)
+            # Row i of keep only reaches example i, so the gradient of the sum is
+            # every example's own gradient. autograd.grad leaves parameters' .grad alone.
+            if values.requires_grad:
+                (grad,) = torch.autograd.grad(values.sum(), keep, allow_unused=True)
+            else:  # the output does not depend on any component
+                grad = None
+            if grad is None:
+                grad = torch.zeros(size, n)
+            weights[row : row + size] = grad.detach().float().cpu()  # (b, N)
+            full[row : row + size] = values.detach().cpu()
+            row += size
+        ablator.set(None)
+    bias = full - weights.sum(1)
+    return Attributions(
+        weights=weights,
+        bias=bias,
+        names=list(components.names),
+        meta=_meta("gradient", model, examples, output_fn, mode),
+    )

@@ -1,0 +1,648 @@
+"""Evaluation: how well attributions predict the model under fresh ablations.
+
+For held-out keep-masks v_1 ... v_n at an ablation fraction alpha, the true outputs
+f_z(v_i) of the ablated model are compared with each method's predictions
+g_z(v_i) = b_z + w_z . v_i. Per example z, Pearson's and Spearman's correlation over
+the n masks measure the fit; the paper reports their mean over examples.
+
+Held-out masks never coincide in distribution with training masks: collection draws
+stream 0 of its seed, evaluation at alpha draws stream ``heldout_stream(alpha)``
+(1 + round(alpha * 10**6)), so different alphas get different masks too.
+
+Methods are named: ``evaluate(attr, ...)`` calls one Attributions ``"coar"``;
+``evaluate({"coar": attr, "loo": loo, "grad": grad}, ...)`` compares several on the
+same masks, in the mapping's order. ``evaluate`` runs the model; ``evaluate_store``
+reads held-out masks already collected into a ComponentDataset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import outputs as _outputs
+from .ablation import Ablator, _model_device
+from .attributions import Attributions
+from .collect import ExampleSet, _progress_bar, run_masks
+from .components import Components
+from .errors import CoarError, ComponentError
+from .masks import SAMPLERS, sample_masks
+from .store import ComponentDataset
+
+DEFAULT_NAME = "coar"
+_CHUNK = 64  # masks per progress step (rounded up to a multiple of the packing)
+_STATS = ("mean", "median", "q25", "q75")
+
+
+class EvaluationError(CoarError, ValueError):
+    """Evaluation was asked for with inconsistent inputs."""
+
+
+# -- held-out masks --------------------------------------------------------------------
+
+
+def heldout_stream(alpha: float) -> int:
+    """The mask stream evaluation draws at ``alpha``: ``1 + round(alpha * 10**6)``.
+
+    Stream 0 is collection's, so held-out masks are never the training masks, and
+    each alpha has its own stream.
+
+    Examples
+    --------
+    >>> heldout_stream(0.05), heldout_stream(0.1)
+    (50001, 100001)
+    """
+    return 1 + round(alpha * 1_000_000)
+
+
+def heldout_masks(
+    n_masks: int, n_components: int, *, alpha: float, seed: int = 1, sampler: str = "bernoulli"
+) -> Tensor:
+    """The held-out masks ``evaluate`` uses at ``alpha``: bool (n_masks, n_components).
+
+    Use them to collect a held-out store that ``evaluate_store`` reads, e.g. for a
+    run on many devices.
+
+    Examples
+    --------
+    >>> m = heldout_masks(3, 10, alpha=0.2)
+    >>> m.shape, m.dtype
+    (torch.Size([3, 10]), torch.bool)
+    """
+    return sample_masks(
+        0, n_masks, n_components, alpha=alpha, seed=seed, sampler=sampler,
+        stream=heldout_stream(alpha),
+    )  # fmt: skip
+
+
+# -- correlations ----------------------------------------------------------------------
+
+
+def _undefined(*tensors: Tensor) -> Tensor:
+    """Columns where a correlation is undefined: constant or non-finite in any input."""
+    bad = torch.zeros(tensors[0].shape[1:], dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        bad |= (t.amax(0) == t.amin(0)) | ~torch.isfinite(t).all(0)
+    return bad
+
+
+def _pearson(x: Tensor, y: Tensor) -> Tensor:
+    xc = x - x.mean(0)  # (n, E)
+    yc = y - y.mean(0)
+    r = (xc * yc).sum(0) / torch.sqrt((xc * xc).sum(0) * (yc * yc).sum(0))  # (E,)
+    return r.clamp(-1.0, 1.0)
+
+
+def _check_pair(pred: Tensor, true: Tensor) -> tuple[Tensor, Tensor]:
+    if pred.shape != true.shape or pred.ndim < 1 or pred.shape[0] < 2:
+        raise EvaluationError(
+            f"pred and true must have the same shape (n_masks, ...) with n_masks >= 2, got "
+            f"{tuple(pred.shape)} and {tuple(true.shape)}."
+        )
+    return pred.double(), true.double()
+
+
+def average_ranks(x: Tensor) -> Tensor:
+    """Ranks 1..n along dim 0, ties given the average of their ranks (float64).
+
+    Examples
+    --------
+    >>> average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist()
+    [3.5, 1.0, 3.5, 2.0]
+    """
+    n = x.shape[0]
+    values, order = torch.sort(x, dim=0, stable=True)  # (n, ...)
+    pos = torch.arange(n, device=x.device).view(-1, *([1] * (x.ndim - 1))).expand(values.shape)
+    differs = values[1:] != values[:-1]  # (n-1, ...): a new group of ties starts below
+    edge = torch.ones_like(values[:1], dtype=torch.bool)
+    starts = torch.cat([edge, differs])
+    ends = torch.cat([differs, edge])
+    first = torch.where(starts, pos, 0).cummax(0).values  # first position of each tie group
+    last = torch.where(ends, pos, n - 1).flip(0).cummin(0).values.flip(0)
+    mean_rank = (first + last).double() / 2 + 1
+    return torch.empty_like(mean_rank).scatter_(0, order, mean_rank)
+
+
+def pearson(pred: Tensor, true: Tensor) -> Tensor:
+    """Pearson's r along dim 0, per column: (n, E), (n, E) -> (E,) float64.
+
+    Columns where either input is constant or not finite have no correlation: NaN.
+
+    Examples
+    --------
+    >>> pearson(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[2.0], [4.0], [7.0]]))
+    tensor([0.9934], dtype=torch.float64)
+    """
+    x, y = _check_pair(pred, true)
+    return torch.where(_undefined(x, y), torch.nan, _pearson(x, y))
+
+
+def spearman(pred: Tensor, true: Tensor) -> Tensor:
+    """Spearman's rho along dim 0 (Pearson's r of average ranks): (n, E) -> (E,) float64.
+
+    Examples
+    --------
+    >>> spearman(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[2.0], [4.0], [7.0]]))
+    tensor([1.], dtype=torch.float64)
+    """
+    x, y = _check_pair(pred, true)
+    rho = _pearson(average_ranks(x), average_ranks(y))
+    return torch.where(_undefined(x, y), torch.nan, rho)
+
+
+# -- the result --------------------------------------------------------------------------
+
+
+class Correlations(NamedTuple):
+    """One method's per-example correlations at one alpha, each (n_examples,)."""
+
+    pearson: Tensor
+    spearman: Tensor
+
+
+def _quartiles(r: Tensor) -> dict[str, float | None]:
+    if torch.isnan(r).all():
+        return dict.fromkeys(_STATS)
+    q = torch.nanquantile(r, torch.tensor([0.5, 0.25, 0.75], dtype=r.dtype))
+    values = [torch.nanmean(r), *q]
+    return {k: float(v) for k, v in zip(_STATS, values, strict=True)}
+
+
+def _nan_to_none(x: Tensor) -> list:
+    return [None if math.isnan(v) else v for v in x.flatten().tolist()]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Evaluation:
+    """Held-out correlations of one or more attribution methods at one or more alphas.
+
+    Attributes
+    ----------
+    methods : names of the methods, in the order given.
+    alphas : ablation fractions of the held-out masks.
+    n_masks : held-out masks per alpha.
+    pearson : (n_methods, n_alphas, n_examples) float64; NaN where undefined.
+    spearman : same shape, Spearman's rho (average ranks for ties).
+    n_constant : per alpha, the number of examples whose true output did not vary over
+        the masks. Their correlation is undefined (NaN) and summaries leave them out.
+    meta : how the masks were made (seed, sampler, output, mode, source).
+    """
+
+    methods: tuple[str, ...]
+    alphas: tuple[float, ...]
+    n_masks: int
+    pearson: Tensor
+    spearman: Tensor
+    n_constant: tuple[int, ...]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_examples(self) -> int:
+        return self.pearson.shape[-1]
+
+    def _where(self, method: str, alpha: float | None) -> tuple[int, int]:
+        if method not in self.methods:
+            raise EvaluationError(
+                f"No method {method!r} in this evaluation; it has {list(self.methods)}."
+            )
+        if alpha is None:
+            if len(self.alphas) != 1:
+                raise EvaluationError(
+                    f"This evaluation has several alphas {list(self.alphas)}; pass alpha=."
+                )
+            return self.methods.index(method), 0
+        for a, value in enumerate(self.alphas):
+            if math.isclose(value, alpha, rel_tol=1e-9, abs_tol=1e-12):
+                return self.methods.index(method), a
+        raise EvaluationError(f"No alpha {alpha} in this evaluation; it has {list(self.alphas)}.")
+
+    def per_example(self, method: str = DEFAULT_NAME, alpha: float | None = None) -> Correlations:
+        """Per-example Pearson and Spearman of ``method`` at ``alpha`` (each (n_examples,)).
+
+        ``alpha`` may be left out when the evaluation has one alpha.
+        """
+        m, a = self._where(method, alpha)
+        return Correlations(self.pearson[m, a], self.spearman[m, a])
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One dict per (method, alpha): counts and mean/median/quartiles of both correlations.
+
+        ``n_defined`` examples enter the statistics; the others (constant true output,
+        or a method predicting a constant) are NaN and left out. Statistics over no
+        example are None.
+        """
+        rows = []
+        for m, method in enumerate(self.methods):
+            for a, alpha in enumerate(self.alphas):
+                defined = ~torch.isnan(self.pearson[m, a])
+                row: dict[str, Any] = {
+                    "method": method,
+                    "alpha": alpha,
+                    "n_masks": self.n_masks,
+                    "n_examples": self.n_examples,
+                    "n_defined": int(defined.sum()),
+                    "n_constant": self.n_constant[a],
+                }
+                for metric in ("pearson", "spearman"):
+                    stats = _quartiles(getattr(self, metric)[m, a])
+                    row.update({f"{metric}_{k}": v for k, v in stats.items()})
+                rows.append(row)
+        return rows
+
+    def summary(self) -> str:
+        """A plain-text table: per method and alpha, mean/median/quartiles of both correlations."""
+        head = (
+            f"Held-out correlation per example over {self.n_masks} masks, "
+            f"{self.n_examples} examples"
+        )
+        columns = ["method", "alpha", "n"] + [
+            f"{metric[0]}_{stat}" for metric in ("pearson", "spearman") for stat in _STATS
+        ]
+        rows = self.to_rows()
+        cells = [
+            [
+                r["method"],
+                f"{r['alpha']:g}",
+                str(r["n_defined"]),
+                *(
+                    "nan" if r[f"{m}_{s}"] is None else f"{r[f'{m}_{s}']:.3f}"
+                    for m in ("pearson", "spearman")
+                    for s in _STATS
+                ),
+            ]
+            for r in rows
+        ]
+        widths = [max(len(c[i]) for c in [columns, *cells]) for i in range(len(columns))]
+        lines = [head, ""]
+        for c in [columns, *cells]:
+            lines.append(
+                "  ".join(
+                    v.ljust(w) if i == 0 else v.rjust(w)
+                    for i, (v, w) in enumerate(zip(c, widths, strict=True))
+                ).rstrip()
+            )
+        excluded = [
+            f"alpha={alpha:g}: {n}" for alpha, n in zip(self.alphas, self.n_constant, strict=True)
+        ]
+        if any(self.n_constant):
+            lines += [
+                "",
+                "n = examples with a defined correlation. Left out for a constant true "
+                f"output over the masks: {', '.join(excluded)}.",
+            ]
+        else:
+            lines += ["", "n = examples with a defined correlation."]
+        lines.append("p_ = Pearson, s_ = Spearman; q25/q75 are the quartiles.")
+        return "\n".join(lines)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the evaluation as JSON (NaN as null); :meth:`load` reads it back."""
+        path = Path(path)
+        doc = {
+            "format": "coarpy.evaluation",
+            "version": 1,
+            "methods": list(self.methods),
+            "alphas": list(self.alphas),
+            "n_masks": self.n_masks,
+            "n_examples": self.n_examples,
+            "n_constant": list(self.n_constant),
+            "meta": self.meta,
+            "pearson": _nan_to_none(self.pearson),
+            "spearman": _nan_to_none(self.spearman),
+            "summary": self.to_rows(),
+        }
+        path.write_text(json.dumps(doc, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Evaluation:
+        """Read an evaluation written by :meth:`save`."""
+        path = Path(path)
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or doc.get("format") != "coarpy.evaluation":
+            raise EvaluationError(
+                f"{path} is not a saved coarpy evaluation (no 'format': 'coarpy.evaluation'). "
+                "Write one with Evaluation.save."
+            )
+        shape = (len(doc["methods"]), len(doc["alphas"]), doc["n_examples"])
+
+        def tensor(values: list) -> Tensor:
+            flat = [math.nan if v is None else v for v in values]
+            return torch.tensor(flat, dtype=torch.float64).reshape(shape)
+
+        return cls(
+            methods=tuple(doc["methods"]),
+            alphas=tuple(float(a) for a in doc["alphas"]),
+            n_masks=int(doc["n_masks"]),
+            pearson=tensor(doc["pearson"]),
+            spearman=tensor(doc["spearman"]),
+            n_constant=tuple(int(n) for n in doc["n_constant"]),
+            meta=doc["meta"],
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Evaluation(methods={list(self.methods)}, alphas={list(self.alphas)}, "
+            f"n_masks={self.n_masks}, n_examples={self.n_examples})"
+        )
+
+
+# -- checks ------------------------------------------------------------------------------
+
+
+def _methods(attributions: Attributions | Mapping[str, Attributions]) -> dict[str, Attributions]:
+    if isinstance(attributions, Attributions):
+        return {DEFAULT_NAME: attributions}
+    if not isinstance(attributions, Mapping):
+        raise EvaluationError(
+            "attributions must be an Attributions or a mapping of names to Attributions "
+            f"(e.g. {{'coar': attr, 'loo': loo}}), got {type(attributions).__name__}."
+        )
+    if not attributions:
+        raise EvaluationError("attributions is an empty mapping; give at least one method.")
+    for name, attr in attributions.items():
+        if not isinstance(name, str) or not name:
+            raise EvaluationError(f"Method names must be non-empty strings, got {name!r}.")
+        if not isinstance(attr, Attributions):
+            raise EvaluationError(
+                f"attributions[{name!r}] is a {type(attr).__name__}, not an Attributions. "
+                "Fit one with coarpy.fit or a coarpy.baselines function."
+            )
+    return dict(attributions)
+
+
+def _check_names(methods: dict[str, Attributions], names: Sequence[str], what: str) -> None:
+    names = list(names)
+    for method, attr in methods.items():
+        theirs = list(attr.names)
+        if theirs == names:
+            continue
+        if len(theirs) != len(names):
+            detail = f"{len(theirs)} components, {what} has {len(names)}"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(theirs, names, strict=True)) if a != b)
+            detail = f"component {i} is {theirs[i]!r} there and {names[i]!r} in {what}"
+        raise ComponentError(
+            f"Attributions {method!r} were fitted for other components than {what}: "
+            f"{detail}. Evaluate with the Components (and model) the attributions were fitted on."
+        )
+
+
+def _check_examples(methods: dict[str, Attributions], n_examples: int, what: str) -> None:
+    for method, attr in methods.items():
+        if attr.weights.shape[0] != n_examples:
+            raise EvaluationError(
+                f"Attributions {method!r} cover {attr.weights.shape[0]} examples, but {what} "
+                f"has {n_examples}. Evaluate on the example set the attributions were fitted on."
+            )
+
+
+def _check_alphas(alphas: Iterable[float]) -> tuple[float, ...]:
+    if isinstance(alphas, (int, float)) or not isinstance(alphas, Iterable):
+        raise EvaluationError(
+            f"alphas must be a sequence of ablation fractions, e.g. alphas=(0.05,), got {alphas!r}."
+        )
+    alphas = tuple(float(a) for a in alphas)
+    if not alphas:
+        raise EvaluationError("alphas is empty; give at least one, e.g. alphas=(0.05,).")
+    for a in alphas:
+        if not 0.0 < a < 1.0:
+            raise EvaluationError(
+                f"Each alpha is the fraction of components ablated and must lie strictly "
+                f"between 0 and 1 (at 0 or 1 every mask is the same), got {a}."
+            )
+    if len(set(alphas)) != len(alphas):
+        raise EvaluationError(f"alphas has duplicates: {list(alphas)}. Give each alpha once.")
+    return alphas
+
+
+def _check_n_masks(n_masks: int) -> int:
+    if isinstance(n_masks, bool) or not isinstance(n_masks, int) or n_masks < 3:
+        raise EvaluationError(
+            f"n_masks must be an integer >= 3 (a correlation over fewer masks is "
+            f"meaningless), got {n_masks!r}. The paper's evaluations use 100 or more."
+        )
+    return n_masks
+
+
+def _warn_if_training_masks(methods: dict[str, Attributions], ds: ComponentDataset) -> None:
+    # fit records the training store's meta under meta["source"]; a store with the same
+    # seed, sampler and alpha holds the same mask rows (both draw stream 0).
+    for name, attr in methods.items():
+        source = attr.meta.get("source")
+        if isinstance(source, dict) and all(
+            source.get(key) == ds.meta.get(key) for key in ("seed", "sampler", "alpha")
+        ):
+            warnings.warn(
+                f"The store {ds.path} was collected with the seed, sampler and alpha of the "
+                f"store attributions {name!r} were fitted on, so its rows are the same masks "
+                "the attributions were fitted on: the correlations measure the fit, not "
+                "held-out prediction. Collect the held-out store with another seed.",
+                stacklevel=3,
+            )
+
+
+def _correlate(
+    methods: dict[str, Attributions], keep: Tensor, true: Tensor
+) -> tuple[Tensor, Tensor, int]:
+    """(pearson (M, E), spearman (M, E), n_constant) for masks keep (n, N) and true (n, E)."""
+    true = true.double().cpu()
+    pearsons, spearmans = [], []
+    for attr in methods.values():
+        pred = attr.predict(keep).double().cpu()  # (n, E)
+        pearsons.append(pearson(pred, true))
+        spearmans.append(spearman(pred, true))
+    constant = int((true.amax(0) == true.amin(0)).sum())
+    return torch.stack(pearsons), torch.stack(spearmans), constant
+
+
+def _build(
+    methods: dict[str, Attributions],
+    alphas: tuple[float, ...],
+    n_masks: int,
+    per_alpha: list[tuple[Tensor, Tensor, int]],
+    meta: dict,
+) -> Evaluation:
+    return Evaluation(
+        methods=tuple(methods),
+        alphas=alphas,
+        n_masks=n_masks,
+        pearson=torch.stack([p for p, _, _ in per_alpha], dim=1),  # (M, A, E)
+        spearman=torch.stack([s for _, s, _ in per_alpha], dim=1),
+        n_constant=tuple(c for _, _, c in per_alpha),
+        meta=meta,
+    )
+
+
+# -- public entry points -----------------------------------------------------------------
+
+
+def evaluate(
+    attributions: Attributions | Mapping[str, Attributions],
+    model: nn.Module,
+    components: Components,
+    data: Iterable,
+    *,
+    output: _outputs.OutputFn | str = _outputs.margin,
+    alphas: Sequence[float] = (0.05,),
+    n_masks: int = 100,
+    seed: int = 1,
+    sampler: str = "bernoulli",
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    mode: str = "zero",
+    means: dict[str, Tensor] | None = None,
+    progress: bool | None = None,
+) -> Evaluation:
+    """Correlate predicted and true outputs on fresh masks, per example and alpha.
+
+    For each alpha, ``n_masks`` held-out masks (:func:`heldout_masks`) are run through
+    the model over ``data`` as ``collect`` runs them, and every method's predictions
+    ``attr.predict(masks)`` are correlated with the true outputs, per example, over
+    the masks. All methods see the same masks.
+
+    Parameters
+    ----------
+    attributions : an Attributions (named ``"coar"``), or a mapping of method names
+        to Attributions, e.g. ``{"coar": attr, "loo": loo, "grad": grad}``.
+    model, components, data : the model, the components the attributions are over,
+        and the same example set they were fitted on (same examples, same order).
+    output : the output function the attributions predict.
+    alphas : ablation fractions to evaluate at, each in (0, 1).
+    n_masks : held-out masks per alpha (at least 3).
+    seed, sampler : the held-out mask sequence; masks come from stream
+        ``heldout_stream(alpha)``, never collection's stream 0.
+    batch_size, device, mode, means, progress : as for ``collect``. A batch_size
+        larger than the example set runs several masks per forward pass.
+
+    Returns
+    -------
+    Evaluation
+
+    Raises
+    ------
+    ComponentError : the attributions were fitted for other components.
+    EvaluationError : bad alphas or n_masks, or another number of examples.
+
+    Examples
+    --------
+    A model that is exactly additive in its components is predicted perfectly:
+
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Linear(4, 1).eval()
+    >>> comps = Components.from_spec(net, {"": "inputs"})  # the 4 input features
+    >>> x = torch.randn(5, 4)
+    >>> first = lambda model, batch: model(batch)[:, 0]
+    >>> attr = Attributions(weights=(net.weight * x).detach(), bias=net.bias.detach().expand(5),
+    ...                     names=comps.names, meta={})
+    >>> res = evaluate(attr, net, comps, x, output=first, alphas=(0.25,), n_masks=20)
+    >>> res.per_example("coar").pearson.round(decimals=6)
+    tensor([1., 1., 1., 1., 1.], dtype=torch.float64)
+    """
+    methods = _methods(attributions)
+    alphas = _check_alphas(alphas)
+    n_masks = _check_n_masks(n_masks)
+    if sampler not in SAMPLERS:
+        raise EvaluationError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+    _check_names(methods, components.names, "these components")
+    output_fn = _outputs.resolve(output)
+    if device is not None:
+        model.to(device)
+    device = _model_device(model)
+    examples = ExampleSet(data, device, batch_size)
+    _check_examples(methods, examples.n_examples, "data")
+
+    step = examples.pack * -(-_CHUNK // examples.pack)
+    per_alpha = []
+    ablator = Ablator(model, components, mode=mode, means=means)
+    was_training = model.training
+    if was_training:
+        warnings.warn(
+            "The model is in training mode; evaluate runs it in eval mode (no dropout, "
+            "BatchNorm running statistics) and restores the mode afterwards.",
+            stacklevel=2,
+        )
+    bar = _progress_bar(len(alphas) * -(-n_masks // step), progress, desc="evaluate")
+    try:
+        model.eval()
+        with ablator, torch.inference_mode():
+            for alpha in alphas:
+                keep = heldout_masks(
+                    n_masks, len(components), alpha=alpha, seed=seed, sampler=sampler
+                )  # (n_masks, N) bool
+                true = torch.empty(n_masks, examples.n_examples)  # (n_masks, E)
+                for start in range(0, n_masks, step):
+                    rows = keep[start : start + step].to(device)
+                    true[start : start + step] = run_masks(
+                        model, ablator, examples, rows, output_fn
+                    ).cpu()
+                    bar.update(1)
+                per_alpha.append(_correlate(methods, keep, true))
+    finally:
+        bar.close()
+        model.train(was_training)
+    meta = {
+        "source": "model",
+        "seed": seed,
+        "sampler": sampler,
+        "streams": [heldout_stream(a) for a in alphas],
+        "output": _outputs.name_of(output_fn),
+        "mode": mode,
+    }
+    return _build(methods, alphas, n_masks, per_alpha, meta)
+
+
+def evaluate_store(
+    attributions: Attributions | Mapping[str, Attributions], ds: ComponentDataset
+) -> Evaluation:
+    """Correlate predicted and true outputs on masks already collected into ``ds``.
+
+    ``ds`` is a held-out component dataset (its finished rows are used): collect it
+    with another seed than the training store, or fill it with :func:`heldout_masks`.
+    The evaluation has the store's single alpha.
+
+    Parameters
+    ----------
+    attributions : an Attributions (named ``"coar"``), or a mapping of names to them.
+    ds : the held-out store, over the same components and examples.
+
+    Raises
+    ------
+    ComponentError : the store's components differ from the attributions'.
+    EvaluationError : fewer than 3 finished rows, or another number of examples.
+    """
+    methods = _methods(attributions)
+    _check_names(methods, ds.names, f"the store {ds.path}")
+    _check_examples(methods, ds.n_examples, f"the store {ds.path}")
+    n_done = len(ds)
+    if n_done < 3:
+        raise EvaluationError(
+            f"The store {ds.path} has {n_done} finished mask rows; a correlation needs at "
+            "least 3. Run collect on it until more blocks are done."
+        )
+    alpha = float(ds.alpha)
+    if not 0.0 < alpha < 1.0:
+        raise EvaluationError(
+            f"The store {ds.path} was collected at alpha={alpha}: every mask is the same, "
+            "so no correlation is defined. Collect the held-out store at 0 < alpha < 1."
+        )
+    _warn_if_training_masks(methods, ds)
+    keep = ds.masks()  # (n_done, N) bool
+    true = ds.outputs()  # (n_done, E) float32
+    meta = {
+        "source": str(ds.path),
+        "seed": ds.seed,
+        "sampler": ds.meta["sampler"],
+        "output": ds.meta["output"],
+        "mode": ds.meta["mode"],
+    }
+    return _build(methods, (alpha,), n_done, [_correlate(methods, keep, true)], meta)

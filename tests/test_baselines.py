@@ -1,0 +1,188 @@
+"""Tests for coarpy.baselines: leave-one-out and gradient (attribution patching)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from coarpy.ablation import ablate
+from coarpy.attributions import Attributions
+from coarpy.baselines import gradient, leave_one_out
+from coarpy.components import Components
+from coarpy.errors import ComponentError
+from coarpy.evaluate import evaluate
+
+# Integer weights and inputs: every output below is an exact float32 integer.
+W1 = [[1, 0, 2], [-1, 3, 0], [2, 2, -1], [0, -2, 1], [3, -1, 0], [1, 1, 1]]
+B1 = [1, -2, 0, 3, -1, 2]
+R = [2, -1, 1, 3, -2, 1]
+C = 4
+X = torch.tensor([[1, 2, 0], [0, -1, 3], [2, 2, 2], [-1, 0, 1], [3, 1, -2]], dtype=torch.float32)
+
+
+def additive_net() -> nn.Sequential:
+    """x -> Linear(3, 6) -> Linear(6, 1). The 6 hidden units are the components.
+
+    Ablating unit j replaces it by its bias, so the output is exactly additive in the
+    keep-mask v: f(v) = C + sum_j R_j (B1_j + v_j W1_j . x).
+    """
+    net = nn.Sequential(nn.Linear(3, 6), nn.Linear(6, 1))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor(W1, dtype=torch.float32))
+        net[0].bias.copy_(torch.tensor(B1, dtype=torch.float32))
+        net[1].weight.copy_(torch.tensor([R], dtype=torch.float32))
+        net[1].bias.fill_(C)
+    return net.eval()
+
+
+def true_weights() -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (E, 6), bias (E,)) of the additive model, computed by hand."""
+    w1, r = torch.tensor(W1, dtype=torch.float32), torch.tensor(R, dtype=torch.float32)
+    weights = (X @ w1.T) * r  # (E, 6): R_j * (W1_j . x)
+    bias = torch.full((len(X),), float(C + sum(b * c for b, c in zip(B1, R, strict=True))))
+    return weights, bias
+
+
+def readout(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The model's single output unit, one number per example."""
+    return model(batch)[:, 0]
+
+
+@pytest.fixture
+def additive():
+    net = additive_net()
+    return net, Components.from_spec(net, {"0": "linear"})
+
+
+def test_leave_one_out_recovers_the_weights_of_an_additive_model_exactly(additive):
+    net, comps = additive
+    loo = leave_one_out(net, comps, X, output=readout, progress=False)
+    weights, bias = true_weights()
+    assert torch.equal(loo.weights, weights)
+    assert torch.equal(loo.bias, bias)
+
+
+def test_gradient_recovers_the_weights_of_an_additive_model_exactly(additive):
+    net, comps = additive
+    grad = gradient(net, comps, X, output=readout, batch_size=2)
+    weights, bias = true_weights()
+    assert torch.equal(grad.weights, weights)
+    assert torch.equal(grad.bias, bias)
+
+
+def test_baselines_of_an_additive_model_predict_held_out_ablations_perfectly(additive):
+    net, comps = additive
+    methods = {
+        "loo": leave_one_out(net, comps, X, output=readout, progress=False),
+        "grad": gradient(net, comps, X, output=readout),
+    }
+    res = evaluate(methods, net, comps, X, output=readout, alphas=(0.3,), n_masks=30)
+    torch.testing.assert_close(res.pearson, torch.ones_like(res.pearson), rtol=0, atol=1e-6)
+    torch.testing.assert_close(res.spearman, torch.ones_like(res.spearman), rtol=0, atol=1e-6)
+
+
+def test_leave_one_out_is_the_output_lost_by_each_single_ablation(mlp):
+    comps = Components.discover(mlp, kinds=("linear", "neurons"), exclude="4")
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(1))
+    out = readout
+    loo = leave_one_out(mlp, comps, x, output=out, progress=False)
+    with torch.no_grad():
+        full = out(mlp, x)
+        for j in range(len(comps)):
+            keep = torch.ones(len(comps), dtype=torch.bool)
+            keep[j] = False
+            with ablate(mlp, comps, keep):
+                torch.testing.assert_close(loo.weights[:, j], full - out(mlp, x))
+    torch.testing.assert_close(loo.bias, full - loo.weights.sum(1))
+
+
+def test_leave_one_out_with_several_masks_per_pass_equals_one_mask_per_pass(mlp):
+    comps = Components.discover(mlp, kinds=("linear",), exclude="4")
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    one = leave_one_out(mlp, comps, x, output=readout, progress=False)
+    packed = leave_one_out(mlp, comps, x, output=readout, batch_size=40, progress=False)
+    torch.testing.assert_close(packed.weights, one.weights, rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed.bias, one.bias, rtol=0, atol=1e-5)
+
+
+def test_leave_one_out_ablates_multihead_attention_heads(attention_net):
+    comps = Components.from_spec(attention_net, {"attn": "heads"})
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(3))
+    loo = leave_one_out(attention_net, comps, x, output=readout, progress=False)
+    with torch.no_grad():
+        full = readout(attention_net, x)
+        for j in range(len(comps)):
+            keep = torch.ones(len(comps), dtype=torch.bool)
+            keep[j] = False
+            with ablate(attention_net, comps, keep):
+                torch.testing.assert_close(loo.weights[:, j], full - readout(attention_net, x))
+
+
+def test_gradient_per_example_in_one_batch_equals_one_example_at_a_time(cnn, digits_batch):
+    x, y = digits_batch
+    data = (x[:12], y[:12])
+    comps = Components.discover(cnn, kinds=("conv", "linear"), exclude="classifier.3")
+    batched = gradient(cnn, comps, data)
+    single = gradient(cnn, comps, data, batch_size=1)
+    torch.testing.assert_close(batched.weights, single.weights, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched.bias, single.bias, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_matches_a_finite_difference_of_the_soft_mask(mlp):
+    mlp = mlp.double()
+    comps = Components.discover(mlp, kinds=("linear",), exclude="4")
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def out64(model, batch):  # float64 throughout; check_values casts to float32 at the end
+        return model(batch)[:, 0]
+
+    grad = gradient(mlp, comps, x, output=out64)
+    eps = 1e-3
+    for j in (0, 5, 20):
+        keep = torch.ones(len(comps), dtype=torch.float64)
+        keep[j] -= eps
+        with torch.no_grad(), ablate(mlp, comps, keep):
+            lower = out64(mlp, x)
+        with torch.no_grad():
+            full = out64(mlp, x)
+        torch.testing.assert_close(
+            grad.weights[:, j], ((full - lower) / eps).float(), rtol=1e-3, atol=1e-3
+        )
+
+
+def test_gradient_leaves_parameter_gradients_and_the_model_untouched(
+    mlp, snapshot, assert_unchanged
+):
+    comps = Components.discover(mlp, kinds=("linear",), exclude="4")
+    saved = snapshot(mlp)
+    gradient(mlp, comps, torch.randn(3, 6), output=readout)
+    assert all(p.grad is None for p in mlp.parameters())
+    assert_unchanged(mlp, saved)
+
+
+def test_baselines_restore_training_mode_and_warn(mlp):
+    comps = Components.discover(mlp, kinds=("linear",), exclude="4")
+    mlp.train()
+    with pytest.warns(UserWarning, match="training mode"):
+        leave_one_out(mlp, comps, torch.randn(3, 6), output=readout, progress=False)
+    with pytest.warns(UserWarning, match="training mode"):
+        gradient(mlp, comps, torch.randn(3, 6), output=readout)
+    assert mlp.training
+
+
+def test_gradient_refuses_multihead_attention_heads(attention_net):
+    comps = Components.from_spec(attention_net, {"attn": "heads"})
+    with pytest.raises(ComponentError, match="'attn'.*Use leave_one_out"):
+        gradient(attention_net, comps, torch.randn(2, 5, 16), output=readout)
+
+
+def test_baselines_return_attributions_named_for_their_method(additive):
+    net, comps = additive
+    loo = leave_one_out(net, comps, X, output=readout, progress=False)
+    grad = gradient(net, comps, X, output=readout)
+    for attr, method in ((loo, "leave_one_out"), (grad, "gradient")):
+        assert isinstance(attr, Attributions)
+        assert attr.meta["method"] == method
+        assert attr.names == comps.names
+        assert attr.meta["output"].endswith("readout")
