@@ -114,3 +114,26 @@ def test_status_reports_progress_as_text_and_json(config_file, tmp_path, capsys)
 def test_cli_reports_library_errors_without_a_traceback(tmp_path, capsys):
     assert main(["status", str(tmp_path / "nowhere")]) == 2
     assert "No component dataset" in capsys.readouterr().err
+
+
+def test_fit_then_evaluate_from_the_command_line(config_file, tmp_path, capsys):
+    cfg = RunConfig.load(config_file)
+    assert main(["collect", str(config_file)]) == 0
+    assert main(["fit", cfg.path]) == 0
+    assert "fitted 12 examples x 4 components" in capsys.readouterr().out
+    assert main(["evaluate", cfg.path, "--n-masks", "20", "--alphas", "0.25", "0.5"]) == 0
+    table = capsys.readouterr().out
+    for method in ("coar", "leave_one_out", "gradient"):
+        assert method in table
+    saved = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert saved["alphas"] == [0.25, 0.5]
+    assert (tmp_path / "run" / "evaluation.csv").read_text().startswith("method,")
+    info = runs.status(cfg.path)
+    assert info["fitted"] and info["evaluated"]
+
+
+def test_evaluate_before_fit_says_what_to_run(config_file, capsys):
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    assert main(["evaluate", cfg.path]) == 2
+    assert "coar fit" in capsys.readouterr().err

@@ -1,10 +1,33 @@
-"""coarpy: component attribution via regression (COAR) for any PyTorch model."""
+"""coarpy: component attribution via regression (COAR) for any PyTorch model.
 
-from . import outputs
+Decompose a model's predictions into the effects of its components (conv filters,
+attention heads, MLP neurons), evaluate the decomposition, and edit the model with it.
+"""
+
+from . import baselines, outputs
 from .ablation import ablate, apply_ablation
+from .attributions import Attributions
+from .collect import collect
 from .components import Components
 from .errors import CoarError
+from .evaluate import Evaluation, evaluate, evaluate_store
+from .regression import fit
+from .store import ComponentDataset
 
 __version__ = "0.1.0"
 
-__all__ = ["CoarError", "Components", "ablate", "apply_ablation", "outputs"]
+__all__ = [
+    "Attributions",
+    "CoarError",
+    "ComponentDataset",
+    "Components",
+    "Evaluation",
+    "ablate",
+    "apply_ablation",
+    "baselines",
+    "collect",
+    "evaluate",
+    "evaluate_store",
+    "fit",
+    "outputs",
+]

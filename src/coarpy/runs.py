@@ -12,7 +12,6 @@ The command line works on run directories; these functions are what it calls.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -146,5 +145,65 @@ def format_status(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=1, default=str))
+def fit_run(run: str | Path, *, method: str = "ridge", progress: bool = True):
+    """Fit attributions to a run's store and save them in ``RUN/attributions``."""
+    from .regression import fit
+
+    attr = fit(ComponentDataset(run), method=method, progress=progress)
+    attr.save(Path(run) / ATTRIBUTIONS)
+    return attr
+
+
+def evaluate_run(
+    run: str | Path,
+    *,
+    alphas: tuple[float, ...] | None = None,
+    n_masks: int = 100,
+    seed: int = 1,
+    baselines: tuple[str, ...] = ("leave_one_out", "gradient"),
+    progress: bool | None = None,
+):
+    """Evaluate a run's attributions (and baselines) on fresh masks; save the table.
+
+    Writes ``RUN/evaluation.json`` and ``RUN/evaluation.csv``. ``alphas`` defaults to
+    the run's alpha; baselines are computed on the same model and examples.
+    """
+    from . import baselines as _baselines
+    from .attributions import Attributions
+    from .evaluate import evaluate
+
+    run = Path(run)
+    ds = ComponentDataset(run)
+    if not (run / ATTRIBUTIONS).exists():
+        raise ConfigError(f"{run} has no fitted attributions yet. Run `coar fit {run}` first.")
+    cfg = load_config(run)
+    setup = cfg.build()
+    methods = {"coar": Attributions.load(run / ATTRIBUTIONS)}
+    known = {"leave_one_out": _baselines.leave_one_out, "gradient": _baselines.gradient}
+    for name in baselines:
+        if name not in known:
+            raise ConfigError(f"Unknown baseline {name!r}. Choose from {', '.join(known)}.")
+        methods[name] = known[name](
+            setup.model, setup.components, setup.data, output=setup.output,
+            batch_size=cfg.batch_size, device=cfg.device, mode=cfg.mode,
+        )  # fmt: skip
+    result = evaluate(
+        methods, setup.model, setup.components, setup.data, output=setup.output,
+        alphas=tuple(alphas) if alphas else (ds.alpha,), n_masks=n_masks, seed=seed,
+        batch_size=cfg.batch_size, device=cfg.device, mode=cfg.mode, progress=progress,
+    )  # fmt: skip
+    result.save(run / f"{EVALUATION}.json")
+    write_csv(run / f"{EVALUATION}.csv", result.to_rows())
+    return result
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows of plain values as a CSV file (nothing written for no rows)."""
+    import csv
+
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
