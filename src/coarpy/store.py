@@ -120,6 +120,7 @@ def _check_meta(meta: Any, where: Path) -> dict:
         ("n_examples", meta["n_examples"] >= 1),
         ("n_masks", meta["n_masks"] >= 0),
         ("block_size", meta["block_size"] >= 1),
+        ("seed", meta["seed"] >= 0),
         ("alpha", 0 <= meta["alpha"] <= 1),
         ("sampler", meta["sampler"] in _masks.SAMPLERS),
         ("dtype", meta["dtype"] in _DTYPES),
@@ -129,6 +130,20 @@ def _check_meta(meta: Any, where: Path) -> dict:
             raise StoreCorruptError(
                 f"{where}: field {field!r} has an impossible value {meta[field]!r}. Restore "
                 "the file or start a new store directory."
+            )
+    for group in meta["components"]:
+        if not (
+            isinstance(group, list)
+            and len(group) == 3
+            and isinstance(group[0], str)
+            and isinstance(group[1], str)
+            and isinstance(group[2], int)
+            and not isinstance(group[2], bool)
+            and group[2] >= 1
+        ):
+            raise StoreCorruptError(
+                f"{where}: field 'components' should list [module, kind, n_units] groups, "
+                f"got the entry {_short(group)}. Restore the file or start a new store."
             )
     if sum(g[2] for g in meta["components"]) != meta["n_components"]:
         raise StoreCorruptError(
@@ -329,6 +344,24 @@ class ComponentDataset:
         except FileNotFoundError:
             return False
 
+    def _damaged(self, block: int) -> bool:
+        """True if the block's file exists with a size no block of this store can have.
+
+        A shorter block left from before ``n_masks`` grew is not damaged: it is a
+        finished block of the smaller run, which the next ``collect`` recomputes.
+        Anything else (truncated, appended to) is damage, never read as data.
+        """
+        start, stop = self.block_rows(block)
+        try:
+            size = self.block_path(block).stat().st_size
+        except FileNotFoundError:
+            return False
+        if size == self._expected_size(stop - start):
+            return False
+        per_row = self._expected_size(1) - self._expected_size(0)
+        rows, rest = divmod(size - self._expected_size(0), per_row)
+        return not (rest == 0 and 0 < rows < stop - start)
+
     def done_blocks(self) -> list[int]:
         return [b for b in range(self.n_blocks) if self.is_done(b)]
 
@@ -423,26 +456,40 @@ class ComponentDataset:
     def iter_blocks(self) -> Iterator[tuple[int, Tensor, Tensor]]:
         """``(first_row, masks, outputs)`` of every finished block, in row order.
 
-        Unfinished rows are never read.
+        Unfinished rows are never read; a damaged block file (one whose size or
+        checksum is wrong) raises ``StoreCorruptError`` instead of being skipped.
         """
-        for b in self.done_blocks():
-            keep, outputs = self.read_block(b)
-            yield self.block_rows(b)[0], keep, outputs
+        for b in range(self.n_blocks):
+            if self.is_done(b):
+                keep, outputs = self.read_block(b)
+                yield self.block_rows(b)[0], keep, outputs
+            elif self._damaged(b):
+                path = self.block_path(b)
+                raise StoreCorruptError(
+                    f"{path} has {path.stat().st_size} bytes, which no block of this store "
+                    "can have: it is truncated or was appended to. Delete it (or call "
+                    "verify(repair=True)) and run collect again to recompute it."
+                )
 
     def verify(self, *, repair: bool = False) -> list[int]:
-        """Check every finished block's checksum; return the bad ones.
+        """Check every block file (size and checksum); return the bad blocks.
 
         With ``repair=True`` the bad block files are deleted, so the next ``collect``
         recomputes them (masks are deterministic, so nothing is lost).
         """
         bad = []
-        for b in self.done_blocks():
-            try:
-                self.read_block(b)
-            except StoreCorruptError:
-                bad.append(b)
-                if repair:
-                    self.block_path(b).unlink()
+        for b in range(self.n_blocks):
+            if self.is_done(b):
+                try:
+                    self.read_block(b)
+                    continue
+                except StoreCorruptError:
+                    pass
+            elif not self._damaged(b):
+                continue
+            bad.append(b)
+            if repair:
+                self.block_path(b).unlink()
         return bad
 
     # -- whole arrays -------------------------------------------------------------
@@ -505,8 +552,10 @@ class ComponentDataset:
             return None
         if info != {"blocks": self.done_blocks(), "n_masks": self.n_masks}:
             return None
-        packed = np.load(folder / "masks.npy", mmap_mode="r", allow_pickle=False)
-        outputs = np.load(folder / "outputs.npy", mmap_mode="r", allow_pickle=False)
+        # copy-on-write maps: torch tensors over them are writable (a read-only map
+        # makes torch warn, and writing through it would crash), the file never changes
+        packed = np.load(folder / "masks.npy", mmap_mode="c", allow_pickle=False)
+        outputs = np.load(folder / "outputs.npy", mmap_mode="c", allow_pickle=False)
         if packed.shape != (len(self), self._row_bytes) or outputs.shape != (
             len(self),
             self.n_examples,
