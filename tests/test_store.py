@@ -59,9 +59,14 @@ def store_copy(real_store, tmp_path):
 
 def test_write_then_read_round_trip(tmp_path):
     ds = ComponentDataset.create(
-        tmp_path / "s", components=[["a", "conv", 5], ["b", "linear", 7]], n_examples=4,
-        n_masks=5, alpha=0.2, seed=3, block_size=2,
-    )  # fmt: skip
+        tmp_path / "s",
+        components=[["a", "conv", 5], ["b", "linear", 7]],
+        n_examples=4,
+        n_masks=5,
+        alpha=0.2,
+        seed=3,
+        block_size=2,
+    )
     gen = torch.Generator().manual_seed(0)
     written = {}
     for b in (2, 0):  # any order; block 2 is the short last one
@@ -86,9 +91,15 @@ def test_write_then_read_round_trip(tmp_path):
 
 def test_float16_outputs_are_rounded_once(tmp_path):
     ds = ComponentDataset.create(
-        tmp_path / "s", components=[["a", "conv", 3]], n_examples=5, n_masks=2, alpha=0.5,
-        seed=0, block_size=2, dtype="float16",
-    )  # fmt: skip
+        tmp_path / "s",
+        components=[["a", "conv", 3]],
+        n_examples=5,
+        n_masks=2,
+        alpha=0.5,
+        seed=0,
+        block_size=2,
+        dtype="float16",
+    )
     out = torch.randn(2, 5, generator=torch.Generator().manual_seed(1)) * 100
     ds.write_block(0, torch.ones(2, 3, dtype=torch.bool), out)
     got = ds.outputs()
@@ -98,9 +109,14 @@ def test_float16_outputs_are_rounded_once(tmp_path):
 
 def test_block_shapes_are_checked_before_writing(tmp_path):
     ds = ComponentDataset.create(
-        tmp_path / "s", components=[["a", "conv", 3]], n_examples=5, n_masks=3, alpha=0.5,
-        seed=0, block_size=2,
-    )  # fmt: skip
+        tmp_path / "s",
+        components=[["a", "conv", 3]],
+        n_examples=5,
+        n_masks=3,
+        alpha=0.5,
+        seed=0,
+        block_size=2,
+    )
     with pytest.raises(ValueError, match=r"Block 1 needs masks of shape \(1, 3\), got \(2, 3\)"):
         ds.write_block(1, torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 5))
     with pytest.raises(ValueError, match=r"needs outputs of shape \(2, 5\), got \(2, 4\)"):
@@ -157,15 +173,23 @@ def test_resume_with_other_components_is_refused(store_copy, trained_cnn, exampl
 def test_resume_with_other_examples_is_refused(store_copy, trained_cnn, conv, examples):
     x, y = examples
     with pytest.raises(StoreMismatchError, match=r"data_fingerprint"):
-        collect(trained_cnn, conv, (x.flip(0), y.flip(0)), path=store_copy, progress=False,
-                **SETTINGS)  # fmt: skip
+        collect(
+            trained_cnn, conv, (x.flip(0), y.flip(0)), path=store_copy, progress=False, **SETTINGS
+        )
     with pytest.raises(StoreMismatchError, match=r"n_examples: stored 40, given 39"):
         collect(trained_cnn, conv, (x[:39], y[:39]), path=store_copy, progress=False, **SETTINGS)
 
 
 def test_overwrite_discards_a_mismatched_store(store_copy, trained_cnn, conv, examples):
-    ds = collect(trained_cnn, conv, examples, path=store_copy, progress=False, overwrite=True,
-                 **{**SETTINGS, "alpha": 0.3})  # fmt: skip
+    ds = collect(
+        trained_cnn,
+        conv,
+        examples,
+        path=store_copy,
+        progress=False,
+        overwrite=True,
+        **{**SETTINGS, "alpha": 0.3},
+    )
     assert ds.alpha == 0.3 and len(ds) == 7
     assert torch.equal(ds.masks(), sample_masks(0, 7, 24, alpha=0.3, seed=0))
 
@@ -176,29 +200,35 @@ def test_overwrite_discards_a_mismatched_store(store_copy, trained_cnn, conv, ex
 def test_growing_n_masks_recomputes_the_partial_last_block(
     store_copy, tmp_path, trained_cnn, conv, examples
 ):
-    grown = ComponentDataset.create(
-        store_copy, components=conv.to_dict()["groups"], n_examples=40, n_masks=11,
-        alpha=0.1, seed=0, block_size=3, fingerprint=ComponentDataset(store_copy).meta[
-            "fingerprint"], data_fingerprint=ComponentDataset(store_copy).meta["data_fingerprint"],
-    )  # fmt: skip
+    old = ComponentDataset(store_copy).meta
+    identity = {k: old[k] for k in ("components", "n_examples", "fingerprint", "data_fingerprint")}
+    grown = ComponentDataset.create(store_copy, **identity, **{**SETTINGS, "n_masks": 11})
     # before the next collect: the old 1-row block 2 is not a finished 3-row block
     assert grown.n_masks == 11 and len(grown) == 6 and grown.missing_blocks() == [2, 3]
     assert grown.rows().tolist() == list(range(6))
     assert grown.masks().shape == (6, 24)
     assert grown.verify() == []
 
-    ds = collect(trained_cnn, conv, examples, path=store_copy, progress=False,
-                 **{**SETTINGS, "n_masks": 11})  # fmt: skip
-    fresh = collect(trained_cnn, conv, examples, path=tmp_path / "fresh", progress=False,
-                    **{**SETTINGS, "n_masks": 11})  # fmt: skip
+    ds = collect(
+        trained_cnn, conv, examples, path=store_copy, progress=False, **{**SETTINGS, "n_masks": 11}
+    )
+    fresh = collect(
+        trained_cnn,
+        conv,
+        examples,
+        path=tmp_path / "fresh",
+        progress=False,
+        **{**SETTINGS, "n_masks": 11},
+    )
     assert len(ds) == 11
     assert block_bytes(store_copy) == block_bytes(tmp_path / "fresh")
     assert torch.equal(ds.outputs(), fresh.outputs())
 
 
 def test_asking_for_fewer_masks_keeps_the_larger_run(store_copy, trained_cnn, conv, examples):
-    ds = collect(trained_cnn, conv, examples, path=store_copy, progress=False,
-                 **{**SETTINGS, "n_masks": 4})  # fmt: skip
+    ds = collect(
+        trained_cnn, conv, examples, path=store_copy, progress=False, **{**SETTINGS, "n_masks": 4}
+    )
     assert ds.n_masks == 7 and len(ds) == 7
 
 

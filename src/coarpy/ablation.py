@@ -136,6 +136,12 @@ class Ablator:
         self._saved: dict[int, Tensor] = {}  # original MHA weights, while entered
         self._param_keep: Tensor | None = None
 
+    @property
+    def supports_rows(self) -> bool:
+        """Whether per-row masks (batch, N) work: not where heads are ablated by zeroing
+        weights (nn.MultiheadAttention), which one mask must share across the batch."""
+        return all(g.site != "param" for g in self.components.groups)
+
     # -- masks --------------------------------------------------------------------
     def set(self, keep: Tensor | None) -> None:
         """Ablate what ``keep`` says from the next forward pass on (None: ablate nothing).

@@ -51,7 +51,12 @@ def _check_shard(shard: tuple[int, int] | str | None) -> tuple[int, int] | None:
     if shard is None:
         return None
     if isinstance(shard, str):
-        k, _, n = shard.partition("/")
+        k, sep, n = shard.partition("/")
+        if not (sep and k.strip().isdigit() and n.strip().isdigit()):
+            raise ValueError(
+                f"shard must be 'k/K' (this worker's index k of K workers, e.g. '0/4'), "
+                f"a tuple (k, K) or 'env', got {shard!r}."
+            )
         shard = (int(k), int(n))
     k, n = shard
     if not (n >= 1 and 0 <= k < n):
@@ -94,7 +99,7 @@ def run_masks(
     """Outputs of every example under every mask: keep (n, N) -> (n, E) float32."""
     n, e = keep.shape[0], examples.n_examples
     result = torch.empty(n, e, dtype=torch.float32, device=keep.device)
-    if examples.pack > 1:
+    if examples.pack > 1 and ablator.supports_rows:
         for i in range(0, n, examples.pack):
             rows = keep[i : i + examples.pack]
             ablator.set(rows.repeat_interleave(e, dim=0))  # (p*E, N): row r*E+j is mask r
