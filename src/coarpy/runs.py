@@ -6,12 +6,15 @@ Layout::
     RUN/meta.json, blocks/ the component dataset (``coarpy.store``)
     RUN/attributions/      fitted attributions (``Attributions.save``)
     RUN/evaluation.json    held-out evaluation (and .csv)
+    RUN/workers/*.json     heartbeats of collecting workers, one file per process:
+                           {"host", "pid", "shard": [k, K] or null, "time": unix seconds}
 
 The command line works on run directories; these functions are what it calls.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,9 @@ from .store import ComponentDataset
 CONFIG = "config.toml"
 ATTRIBUTIONS = "attributions"
 EVALUATION = "evaluation"
+WORKERS = "workers"
+RECENT_S = 300  # a block or heartbeat this recent counts as "active"
+_RATE_WINDOW_S = 600  # speed is measured over the last 10 minutes of finished blocks
 
 
 def load_config(run: str | Path) -> RunConfig:
@@ -82,16 +88,13 @@ def status(run: str | Path) -> dict[str, Any]:
     """Progress, speed, ETA and settings of a run, as plain data."""
     ds = ComponentDataset(run)
     prog = ds.progress()
-    rate = None
+    now = time.time()
+    last = prog["last_block_time"]
+    rate = _rate(ds)
     eta = None
-    first, last = prog["first_block_time"], prog["last_block_time"]
-    if prog["done_blocks"] >= 2 and last > first:
-        # The first block's own compute time is not inside (first, last].
-        rows_after_first = prog["done_rows"] - ds.block_size
-        rate = rows_after_first / (last - first)
-        remaining = prog["n_masks"] - prog["done_rows"]
-        eta = remaining / rate if rate > 0 else None
-    recent = last is not None and time.time() - last < 300
+    if rate:
+        eta = (prog["n_masks"] - prog["done_rows"]) / rate
+    recent = last is not None and now - last < RECENT_S
     meta = ds.meta
     settings = {
         k: meta[k]
@@ -114,6 +117,7 @@ def status(run: str | Path) -> dict[str, Any]:
         "eta_s": eta,
         "active_recently": recent,
         "last_block_time": last,
+        "workers_recent": _recent_workers(Path(run), now),
         "fitted": (Path(run) / ATTRIBUTIONS).exists(),
         "evaluated": (Path(run) / f"{EVALUATION}.json").exists(),
         "settings": settings,
@@ -135,6 +139,16 @@ def format_status(info: dict[str, Any]) -> str:
     yes = {True: "yes", False: "no"}
     active = "yes (a block in the last 5 min)" if info["active_recently"] else "no"
     lines.append(f"active     {active}")
+    workers = info.get("workers_recent")
+    if workers is not None:
+        seen = ", ".join(
+            f"{w['host']}:{w['pid']}"
+            + (f" (shard {w['shard'][0]}/{w['shard'][1]})" if w["shard"] else "")
+            for w in workers
+        )
+        lines.append(
+            f"workers    {len(workers)} seen in the last 5 min" + (f": {seen}" if seen else "")
+        )
     lines.append(f"fitted     {yes[info['fitted']]}; evaluated {yes[info['evaluated']]}")
     s = info["settings"]
     lines.append(
@@ -143,6 +157,54 @@ def format_status(info: dict[str, Any]) -> str:
         f"mode={s['mode']}, block_size={s['block_size']}, dtype={s['dtype']}"
     )
     return "\n".join(lines)
+
+
+def _rate(ds: ComponentDataset) -> float | None:
+    """Masks per second over the last ``_RATE_WINDOW_S`` of finished blocks, or None.
+
+    Only recent blocks count, so a run resumed after a pause reports its speed now,
+    not an average over the pause. The earliest block of the window is left out: its
+    compute time lies before the window starts.
+    """
+    done = sorted(
+        (ds.block_path(b).stat().st_mtime, b) for b in ds.done_blocks()
+    )  # (mtime, block) by time
+    if len(done) < 2:
+        return None
+    last = done[-1][0]
+    window = [(t, b) for t, b in done if t >= last - _RATE_WINDOW_S]
+    if len(window) < 2:
+        window = done[-2:]
+    start = window[0][0]
+    if last <= start:
+        return None
+    rows = sum(ds.block_rows(b)[1] - ds.block_rows(b)[0] for _, b in window[1:])
+    return rows / (last - start)
+
+
+def _recent_workers(run: Path, now: float) -> list[dict[str, Any]] | None:
+    """Heartbeats in RUN/workers/ younger than RECENT_S; None if no worker wrote one."""
+    folder = run / WORKERS
+    if not folder.is_dir():
+        return None
+    seen = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            beat = json.loads(path.read_text())
+            when = float(beat["time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being replaced right now, or not a heartbeat: not evidence of a worker
+        if now - when < RECENT_S:
+            shard = beat.get("shard")
+            seen.append(
+                {
+                    "host": str(beat.get("host", "?")),
+                    "pid": beat.get("pid"),
+                    "shard": list(shard) if shard else None,
+                    "seconds_ago": round(now - when, 1),
+                }
+            )
+    return seen
 
 
 def fit_run(run: str | Path, *, method: str = "ridge", progress: bool = True):
