@@ -22,18 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import families
 from .errors import ComponentError
+from .families import SUPPORTED as _SUPPORTED
+from .families import is_hf_conv1d as _is_hf_conv1d  # noqa: F401  (ablation.py imports it)
+from .families import linear_shape as _linear_in_out
 
 KINDS = ("conv", "linear", "heads", "neurons", "inputs")
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
-_OUT_PROJ_PATHS = ("output.dense", "o_proj", "c_proj", "out_proj", "proj", "dense")
-_DOWN_PROJ_NAMES = ("c_proj", "down_proj", "fc2", "linear2", "dense_4h_to_h", "wo", "w2")
-_ACTIVATIONS = (
-    nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish,
-    nn.Softplus, nn.Hardswish, nn.ReLU6,
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,9 @@ class Group:
     site : ``"output"`` (forward hook), ``"input"`` (forward pre-hook) or ``"param"``
         (weights zeroed in place and restored; torch ``nn.MultiheadAttention``).
     unit_size : features per unit at the site (the head dimension for heads, else 1).
-    dim : feature dimension at the site: 1 for conv outputs, -1 otherwise.
+    dim : the dimension that holds the units at the site: 1 for conv outputs, -2 for
+        TransformerLens' hook_z (batch, pos, head, d_head), whose trailing d_head
+        features all belong to the head; -1 otherwise.
     """
 
     module: str
@@ -71,79 +70,11 @@ class Group:
         return self.offset + self.n_units
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2) is a linear layer with weight stored (in, out).
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _linear_in_out(module: nn.Module) -> tuple[int, int] | None:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if _is_hf_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    return None
-
-
-def _head_count(module: nn.Module) -> int | None:
-    holders = [module, *module.children(), getattr(module, "config", None)]
-    for holder in holders:
-        for attr in _HEAD_COUNT_ATTRS:
-            value = getattr(holder, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
-
 def _submodule(model: nn.Module, path: str) -> nn.Module | None:
     try:
         return model.get_submodule(path) if path else model
     except AttributeError:
         return None
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
-def _heads_site(model: nn.Module, path: str, module: nn.Module) -> tuple[str, str, int, int] | None:
-    """(hook path, site, n_heads, head_dim) for an attention module, or None."""
-    if isinstance(module, nn.MultiheadAttention):
-        return path, "param", module.num_heads, module.head_dim
-    n_heads = _head_count(module)
-    if n_heads is None:
-        return None
-    for rel in _OUT_PROJ_PATHS:
-        proj = _submodule(module, rel)
-        shape = _linear_in_out(proj) if proj is not None else None
-        if shape is not None and shape[0] % n_heads == 0:
-            return _join(path, rel), "input", n_heads, shape[0] // n_heads
-    return None
-
-
-def _down_projection(module: nn.Module) -> str | None:
-    """Relative path of an MLP block's down projection, or None if not an MLP block."""
-    if isinstance(module, nn.Sequential):
-        layers = list(module)
-        linear_at = [i for i, m in enumerate(layers) if _linear_in_out(m) is not None]
-        has_act = any(isinstance(m, _ACTIVATIONS) for m in layers)
-        if len(linear_at) >= 2 and has_act:
-            return str(linear_at[-1])
-        return None
-    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        return "linear2"
-    name = type(module).__name__
-    looks_mlp = any(key in name for key in ("MLP", "Mlp", "FeedForward", "FFN", "Ffn"))
-    if looks_mlp:
-        for rel in _DOWN_PROJ_NAMES:
-            child = _submodule(module, rel)
-            if child is not None and _linear_in_out(child) is not None:
-                return rel
-    # BERT/ViT style: BertOutput(dense) follows BertIntermediate(dense + act).
-    if name.endswith("Output") and not name.endswith("SelfOutput"):
-        child = getattr(module, "dense", None)
-        if child is not None and _linear_in_out(child) is not None:
-            return "dense"
-    return None
 
 
 def _group_for(model: nn.Module, path: str, kind: str, offset: int) -> Group:
@@ -170,42 +101,22 @@ def _group_for(model: nn.Module, path: str, kind: str, offset: int) -> Group:
         shape = _linear_in_out(module)
         if shape is not None:
             return Group(path, kind, shape[0], offset, path, "input", 1, -1)
-    elif kind == "heads":
-        found = _heads_site(model, path, module)
-        if found is not None:
-            hook, site, n_heads, head_dim = found
-            return Group(path, kind, n_heads, offset, hook, site, head_dim, -1)
-    elif kind == "neurons":
-        shape = _linear_in_out(module)
-        if shape is not None:
+    elif kind in ("heads", "neurons"):
+        shape = _linear_in_out(module) if kind == "neurons" else None
+        if shape is not None:  # a down projection given directly
             return Group(path, kind, shape[0], offset, path, "input", 1, -1)
-        rel = _down_projection(module)
-        if rel is not None:
-            proj_path = _join(path, rel)
-            n_in = _linear_in_out(model.get_submodule(proj_path))[0]
-            return Group(proj_path, kind, n_in, offset, proj_path, "input", 1, -1)
+        found = _block_site(model, path, module, kind)
+        if found is not None:
+            return Group(
+                found.module, kind, found.n_units, offset, found.hook, found.site,
+                found.unit_size, found.dim,
+            )  # fmt: skip
     else:
         raise ComponentError(
             f"Unknown component kind {kind!r} for module {path!r}. "
             f"Expected one of {', '.join(KINDS)}."
         )
     raise ComponentError(_unsupported_message(path, what, kind))
-
-
-_SUPPORTED = {
-    "conv": "nn.Conv1d/2d/3d",
-    "linear": "nn.Linear or transformers' Conv1D",
-    "inputs": "nn.Linear or transformers' Conv1D",
-    "heads": (
-        "nn.MultiheadAttention, or an attention module with a head count attribute "
-        f"({'/'.join(_HEAD_COUNT_ATTRS)}) and an output projection "
-        f"({'/'.join(_OUT_PROJ_PATHS)})"
-    ),
-    "neurons": (
-        "an MLP block (GPT2MLP, LlamaMLP, BertOutput, nn.TransformerEncoderLayer, an "
-        "nn.Sequential of Linear-activation-Linear) or its down projection (nn.Linear)"
-    ),
-}
 
 
 def _unsupported_message(path: str, what: str, kind: str) -> str:
@@ -309,7 +220,7 @@ class Components:
             for kind in kinds:
                 target = _discovered_path(model, path, module, kind)
                 if target is None:
-                    if kind == "heads" and "Attention" in type(module).__name__:
+                    if kind == "heads" and families.looks_like_attention(module):
                         unrecognised.append(path)
                     continue
                 if wanted(target) and target not in found:
@@ -415,13 +326,16 @@ def _discovered_path(model: nn.Module, path: str, module: nn.Module, kind: str) 
         if isinstance(parent, nn.MultiheadAttention):
             return None  # its out_proj is never called as a module
         return path if _linear_in_out(module) is not None else None
-    if kind == "heads":
-        if isinstance(module, nn.MultiheadAttention):
-            return path
-        if "Attention" not in type(module).__name__:
-            return None
-        return path if _heads_site(model, path, module) is not None else None
-    if kind == "neurons":
-        rel = _down_projection(module)
-        return _join(path, rel) if rel is not None else None
+    if kind == "heads" and not families.looks_like_attention(module):
+        return None
+    if kind in ("heads", "neurons"):
+        found = _block_site(model, path, module, kind)
+        return found.module if found is not None else None
     return None
+
+
+def _block_site(model: nn.Module, path: str, module: nn.Module, kind: str):
+    """Where the heads or neurons of the block at ``path`` are masked (families.Site)."""
+    if kind == "heads":
+        return families.attention_site(model, path, module)
+    return families.mlp_site(model, path, module)

@@ -1,0 +1,413 @@
+"""Model families: recognising the attention and MLP blocks of known libraries.
+
+Discovery asks two questions of every module: is it an attention block, and where are
+its heads masked? Is it an MLP block, and where are its neurons masked? The answers
+come from the names and classes that Hugging Face transformers, timm, torchvision,
+torch and TransformerLens use, kept here in tables so that supporting one more library
+means adding a name, not a code path:
+
+- heads: a module whose class name contains ``"Attention"``, with a head count
+  (``HEAD_COUNT_ATTRS``) and an output projection (``ATTENTION_OUTPUT_PATHS``); the
+  heads are slices of the projection's input. torch's ``nn.MultiheadAttention`` and
+  TransformerLens' ``hook_z`` are special cases.
+- neurons: the input features of an MLP block's down projection
+  (``MLP_DOWN_PATHS``), the block being recognised by class name (``MLP_CLASS_MARKS``),
+  by layout (``nn.Sequential`` of Linear, activation, Linear; ``fc1``/``fc2`` in the
+  layer itself as in OPT and BART) or as TransformerLens' ``hook_post``.
+
+It also spells out, by module name, the component sets of the paper's reference
+setups, so they can be reproduced exactly: :func:`gpt2_reference_spec`,
+:func:`resnet_reference_spec` and :func:`vit_reference_spec`. Each returns a
+``{module_path: kind}`` spec for ``Components.from_spec``.
+
+No library is imported: modules are recognised by class name and attributes, so this
+works whether or not (and whichever version of) the library is installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .errors import ComponentError
+
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+# Output projections, relative to the attention module. GPT-2 c_proj; BERT/ViT (4.x)
+# output.dense; Llama, ViT (5.x) o_proj; OPT, BART, CLIP, GPT-J out_proj; DistilBERT
+# out_lin; timm proj; GPT-NeoX, Phi dense; T5 o.
+ATTENTION_OUTPUT_PATHS = (
+    "output.dense", "o_proj", "c_proj", "out_proj", "out_lin", "proj", "dense", "o",
+)  # fmt: skip
+MLP_CLASS_MARKS = (
+    "MLP", "Mlp", "FeedForward", "FFN", "Ffn", "DenseActDense", "DenseGatedActDense",
+)  # fmt: skip
+# Down projections, relative to the MLP block. GPT-2 c_proj; Llama down_proj; ViT,
+# CLIP, Phi, timm fc2; DistilBERT lin2; GPT-J fc_out; torch linear2; GPT-NeoX, Bloom,
+# Falcon dense_4h_to_h; T5 wo; Mixtral experts w2.
+MLP_DOWN_PATHS = (
+    "c_proj", "down_proj", "fc2", "lin2", "fc_out", "linear2", "dense_4h_to_h", "wo", "w2",
+)  # fmt: skip
+ACTIVATIONS = (
+    nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish,
+    nn.Softplus, nn.Hardswish, nn.ReLU6,
+)  # fmt: skip
+
+# What each kind accepts, for error messages.
+SUPPORTED = {
+    "conv": "nn.Conv1d/2d/3d",
+    "linear": "nn.Linear or transformers' Conv1D",
+    "inputs": "nn.Linear or transformers' Conv1D",
+    "heads": (
+        "nn.MultiheadAttention; TransformerLens attention or its hook_z; or an attention "
+        f"module with a head count attribute ({'/'.join(HEAD_COUNT_ATTRS)}) and an output "
+        f"projection ({'/'.join(ATTENTION_OUTPUT_PATHS)})"
+    ),
+    "neurons": (
+        "an MLP block (GPT2MLP, LlamaMLP, BertOutput, timm Mlp, T5DenseActDense, an "
+        "OPT/BART layer with fc1/fc2, nn.TransformerEncoderLayer, an nn.Sequential of "
+        "Linear-activation-Linear), TransformerLens MLP or its hook_post, or a down "
+        "projection (nn.Linear)"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where the heads or neurons of one block are masked.
+
+    Attributes
+    ----------
+    module : path the component names use (``"h.0.attn"`` gives ``"h.0.attn:3"``).
+    hook : path of the module whose input or output is masked.
+    site : ``"input"``, ``"output"`` or ``"param"`` (see ``components.Group``).
+    n_units : number of heads or neurons.
+    unit_size : features per unit along ``dim`` (the head dimension for heads).
+    dim : the dimension that holds the units: -1, or -2 for TransformerLens'
+        ``hook_z`` of shape (batch, pos, head, d_head), whose trailing d_head features
+        all belong to the head.
+    """
+
+    module: str
+    hook: str
+    site: str
+    n_units: int
+    unit_size: int = 1
+    dim: int = -1
+
+
+# -- linear layers ---------------------------------------------------------------------
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2): a linear layer storing weight (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_shape(module: nn.Module | None) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a linear layer, or None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if module is not None and is_hf_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path) if path else module
+    except AttributeError:
+        return None
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _parent(model: nn.Module, path: str) -> nn.Module | None:
+    return _submodule(model, path.rpartition(".")[0]) if path else None
+
+
+# -- TransformerLens ---------------------------------------------------------------------
+
+
+def _is_hook_point(module: nn.Module | None) -> bool:
+    # transformer_lens.hook_points.HookPoint: an identity module made to be hooked.
+    return module is not None and type(module).__name__ == "HookPoint"
+
+
+def _tl_weight(module: nn.Module | None, name: str, ndim: int) -> Tensor | None:
+    weight = getattr(module, name, None)
+    return weight if isinstance(weight, Tensor) and weight.ndim == ndim else None
+
+
+def _tl_block(model: nn.Module, path: str, module: nn.Module, hook: str, weight: str, ndim: int):
+    """(block path, block, weight) for a TransformerLens block or its hook, or None."""
+    if _is_hook_point(module) and path.rpartition(".")[2] == hook:
+        block_path = path.rpartition(".")[0]
+        block = _parent(model, path)
+    else:
+        block_path, block = path, module
+    if not _is_hook_point(getattr(block, hook, None)):
+        return None
+    found = _tl_weight(block, weight, ndim)
+    return None if found is None else (block_path, block, found)
+
+
+# -- attention -------------------------------------------------------------------------
+
+
+def looks_like_attention(module: nn.Module) -> bool:
+    """Whether discovery should expect heads in ``module`` (by its class name)."""
+    return isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__
+
+
+def head_count(module: nn.Module) -> int | None:
+    """The number of heads an attention module declares, or None."""
+    holders = [module, *module.children(), getattr(module, "config", None)]
+    for holder in holders:
+        for attr in HEAD_COUNT_ATTRS:
+            value = getattr(holder, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def attention_site(model: nn.Module, path: str, module: nn.Module) -> Site | None:
+    """Where the heads of the attention module at ``path`` are masked, or None."""
+    if isinstance(module, nn.MultiheadAttention):
+        return Site(path, path, "param", module.num_heads, module.head_dim)
+    tl = _tl_block(model, path, module, "hook_z", "W_O", 3)
+    if tl is not None:  # W_O: (n_heads, d_head, d_model); hook_z: (batch, pos, head, d_head)
+        hook = _join(tl[0], "hook_z")
+        return Site(hook, hook, "output", tl[2].shape[0], 1, -2)
+    n_heads = head_count(module)
+    if n_heads is None:
+        return None
+    for rel in ATTENTION_OUTPUT_PATHS:
+        shape = linear_shape(_submodule(module, rel))
+        if shape is not None and shape[0] % n_heads == 0:
+            return Site(path, _join(path, rel), "input", n_heads, shape[0] // n_heads)
+    return None
+
+
+# -- MLP -------------------------------------------------------------------------------
+
+
+def _down_projection(module: nn.Module) -> str | None:
+    """Relative path of an MLP block's down projection, or None if not an MLP block."""
+    if isinstance(module, nn.Sequential):
+        layers = list(module)
+        linear_at = [i for i, m in enumerate(layers) if linear_shape(m) is not None]
+        has_act = any(isinstance(m, ACTIVATIONS) for m in layers)
+        if len(linear_at) >= 2 and has_act:
+            return str(linear_at[-1])
+        return None
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return "linear2"
+    name = type(module).__name__
+    if any(mark in name for mark in MLP_CLASS_MARKS):
+        for rel in MLP_DOWN_PATHS:
+            if linear_shape(_submodule(module, rel)) is not None:
+                return rel
+    # BERT/ViT (4.x) style: BertOutput(dense) follows BertIntermediate(dense + act).
+    is_output = name.endswith("Output") and not name.endswith("SelfOutput")
+    if is_output and linear_shape(getattr(module, "dense", None)) is not None:
+        return "dense"
+    # OPT, BART, Whisper, Marian: fc1 and fc2 live in the layer itself.
+    fc1 = linear_shape(getattr(module, "fc1", None))
+    fc2 = linear_shape(getattr(module, "fc2", None))
+    if fc1 is not None and fc2 is not None and fc1[1] == fc2[0]:
+        return "fc2"
+    return None
+
+
+def mlp_site(model: nn.Module, path: str, module: nn.Module) -> Site | None:
+    """Where the neurons of the MLP block at ``path`` are masked, or None.
+
+    A neuron is an input feature of the block's down projection (the activation that
+    projection reads), so ablating it matches zeroing that projection's input row.
+    """
+    tl = _tl_block(model, path, module, "hook_post", "W_out", 2)
+    if tl is not None:  # W_out: (d_mlp, d_model); hook_post: (batch, pos, d_mlp)
+        hook = _join(tl[0], "hook_post")
+        return Site(hook, hook, "output", tl[2].shape[0])
+    rel = _down_projection(module)
+    if rel is None:
+        return None
+    proj = _join(path, rel)
+    return Site(proj, proj, "input", linear_shape(model.get_submodule(proj))[0])
+
+
+# -- the paper's reference component sets -------------------------------------------------
+
+_GPT2_REFERENCE = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def gpt2_reference_spec(model: nn.Module) -> dict[str, str]:
+    """The paper's GPT-2 components: the input rows of every block's four Conv1D layers.
+
+    Every transformer block contributes the weight rows of ``attn.c_attn``,
+    ``attn.c_proj``, ``mlp.c_fc`` and ``mlp.c_proj`` (transformers' ``Conv1D`` stores
+    weight as (in, out), so a row is an input feature: kind ``"inputs"``). GPT-2 small
+    has 12 × (768 + 768 + 768 + 3072) = 64,512 components.
+
+    Parameters
+    ----------
+    model : a transformers GPT-2 model (``GPT2LMHeadModel``, ``GPT2Model``, ...).
+
+    Returns
+    -------
+    dict : ``{module_path: "inputs"}`` for ``Components.from_spec``.
+
+    Raises
+    ------
+    ComponentError : the model has no GPT-2 blocks under these names.
+
+    Examples
+    --------
+    >>> import transformers
+    >>> cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32)
+    >>> model = transformers.GPT2LMHeadModel(cfg)
+    >>> from coarpy import Components
+    >>> comps = Components.from_spec(model, gpt2_reference_spec(model))
+    >>> len(comps) == 2 * (16 + 16 + 16 + 4 * 16)
+    True
+    >>> comps.names[16]
+    'transformer.h.0.attn.c_proj:0'
+    """
+    spec = {
+        path: "inputs"
+        for path, module in model.named_modules()
+        if ".".join(path.split(".")[-2:]) in _GPT2_REFERENCE and linear_shape(module) is not None
+    }
+    blocks = {path.rsplit(".", 2)[0] for path in spec}
+    incomplete = sorted(
+        b for b in blocks if not all(_join(b, rel) in spec for rel in _GPT2_REFERENCE)
+    )
+    if not spec or incomplete:
+        where = f" (block {incomplete[0]!r} lacks some)" if incomplete else ""
+        raise ComponentError(
+            f"gpt2_reference_spec expects GPT-2 blocks with linear layers "
+            f"{', '.join(_GPT2_REFERENCE)}, as in transformers' GPT2Model, but "
+            f"{type(model).__name__} has none{where}. For another architecture write the "
+            "spec yourself, e.g. Components.discover(model, kinds='inputs', "
+            "include=['*.attn.c_attn', ...])."
+        )
+    return spec
+
+
+def resnet_reference_spec(model: nn.Module) -> dict[str, str]:
+    """The paper's ResNet components: the filters of every conv layer off the shortcut.
+
+    Every ``nn.Conv2d`` counts (output channels, kind ``"conv"``), including the stem,
+    except the 1×1 projections of the shortcut branches (torchvision's and timm's
+    ``downsample`` modules). For torchvision's ResNet-50 that is 22,720 filters::
+
+        stem conv1                                               64
+        layer1: 3 blocks × (64 + 64 + 256)                     1,152
+        layer2: 4 blocks × (128 + 128 + 512)                   3,072
+        layer3: 6 blocks × (256 + 256 + 1024)                  9,216
+        layer4: 3 blocks × (512 + 512 + 2048)                  9,216
+                                                              22,720
+
+    The four ``downsample`` convs (256 + 512 + 1024 + 2048 = 3,840 more) are left out.
+
+    Parameters
+    ----------
+    model : a torchvision or timm ResNet (any depth).
+
+    Returns
+    -------
+    dict : ``{module_path: "conv"}`` for ``Components.from_spec``.
+
+    Raises
+    ------
+    ComponentError : the model has no such conv layers.
+    """
+    spec = {
+        path: "conv"
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Conv2d) and "downsample" not in path.split(".")
+    }
+    if not spec:
+        raise ComponentError(
+            f"resnet_reference_spec expects a ResNet with nn.Conv2d layers, but "
+            f"{type(model).__name__} has none outside 'downsample' modules. Pick conv "
+            "layers with Components.discover(model, kinds='conv', exclude=[...])."
+        )
+    return spec
+
+
+def _is_sequence(module: nn.Module | None) -> bool:
+    return isinstance(module, (nn.ModuleList, nn.Sequential))
+
+
+def _transformer_blocks(model: nn.Module) -> list[str]:
+    """Paths of the transformer blocks: the innermost items of a ``ModuleList`` or
+    ``nn.Sequential`` that hold a recognised attention module."""
+    attention = [
+        path
+        for path, module in model.named_modules()
+        if looks_like_attention(module) and attention_site(model, path, module) is not None
+    ]
+    items = [
+        path
+        for path, _ in model.named_modules()
+        if path and _is_sequence(_parent(model, path))
+        and any(a.startswith(path + ".") for a in attention)
+    ]  # fmt: skip
+    return [p for p in items if not any(q.startswith(p + ".") for q in items)]
+
+
+def vit_reference_spec(model: nn.Module) -> dict[str, str]:
+    """The paper's ViT components: the weight rows of every linear layer in the blocks.
+
+    Inside every transformer block, each linear layer contributes its output rows
+    (kind ``"linear"``): the query/key/value projection, the attention's output
+    projection and the MLP's two layers. ViT-B/16 has 12 blocks × (2,304 qkv + 768
+    output + 3,072 fc1 + 768 fc2) = 12 × 6,912 = 82,944 components. The patch
+    embedding and the classification head are not components.
+
+    Works on timm's ``VisionTransformer`` (``blocks.*.attn.qkv``, ``attn.proj``,
+    ``mlp.fc1``, ``mlp.fc2``) and on transformers' ViT. torchvision's ``vit_b_16``
+    computes attention with ``nn.MultiheadAttention``, whose qkv and output rows are
+    parameters no hook can reach; it is refused with that explanation.
+
+    Parameters
+    ----------
+    model : a vision transformer (or any transformer whose linear layers are modules).
+
+    Returns
+    -------
+    dict : ``{module_path: "linear"}`` for ``Components.from_spec``.
+
+    Raises
+    ------
+    ComponentError : no transformer blocks were found, or a block uses
+        ``nn.MultiheadAttention``.
+    """
+    blocks = _transformer_blocks(model)
+    if not blocks:
+        raise ComponentError(
+            f"vit_reference_spec found no transformer blocks in {type(model).__name__}: "
+            "no item of a ModuleList/Sequential holds a recognised attention module "
+            f"({SUPPORTED['heads']}). Pick the linear layers with "
+            "Components.discover(model, kinds='linear', include=[...])."
+        )
+    spec: dict[str, str] = {}
+    for block in blocks:
+        for rel, module in model.get_submodule(block).named_modules():
+            path = _join(block, rel)
+            if isinstance(module, nn.MultiheadAttention):
+                raise ComponentError(
+                    f"Block {block!r} computes attention with nn.MultiheadAttention "
+                    f"({path!r}, as torchvision's vit_b_16 does); its qkv and output rows "
+                    "are the parameters in_proj_weight and out_proj.weight, which no hook "
+                    "can reach, so the paper's linear-row components cannot be ablated "
+                    "there. Use timm's vit_base_patch16_224 (the same architecture with "
+                    f"qkv/proj as modules), or ablate heads: {{{path!r}: 'heads'}}."
+                )
+            if linear_shape(module) is not None:
+                spec[path] = "linear"
+    return spec
