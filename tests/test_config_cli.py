@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,14 @@ def test_evaluate_before_fit_says_what_to_run(config_file, capsys):
     runs.collect_run(cfg, progress=False)
     assert main(["evaluate", cfg.path]) == 2
     assert "coar fit" in capsys.readouterr().err
+
+
+def test_report_command_writes_a_page_for_the_run(config_file, capsys):
+    pytest.importorskip("matplotlib")
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    assert main(["fit", cfg.path]) == 0
+    assert main(["report", cfg.path, "--examples", "0", "3"]) == 0
+    page = capsys.readouterr().out.strip().splitlines()[-1]
+    html = Path(page).read_text()
+    assert html.startswith("<!DOCTYPE html>") and "data:image/png;base64," in html

@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
         default=["leave_one_out", "gradient"],
         help="baselines evaluated on the same masks (default: leave_one_out gradient)",
     )
+    r = sub.add_parser("report", help="write a self-contained HTML report of a run")
+    r.add_argument("run")
+    r.add_argument("--examples", type=int, nargs="+", default=[0], help="examples to show")
+    r.add_argument("--out", default=None, help="folder for report.html (default: RUN)")
     return p
 
 
@@ -119,6 +123,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             baselines=args.baselines,
         )
         print(result.summary())
+    elif args.command == "report":
+        from .report import report_run
+
+        print(report_run(args.run, examples=args.examples, out=args.out))
     return 0
 
 
