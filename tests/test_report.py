@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -137,6 +138,12 @@ def test_figures_draw_on_an_agg_canvas_outside_pyplot(run):
     fig = report.plot_top_components(run.attr, 0, k=5)
     assert isinstance(fig.canvas, FigureCanvasAgg)
     assert fig.canvas.manager is None  # pyplot figures have a manager (and may open windows)
+
+
+def test_plots_without_matplotlib_say_which_extra_to_install(run, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    with pytest.raises(report.MissingExtraError, match=r"pip install 'coarpy\[report\]'"):
+        report.plot_top_components(run.attr, 0)
 
 
 def test_scatter_plots_every_masks_prediction_with_the_evaluations_pearson_r(run):

@@ -48,6 +48,10 @@ class ReportError(CoarError, ValueError):
     """A plot or report was asked for with inputs that do not fit together."""
 
 
+class MissingExtraError(CoarError, ImportError):
+    """An optional dependency (an extra such as ``coarpy[report]``) is not installed."""
+
+
 # -- figures ---------------------------------------------------------------------------
 
 
@@ -57,9 +61,9 @@ def _figure(width: float, height: float) -> Figure:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError(
-            "coarpy.report draws with matplotlib, which is not installed. Install the "
-            "extra: pip install 'coarpy[report]'."
+        raise MissingExtraError(
+            f"coarpy.report draws with matplotlib, which cannot be imported ({err}). "
+            "Install the extra: pip install 'coarpy[report]'."
         ) from err
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -138,7 +142,7 @@ def plot_predicted_vs_actual(
     pred = attributions.predict(keep).double().cpu()  # (n_masks, E)
     cols = min(len(examples), 3)
     rows = math.ceil(len(examples) / cols)
-    fig = _figure(3.6 * cols + 0.4, 3.4 * rows + 0.5)
+    fig = _figure(max(3.6 * cols + 0.4, 5.4), 3.4 * rows + 0.5)  # room for the title
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     r = pearson(pred[:, examples], true[:, examples])  # (len(examples),)
     for ax, e, r_e in zip(axes, examples, r.tolist(), strict=False):
@@ -451,8 +455,6 @@ def plot_attribution_map(
         weights, blue positive (keeping the component raises the output) and red
         negative, as in :func:`plot_top_components`.
     """
-    import matplotlib
-
     layout = _layout(attributions.names, groups)
     values, default_title = _values(attributions, examples, absolute)  # (N,)
     kinds: dict[str, list[tuple[str, str, int, int]]] = {}
@@ -460,6 +462,8 @@ def plot_attribution_map(
         kinds.setdefault(g[1], []).append(g)
     height = sum(0.6 + 0.22 * len(gs) for gs in kinds.values()) + 0.6
     fig = _figure(8.0, max(2.6, height))
+    import matplotlib  # importable: _figure checked it
+
     axes = fig.subplots(
         len(kinds), 1, squeeze=False, height_ratios=[1 + 0.3 * len(g) for g in kinds.values()]
     ).ravel()
@@ -473,8 +477,9 @@ def plot_attribution_map(
         grid = np.full((len(gs), width), np.nan)  # (modules, units); NaN pads short rows
         for row, (_, _, n, off) in enumerate(gs):
             grid[row, :n] = values[off : off + n].numpy()
+        smooth = "nearest" if width <= 256 else "antialiased"  # wide rows: no aliasing
         image = ax.imshow(
-            np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest",
+            np.ma.masked_invalid(grid), aspect="auto", interpolation=smooth,
             cmap=cmap, vmin=vmin, vmax=vmax,
         )  # fmt: skip
         step = max(1, math.ceil(len(gs) / 24))
@@ -863,6 +868,10 @@ def write_report(
             f'<p class="note">Correlation over {evaluation.n_masks} held-out masks per example; '
             "n = examples with a defined correlation (of all examples). IQR = quartiles.</p>"
         )
+        if evaluation.meta:
+            masks = ", ".join(f"{k}={_cell(v)}" for k, v in evaluation.meta.items())
+            body += f'<p class="note">Held-out masks: {_esc(masks)}.</p>'
+
         body += _img(
             plot_correlations(evaluation),
             "Per-example Pearson correlation on held-out masks, per method and alpha",
