@@ -292,7 +292,6 @@ def _learning_curve(
     true = _check_pairs(keep, true, V.shape[1], Y.shape[1])
     sizes = _check_sizes(sizes, V.shape[0])
     pearsons, spearmans = [], []
-    attr = None
     for n in sizes:
         attr = fit((V[:n], Y[:n]), method=method, seed=seed, progress=False)
         pred = attr.predict(keep).double().cpu()  # (n_heldout, E)
@@ -305,8 +304,7 @@ def _learning_curve(
         n_heldout=keep.shape[0],
         method=method,
     )
-    assert attr is not None  # sizes is never empty
-    return curve, attr
+    return curve, attr  # the fit on the most rows (sizes is never empty)
 
 
 def learning_curve(
