@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from coarpy import outputs
-from coarpy.ablation import ablate
+from coarpy.ablation import ablate, mean_values
 from coarpy.collect import collect, shard_from_env
 from coarpy.components import Components
-from coarpy.errors import CollectError
+from coarpy.errors import CollectError, StoreMismatchError
 from coarpy.masks import sample_masks
 from coarpy.store import ComponentDataset
 
@@ -107,6 +107,27 @@ def test_multihead_attention_models_collect_with_large_batches(tmp_path, attenti
     with torch.no_grad(), ablate(attention_net, comps, keep):
         direct = outputs.margin(attention_net, (x, y))
     assert_close(big.outputs()[2], direct)
+
+
+def test_mean_mode_stores_mean_ablations_and_refuses_other_means(
+    tmp_path, trained_cnn, comps, examples
+):
+    means = mean_values(trained_cnn, comps, examples)
+    kwargs = {"n_masks": 4, "alpha": 0.2, "seed": 0, "block_size": 2, "progress": False}
+    ds = collect(
+        trained_cnn, comps, examples, path=tmp_path / "r", mode="mean", means=means, **kwargs
+    )
+    keep = ds.masks()[1]
+    with torch.no_grad(), ablate(trained_cnn, comps, keep, mode="mean", means=means):
+        direct = outputs.margin(trained_cnn, examples)
+    assert_close(ds.outputs()[1], direct)
+    other = {k: v + 1 for k, v in means.items()}
+    with pytest.raises(StoreMismatchError, match=r"means_fingerprint"):
+        collect(
+            trained_cnn, comps, examples, path=tmp_path / "r", mode="mean", means=other, **kwargs
+        )
+    with pytest.raises(StoreMismatchError, match=r"mode: stored \"mean\", given \"zero\""):
+        collect(trained_cnn, comps, examples, path=tmp_path / "r", **kwargs)
 
 
 # -- sharding ---------------------------------------------------------------------

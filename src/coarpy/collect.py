@@ -194,6 +194,12 @@ def collect(
         dtype=dtype,
         fingerprint=model_fingerprint(model),
         data_fingerprint=examples.fingerprint(),
+        # the ablation values are part of what a row means: other means, other data
+        means_fingerprint=(
+            tensors_fingerprint(means[k] for k in sorted(means))
+            if mode == "mean" and means is not None
+            else ""
+        ),
         overwrite=overwrite,
     )
     n_blocks = -(-n_masks // block_size)

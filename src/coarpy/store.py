@@ -59,6 +59,7 @@ _IDENTITY = (
     "dtype",
     "fingerprint",
     "data_fingerprint",
+    "means_fingerprint",
     "components",
 )
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -197,6 +198,7 @@ class ComponentDataset:
         dtype: str = "float32",
         fingerprint: str = "",
         data_fingerprint: str = "",
+        means_fingerprint: str = "",
         overwrite: bool = False,
         extra: dict | None = None,
     ) -> ComponentDataset:
@@ -228,6 +230,7 @@ class ComponentDataset:
             "dtype": dtype,
             "fingerprint": fingerprint,
             "data_fingerprint": data_fingerprint,
+            "means_fingerprint": means_fingerprint,
             "components": [list(g) for g in components],
             "created": {
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -239,7 +242,8 @@ class ComponentDataset:
         meta_path = path / "meta.json"
         if meta_path.exists():
             existing = cls(path)
-            diffs = [f for f in _IDENTITY if existing.meta.get(f) != meta[f]]
+            # means_fingerprint may be absent (stores written before it existed): ""
+            diffs = [f for f in _IDENTITY if existing.meta.get(f, "") != meta[f]]
             if diffs and not overwrite:
                 parts = [
                     f"{f}: stored {_short(existing.meta.get(f))}, given {_short(meta[f])}"
@@ -269,7 +273,8 @@ class ComponentDataset:
                 path, components=components, n_examples=n_examples, n_masks=n_masks,
                 alpha=alpha, seed=seed, sampler=sampler, block_size=block_size,
                 output=output, mode=mode, dtype=dtype, fingerprint=fingerprint,
-                data_fingerprint=data_fingerprint, overwrite=overwrite, extra=extra,
+                data_fingerprint=data_fingerprint, means_fingerprint=means_fingerprint,
+                overwrite=overwrite, extra=extra,
             )  # fmt: skip
         tmp.unlink()
         return cls(path)
