@@ -20,7 +20,12 @@ from torch import nn
 from coarpy import Components, ablate, apply_ablation, outputs
 from coarpy.collect import collect
 from coarpy.errors import ComponentError
-from coarpy.families import gpt2_reference_spec, resnet_reference_spec, vit_reference_spec
+from coarpy.families import (
+    gpt2_reference_spec,
+    hook_point_weight,
+    resnet_reference_spec,
+    vit_reference_spec,
+)
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -483,6 +488,9 @@ def test_vit_b16_reference_spec_counts_82944_rows():
         "blocks.0.mlp.fc2",
     ]
     assert set(spec.values()) == {"linear"}
+    # timm's Attention (num_heads, proj) and Mlp (fc2) are recognised by discovery too.
+    assert len(Components.discover(net, kinds="heads")) == 12 * 12
+    assert len(Components.discover(net, kinds="neurons")) == 12 * 3072
 
 
 def test_vit_reference_spec_on_transformers_vit_hooks_equal_weight_zeroing():
@@ -607,7 +615,8 @@ def test_transformer_lens_hook_names_are_component_names():
     assert by_block.names == by_hook.names == [n for n in comps.names if "blocks.1" in n]
 
 
-def _tl_check_against_weights(model, weights_of):
+def _tl_check_against_weights(model):
+    """Hooks on hook_z/hook_post equal zeroing rows of W_O/W_out (hook_point_weight)."""
     comps = Components.discover(model, kinds=("heads", "neurons"))
     keep = _random_keep(len(comps), seed=11)
     tokens = _tokens(n=2, seq=5, vocab=30)
@@ -616,9 +625,8 @@ def _tl_check_against_weights(model, weights_of):
     edited = copy.deepcopy(model)
     with torch.no_grad():
         for g in comps.groups:
-            block = edited.get_submodule(g.module.rpartition(".")[0])
             units = torch.nonzero(~keep[g.offset : g.stop]).flatten()
-            weights_of(block, g.kind)[units] = 0  # W_O[head] or W_out[neuron]
+            hook_point_weight(edited, g.hook)[units] = 0  # W_O[head] or W_out[neuron]
         zeroed = edited(tokens)
     torch.testing.assert_close(hooked, zeroed, rtol=1e-5, atol=1e-5)
     return comps, keep, tokens, hooked
@@ -626,9 +634,9 @@ def _tl_check_against_weights(model, weights_of):
 
 def test_transformer_lens_hooks_equal_zeroing_w_o_and_w_out():
     model = HookedTransformerStandIn()
-    comps, keep, tokens, hooked = _tl_check_against_weights(
-        model, lambda block, kind: block.W_O if kind == "heads" else block.W_out
-    )
+    assert hook_point_weight(model, "blocks.1.attn.hook_z") is model.blocks[1].attn.W_O
+    assert hook_point_weight(model, "blocks.0.mlp.hook_post") is model.blocks[0].mlp.W_out
+    comps, keep, tokens, hooked = _tl_check_against_weights(model)
     # Per-row masks: row i of the batch under mask i.
     rows = torch.stack([keep, torch.ones_like(keep)])
     with torch.no_grad(), ablate(model, comps, rows):
@@ -636,6 +644,12 @@ def test_transformer_lens_hooks_equal_zeroing_w_o_and_w_out():
     torch.testing.assert_close(per_row[0], hooked[0], rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(per_row[1], model(tokens)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_hook_point_weight_refuses_other_hooks():
+    model = HookedTransformerStandIn()
+    with pytest.raises(ComponentError, match="'blocks.0.mlp.hook_pre' is not the hook_z or"):
+        hook_point_weight(model, "blocks.0.mlp.hook_pre")
 
 
 def test_transformer_lens_real():
@@ -647,9 +661,7 @@ def test_transformer_lens_real():
     model = tl.HookedTransformer(cfg).eval()
     comps = Components.discover(model, kinds=("heads", "neurons"))
     assert comps.names[0] == "blocks.0.attn.hook_z:0" and len(comps) == 2 * (4 + 24)
-    _tl_check_against_weights(
-        model, lambda block, kind: block.W_O if kind == "heads" else block.W_out
-    )
+    _tl_check_against_weights(model)
 
 
 # -- bad input --------------------------------------------------------------------------

@@ -44,7 +44,7 @@ MLP_CLASS_MARKS = (
 )  # fmt: skip
 # Down projections, relative to the MLP block. GPT-2 c_proj; Llama down_proj; ViT,
 # CLIP, Phi, timm fc2; DistilBERT lin2; GPT-J fc_out; torch linear2; GPT-NeoX, Bloom,
-# Falcon dense_4h_to_h; T5 wo; Mixtral experts w2.
+# Falcon dense_4h_to_h; T5 wo; Meta's reference Llama FeedForward w2.
 MLP_DOWN_PATHS = (
     "c_proj", "down_proj", "fc2", "lin2", "fc_out", "linear2", "dense_4h_to_h", "wo", "w2",
 )  # fmt: skip
@@ -131,8 +131,8 @@ def _parent(model: nn.Module, path: str) -> nn.Module | None:
 # -- TransformerLens ---------------------------------------------------------------------
 
 
-def _is_hook_point(module: nn.Module | None) -> bool:
-    # transformer_lens.hook_points.HookPoint: an identity module made to be hooked.
+def is_hook_point(module: nn.Module | None) -> bool:
+    """True for TransformerLens' ``HookPoint``: an identity module made to be hooked."""
     return module is not None and type(module).__name__ == "HookPoint"
 
 
@@ -143,15 +143,44 @@ def _tl_weight(module: nn.Module | None, name: str, ndim: int) -> Tensor | None:
 
 def _tl_block(model: nn.Module, path: str, module: nn.Module, hook: str, weight: str, ndim: int):
     """(block path, block, weight) for a TransformerLens block or its hook, or None."""
-    if _is_hook_point(module) and path.rpartition(".")[2] == hook:
+    if is_hook_point(module) and path.rpartition(".")[2] == hook:
         block_path = path.rpartition(".")[0]
         block = _parent(model, path)
     else:
         block_path, block = path, module
-    if not _is_hook_point(getattr(block, hook, None)):
+    if not is_hook_point(getattr(block, hook, None)):
         return None
     found = _tl_weight(block, weight, ndim)
     return None if found is None else (block_path, block, found)
+
+
+_TL_UNIT_WEIGHTS = {"hook_z": ("W_O", 3), "hook_post": ("W_out", 2)}
+
+
+def hook_point_weight(model: nn.Module, hook: str) -> Tensor:
+    """The weight whose rows are the units of a TransformerLens ``hook_z``/``hook_post``.
+
+    Zeroing ``W_O[h]`` (shape (n_heads, d_head, d_model)) removes head ``h`` exactly as
+    zeroing ``hook_z[..., h, :]`` does; zeroing ``W_out[n]`` (shape (d_mlp, d_model))
+    removes neuron ``n`` as zeroing ``hook_post[..., n]`` does, so a persistent edit
+    of these groups zeroes those rows.
+
+    Raises
+    ------
+    ComponentError : ``hook`` is not a hook_z or hook_post of a TransformerLens block.
+    """
+    name = hook.rpartition(".")[2]
+    module = _submodule(model, hook)
+    found = None
+    if module is not None and name in _TL_UNIT_WEIGHTS:
+        found = _tl_block(model, hook, module, name, *_TL_UNIT_WEIGHTS[name])
+    if found is None:
+        raise ComponentError(
+            f"{hook!r} is not the hook_z or hook_post of a TransformerLens block (a block "
+            "with W_O of shape (n_heads, d_head, d_model) or W_out of shape (d_mlp, "
+            "d_model)); no weight holds its units."
+        )
+    return found[2]
 
 
 # -- attention -------------------------------------------------------------------------
