@@ -466,6 +466,20 @@ def test_mean_values_of_a_conv_average_over_batch_and_space(cnn, digits_batch):
     assert_close(means["features.4"], second.mean((0, 2, 3)))
 
 
+def test_mean_values_run_in_eval_mode_and_restore_the_mode(cnn, digits_batch, snapshot):
+    x, _ = digits_batch
+    comps = conv_comps(cnn)
+    in_eval = mean_values(cnn, comps, (x,))
+    cnn.train()
+    saved = snapshot(cnn)
+    in_train = mean_values(cnn, comps, (x,))
+    assert cnn.training and cnn.features[1].training
+    for name, t in cnn.state_dict().items():  # BatchNorm running statistics untouched
+        assert torch.equal(t, saved[name]), name
+    for name, value in in_eval.items():
+        assert torch.equal(in_train[name], value)
+
+
 def test_mean_mode_is_refused_for_multihead_attention(attention_net):
     comps = Components.discover(attention_net, kinds=("heads",))
     with pytest.raises(ComponentError, match=r"cannot observe the heads of 'attn'"):

@@ -330,7 +330,8 @@ def mean_values(
 
     The mean is over examples and every position other than the unit's own feature
     (the spatial map of a conv channel, the tokens of a sequence). ``data`` yields
-    batches in the form the model's forward takes (see ``collect``).
+    batches in the form the model's forward takes (see ``collect``). The model runs
+    in eval mode, as in ``collect``; its mode is restored afterwards.
     """
     device = torch.device(device) if device is not None else _model_device(model)
     sums = [
@@ -357,6 +358,8 @@ def mean_values(
             handles.append(module.register_forward_hook(lambda m, a, o, gi=gi: record(gi, o)))
         else:
             handles.append(module.register_forward_pre_hook(lambda m, a, gi=gi: record(gi, a[0])))
+    was_training = model.training
+    model.eval()  # the means of the model collect runs: no dropout, BN running statistics
     try:
         with torch.inference_mode():
             for batch in batches_on(data, device):
@@ -364,6 +367,7 @@ def mean_values(
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     if not any(counts):
         raise ComponentError("mean_values got no batches from data; pass a non-empty iterable.")
     return {
