@@ -646,6 +646,19 @@ def test_transformer_lens_hooks_equal_zeroing_w_o_and_w_out():
         torch.testing.assert_close(per_row[1], model(tokens)[1], rtol=1e-5, atol=1e-5)
 
 
+def test_transformer_lens_persistent_edit_equals_hooks_and_mean_mode_is_refused():
+    from coarpy.ablation import Ablator, apply_ablation
+
+    model = HookedTransformerStandIn()
+    comps, keep, tokens, hooked = _tl_check_against_weights(model)
+    edited = apply_ablation(model, comps, torch.nonzero(~keep).flatten())
+    with torch.no_grad():
+        torch.testing.assert_close(edited(tokens), hooked, rtol=1e-5, atol=1e-5)
+    means = {g.module: torch.zeros(g.n_features) for g in comps.groups}
+    with pytest.raises(ComponentError, match="hook_z heads"):
+        Ablator(model, comps, mode="mean", means=means)
+
+
 def test_hook_point_weight_refuses_other_hooks():
     model = HookedTransformerStandIn()
     with pytest.raises(ComponentError, match="'blocks.0.mlp.hook_pre' is not the hook_z or"):

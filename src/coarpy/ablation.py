@@ -20,12 +20,16 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
+from . import families
 from ._batching import batches_on, run_model_input
-from .components import Components, Group, _is_hf_conv1d
+from .components import Components, Group
 from .errors import ComponentError, MaskError
+from .families import is_hf_conv1d as _is_hf_conv1d
 
 MODES = ("zero", "mean")
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -75,11 +79,35 @@ def _check_keep(keep: Tensor, n: int, device: torch.device) -> None:
             f"keep must have shape ({n},) or (batch, {n}) for these {n} components, got "
             f"{tuple(keep.shape)}. Build masks for the same Components the model uses."
         )
-    if keep.device != device:
+    if keep.device != device and keep.device.type != "cpu":
         raise MaskError(
             f"keep is on {keep.device} but the model is on {device}. Move it with "
-            f"keep.to('{device}')."
+            f"keep.to('{device}') (a keep on the CPU is accepted too)."
         )
+
+
+def _weight_slot(model: nn.Module, group: Group, mode: str) -> tuple[nn.Parameter, int] | None:
+    """(weight, axis) whose slices hold the group's units, where zeroing them is exact.
+
+    That is: zero mode, a plain nn.Linear / nn.Conv1d/2d/3d / transformers Conv1D (a
+    subclass may use its weight differently), and a weight that is an unshared,
+    unparametrized Parameter (a tied weight would be ablated in its other use too).
+    """
+    if mode != "zero" or group.site not in ("output", "input"):
+        return None
+    module = model.get_submodule(group.hook)
+    conv1d = _is_hf_conv1d(module)
+    if type(module) not in (nn.Linear, *_CONVS) and not conv1d:
+        return None
+    if group.site == "input" and type(module) in _CONVS:
+        return None
+    weight = module._parameters.get("weight")
+    if not isinstance(weight, nn.Parameter) or parametrize.is_parametrized(module):
+        return None
+    if sum(p is weight for p in model.parameters(remove_duplicate=False)) != 1:
+        return None
+    axis = 0 if group.site == "output" else 1  # (out, in, ...) layout
+    return weight, (1 - axis if conv1d else axis)  # Conv1D stores (in, out)
 
 
 class Ablator:
@@ -87,6 +115,13 @@ class Ablator:
 
     ``ablate`` is the everyday interface; collection uses an Ablator directly so the
     hooks are registered once for thousands of masks.
+
+    With ``edit_weights=True``, a bool mask shared by the batch (shape (N,)) is applied
+    by zeroing the weight slices of the ablated units in place, where that equals the
+    hook exactly (see ``_weight_slot``: zero mode, plain Linear/Conv modules): the
+    forward pass then runs with no hook at all. The slices are restored exactly by the
+    next ``set`` and on exit. Per-row and soft masks still use hooks. Use it only where
+    no gradient flows through those weights (``collect`` runs under inference_mode).
     """
 
     def __init__(
@@ -96,6 +131,7 @@ class Ablator:
         *,
         mode: str = "zero",
         means: Mapping[str, Tensor] | None = None,
+        edit_weights: bool = False,
     ):
         if mode not in MODES:
             raise ComponentError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -119,6 +155,7 @@ class Ablator:
                         "mean_values() for the same Components."
                     )
                 value = means[g.module].to(self.device)
+                _refuse_mean_on_head_axis(g)
                 if g.site == "param":
                     raise ComponentError(
                         f"mode='mean' is not supported for {g.module!r} "
@@ -132,9 +169,17 @@ class Ablator:
                 )
             self.values.append(value)
         self.state: list[tuple[str, Tensor, Tensor] | None] = [None] * len(components.groups)
-        self._handles: list = []
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._saved: dict[int, Tensor] = {}  # original MHA weights, while entered
         self._param_keep: Tensor | None = None
+        # edit_weights: group -> (weight, axis); group -> (index, original slices) zeroed now
+        self._slots = {}
+        if edit_weights:
+            slots = [_weight_slot(model, g, mode) for g in components.groups]
+            self._slots = {gi: s for gi, s in enumerate(slots) if s is not None}
+        self._zeroed: dict[int, tuple[Tensor, Tensor]] = {}
+        self._weight_keep: Tensor | None = None
+        self._entered = False
 
     @property
     def supports_rows(self) -> bool:
@@ -152,14 +197,22 @@ class Ablator:
         if keep is None:
             self.state = [None] * len(self.components.groups)
             self._param_keep = None
+            self._weight_keep = None
             self._write_params()
+            self._write_weights()
             return
         _check_keep(keep, len(self.components), self.device)
         soft = keep.is_floating_point()
+        shared = keep.ndim == 1 and not soft
+        # Find ablated units on the CPU when keep is there: nonzero() on an accelerator
+        # would wait for the work queued before it.
+        keep_dev = keep.to(self.device, non_blocking=True) if not shared else keep
         state: list[tuple[str, Tensor, Tensor] | None] = []
-        for g, value in zip(self.components.groups, self.values, strict=True):
-            keep_g = keep[..., g.offset : g.stop]
-            if g.site == "param":
+        for gi, (g, value) in enumerate(zip(self.components.groups, self.values, strict=True)):
+            keep_g = keep_dev[..., g.offset : g.stop]
+            if shared and gi in self._slots:
+                state.append(None)  # written into the weights by _write_weights
+            elif g.site == "param":
                 if keep.ndim != 1 or soft:
                     raise MaskError(
                         f"{g.module!r} is an nn.MultiheadAttention: its heads are ablated "
@@ -177,11 +230,54 @@ class Ablator:
                 if units.numel() == 0:
                     state.append(None)
                 else:
-                    idx = _feature_index(units, g.unit_size)
+                    idx = _feature_index(units, g.unit_size).to(self.device, non_blocking=True)
                     state.append(("idx", idx, value[idx]))
         self.state = state
         self._param_keep = keep
+        self._weight_keep = keep if shared else None
         self._write_params()
+        self._write_weights()
+        if self._entered:
+            self._hook_groups()
+
+    def _write_weights(self) -> None:
+        """Restore the slices zeroed for the previous mask, then zero this mask's.
+
+        Only while the context is entered; a no-op without ``edit_weights``.
+        """
+        if not self._entered or not (self._zeroed or self._slots):
+            return
+        keep = self._weight_keep
+        with torch.no_grad():
+            for gi, (idx, original) in self._zeroed.items():
+                weight, axis = self._slots[gi]
+                weight.index_copy_(axis, idx, original)
+            self._zeroed.clear()
+            if keep is None:
+                return
+            for gi, (weight, axis) in self._slots.items():
+                g = self.components.groups[gi]
+                units = torch.nonzero(~keep[g.offset : g.stop]).flatten()
+                if units.numel() == 0:
+                    continue
+                idx = _feature_index(units, g.unit_size).to(weight.device, non_blocking=True)
+                self._zeroed[gi] = (idx, weight.index_select(axis, idx))
+                weight.index_fill_(axis, idx, 0)
+
+    def _hook_groups(self) -> None:
+        """Register the hooks a group needs now (weight-edited groups need none)."""
+        for gi, g in enumerate(self.components.groups):
+            if gi in self._handles or g.site == "param":
+                continue
+            if gi in self._slots and self.state[gi] is None:
+                continue
+            module = self.model.get_submodule(g.hook)
+            if g.site == "output":
+                self._handles[gi] = module.register_forward_hook(self._output_hook(gi))
+            else:
+                self._handles[gi] = module.register_forward_pre_hook(
+                    self._input_hook(gi), with_kwargs=True
+                )
 
     def _write_params(self) -> None:
         """Zero the ablated heads of nn.MultiheadAttention groups, from the saved weights.
@@ -238,26 +334,29 @@ class Ablator:
 
     def __enter__(self) -> Ablator:
         try:
+            self._entered = True
             for gi, g in enumerate(self.components.groups):
-                module = self.model.get_submodule(g.hook)
-                if g.site == "output":
-                    self._handles.append(module.register_forward_hook(self._output_hook(gi)))
-                elif g.site == "input":
-                    self._handles.append(
-                        module.register_forward_pre_hook(self._input_hook(gi), with_kwargs=True)
-                    )
-                else:
+                if g.site == "param":
+                    module = self.model.get_submodule(g.hook)
                     self._saved[gi] = module.out_proj.weight.detach().clone()
+            self._hook_groups()
             self._write_params()
+            self._write_weights()
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
+        for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
+        with torch.no_grad():
+            for gi, (idx, original) in self._zeroed.items():
+                weight, axis = self._slots[gi]
+                weight.index_copy_(axis, idx, original)
+        self._zeroed.clear()
+        self._entered = False
         with torch.no_grad():
             for gi, saved in self._saved.items():
                 g = self.components.groups[gi]
@@ -349,6 +448,7 @@ def mean_values(
 
     for gi, g in enumerate(components.groups):
         module = model.get_submodule(g.hook)
+        _refuse_mean_on_head_axis(g)
         if g.site == "param":
             raise ComponentError(
                 f"mean_values cannot observe the heads of {g.module!r} "
@@ -376,6 +476,16 @@ def mean_values(
     }
 
 
+def _refuse_mean_on_head_axis(g: Group) -> None:
+    # hook_z heads sit on dim -2 with d_head features each; a per-unit scalar mean
+    # would replace a head by a constant, not by its mean vector.
+    if g.dim == -2:
+        raise ComponentError(
+            f"mode='mean' does not support {g.module!r} (TransformerLens hook_z heads) yet; "
+            "use mode='zero' for these components."
+        )
+
+
 def zero_weights_(model: nn.Module, components: Components, ablated: Tensor) -> nn.Module:
     """Zero, in place, the weights of the components with flat indices ``ablated``.
 
@@ -397,6 +507,9 @@ def zero_weights_(model: nn.Module, components: Components, ablated: Tensor) -> 
             module = model.get_submodule(g.hook)
             if g.site == "param":
                 module.out_proj.weight[:, feats] = 0
+                continue
+            if families.is_hook_point(module):  # TransformerLens hook_z / hook_post
+                families.hook_point_weight(model, g.hook)[sel] = 0
                 continue
             weight = module.weight
             conv1d = _is_hf_conv1d(module)  # weight stored (in, out)
