@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _fs
 from . import masks as _masks
 from .errors import StoreCorruptError, StoreMismatchError
 
@@ -81,7 +82,13 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary name, fsync, rename."""
+    """Write ``data`` to ``path`` atomically: temporary name, fsync, rename.
+
+    On an object store (``_fs.RemotePath``) one PUT is atomic by itself.
+    """
+    if _fs.is_remote(path):
+        path.write_bytes(data)
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -162,7 +169,7 @@ class ComponentDataset:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = _fs.path(path)  # a Path, or a RemotePath for s3://, gs://, ...
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(
@@ -215,7 +222,7 @@ class ComponentDataset:
             raise ValueError(
                 f"block_size must be >= 1 and n_masks >= 0, got {block_size} and {n_masks}."
             )
-        path = Path(path)
+        path = _fs.path(path)
         meta = {
             "format_version": FORMAT_VERSION,
             "n_components": int(sum(g[2] for g in components)),
@@ -262,13 +269,8 @@ class ComponentDataset:
                 _fsync_write(meta_path, json.dumps(existing.meta, indent=1).encode())
             return cls(path)
         (path / "blocks").mkdir(parents=True, exist_ok=True)
-        data = json.dumps(meta, indent=1).encode()
-        tmp = path / f".meta.{os.getpid()}.{time.monotonic_ns()}.tmp"
-        tmp.write_bytes(data)
-        try:
-            os.link(tmp, meta_path)  # fails if another worker created it first
-        except FileExistsError:
-            tmp.unlink()
+        if not _fs.write_new(meta_path, json.dumps(meta, indent=1).encode()):
+            # another worker created it first: reopen it (or refuse a mismatch)
             return cls.create(
                 path, components=components, n_examples=n_examples, n_masks=n_masks,
                 alpha=alpha, seed=seed, sampler=sampler, block_size=block_size,
@@ -276,7 +278,6 @@ class ComponentDataset:
                 data_fingerprint=data_fingerprint, means_fingerprint=means_fingerprint,
                 overwrite=overwrite, extra=extra,
             )  # fmt: skip
-        tmp.unlink()
         return cls(path)
 
     def _clear_blocks(self) -> None:
@@ -524,6 +525,12 @@ class ComponentDataset:
 
         The copy is used for reading while the set of finished blocks is unchanged.
         """
+        if _fs.is_remote(self.path):
+            raise NotImplementedError(
+                f"consolidate() writes memory-mapped files, which need a local directory; "
+                f"{self.path} is on a remote filesystem. Read it with masks()/outputs() "
+                "(they stream the blocks), or copy the store to a local directory first."
+            )
         folder = self.path / "consolidated"
         folder.mkdir(exist_ok=True)
         done = self.done_blocks()

@@ -1,0 +1,184 @@
+"""Where a store lives: a local directory, or a folder on any fsspec filesystem.
+
+``path(location)`` gives a ``pathlib.Path`` for a plain path (or a ``file://`` URL), so
+local stores keep their POSIX guarantees untouched (temporary file, fsync, atomic
+rename). A URL with another scheme (``s3://``, ``gs://``, ``memory://``) gives a
+``RemotePath``: the handful of ``pathlib`` operations the store uses, done with fsspec
+(imported only then). On an object store a single PUT is atomic by itself, so a block
+is written in one call, with no temporary name and no rename.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """True if ``location`` is a URL with a scheme, such as ``s3://bucket/run``."""
+    return isinstance(location, str) and bool(_SCHEME.match(location))
+
+
+def path(location: str | os.PathLike | RemotePath) -> Path | RemotePath:
+    """A ``Path`` for local locations, a ``RemotePath`` for fsspec URLs."""
+    if isinstance(location, RemotePath):
+        return location
+    if is_url(location):
+        if location.startswith("file://"):
+            return Path(location[len("file://") :])
+        return RemotePath(location)
+    return Path(location)
+
+
+def is_remote(location: object) -> bool:
+    """True for a ``RemotePath`` (a store on an fsspec filesystem)."""
+    return isinstance(location, RemotePath)
+
+
+def write_new(target: Path | RemotePath, data: bytes) -> bool:
+    """Create ``target`` holding ``data`` unless it exists; False if it already did.
+
+    Locally: a temporary file hard-linked into place, so the file appears whole and
+    only one of several racing writers creates it. On fsspec: an exclusive create
+    (mode ``"xb"``) where the filesystem offers one, else a check then a PUT, which is
+    enough for ``meta.json``: racing writers write the same settings, and a mismatch
+    is caught when the store is next opened.
+    """
+    if isinstance(target, RemotePath):
+        return target._write_new(data)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    tmp.write_bytes(data)
+    try:
+        os.link(tmp, target)  # fails if another writer created it first
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
+class RemotePath:
+    """A path on an fsspec filesystem with the few ``pathlib`` methods a store uses."""
+
+    def __init__(self, url: str, *, fs: Any = None):
+        if fs is None:
+            try:
+                import fsspec
+            except ImportError as err:
+                raise ImportError(
+                    f"The store location {url!r} is a URL, which needs fsspec (and the "
+                    "package for its scheme, e.g. s3fs). Install it with "
+                    "`pip install coarpy[fsspec]`, or use a local directory."
+                ) from err
+            fs, _ = fsspec.core.url_to_fs(url)
+        self.fs = fs
+        self.url = url.rstrip("/")
+        self._fs_path = fs._strip_protocol(self.url)
+
+    # -- naming ---------------------------------------------------------------------
+    def __truediv__(self, part: str) -> RemotePath:
+        return RemotePath(f"{self.url}/{part}", fs=self.fs)
+
+    def joinpath(self, *parts: str) -> RemotePath:
+        out = self
+        for part in parts:
+            out = out / part
+        return out
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> RemotePath:
+        return RemotePath(self.url.rsplit("/", 1)[0], fs=self.fs)
+
+    def with_name(self, name: str) -> RemotePath:
+        return self.parent / name
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RemotePath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemotePath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    # -- reading --------------------------------------------------------------------
+    def exists(self) -> bool:
+        return bool(self.fs.exists(self._fs_path))
+
+    def is_dir(self) -> bool:
+        return bool(self.fs.isdir(self._fs_path))
+
+    def stat(self) -> SimpleNamespace:
+        """``st_size`` and ``st_mtime`` (seconds); FileNotFoundError if absent."""
+        info = self.fs.info(self._fs_path)  # raises FileNotFoundError
+        try:
+            mtime = self.fs.modified(self._fs_path).timestamp()
+        except (NotImplementedError, AttributeError, OSError, ValueError):
+            when = info.get("mtime", info.get("LastModified", info.get("created", 0.0)))
+            mtime = when.timestamp() if hasattr(when, "timestamp") else float(when)
+        return SimpleNamespace(st_size=int(info.get("size") or 0), st_mtime=mtime)
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self._fs_path)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def iterdir(self) -> Iterator[RemotePath]:
+        if not self.fs.exists(self._fs_path):
+            return
+        for entry in self.fs.ls(self._fs_path, detail=False):
+            yield self / str(entry).rstrip("/").rsplit("/", 1)[-1]
+
+    def glob(self, pattern: str) -> Iterator[RemotePath]:
+        for child in self.iterdir():
+            if fnmatch.fnmatchcase(child.name, pattern):
+                yield child
+
+    # -- writing --------------------------------------------------------------------
+    def write_bytes(self, data: bytes) -> int:
+        """One PUT: on an object store the object appears whole or not at all."""
+        self.fs.pipe_file(self._fs_path, data)
+        return len(data)
+
+    def write_text(self, text: str, encoding: str = "utf-8") -> int:
+        return self.write_bytes(text.encode(encoding))
+
+    def _write_new(self, data: bytes) -> bool:
+        try:
+            with self.fs.open(self._fs_path, "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+        except (NotImplementedError, ValueError):
+            if self.exists():
+                return False
+            self.write_bytes(data)
+            return True
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        # Object stores have no folders; where folders exist, make them.
+        self.fs.makedirs(self._fs_path, exist_ok=True)
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.fs.rm_file(self._fs_path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
