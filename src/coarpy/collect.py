@@ -8,8 +8,10 @@ is smaller than a batch, several masks share one forward pass (per-row masks).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import platform
 import sys
 import time
 import warnings
@@ -21,17 +23,20 @@ import torch
 from torch import Tensor, nn
 
 from . import _batching as B
+from . import _leases
 from . import outputs as _outputs
 from ._fingerprint import model_fingerprint, tensors_fingerprint
 from .ablation import Ablator, _model_device
 from .components import Components
 from .errors import CoarError, CollectError
 from .masks import sample_masks
-from .store import ComponentDataset
+from .store import ComponentDataset, _fsync_write
 
 log = logging.getLogger(__name__)
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+WORKERS = "workers"  # RUN/workers/<host>-<pid>.json: heartbeats read by `coar status`
+_HEARTBEAT_S = 1.0  # at most one heartbeat write per second (tiny blocks finish faster)
 
 
 def shard_from_env() -> tuple[int, int] | None:
@@ -141,6 +146,9 @@ def collect(
     mode: str = "zero",
     means: dict[str, Tensor] | None = None,
     shard: tuple[int, int] | str | None = None,
+    blocks: Iterable[int] | None = None,
+    claim: bool = False,
+    lease_s: float = _leases.LEASE_S,
     autocast: str | None = None,
     dtype: str = "float32",
     allow_nonfinite: bool = False,
@@ -163,6 +171,12 @@ def collect(
     device : where to run (default: where the model is).
     shard : ``(k, K)`` or ``"k/K"`` to do only blocks b with b % K == k; ``"env"``
         reads SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE.
+    blocks : only these block indices (default: all); finished ones are skipped.
+    claim : take blocks dynamically through lease files (``RUN/leases``): this
+        worker's shard first, then any unfinished block no live worker holds, and
+        return only when every block is done. Fast workers then take more blocks,
+        and the blocks of a dead worker are taken over once its lease is stale.
+    lease_s : seconds after which an untouched lease counts as dead (claim mode).
     autocast : ``"bf16"`` or ``"fp16"`` to run under torch.autocast (GPU).
     dtype : ``"float32"`` or ``"float16"`` for the stored outputs.
     allow_nonfinite : store NaN/inf outputs instead of stopping at the first one.
@@ -203,11 +217,13 @@ def collect(
         overwrite=overwrite,
     )
     n_blocks = -(-n_masks // block_size)
+    candidates = range(n_blocks) if blocks is None else _check_blocks(blocks, n_blocks)
     todo = [
-        b
-        for b in range(n_blocks)
-        if (shard is None or b % shard[1] == shard[0]) and not ds.is_done(b)
+        b for b in candidates if (shard is None or b % shard[1] == shard[0]) and not ds.is_done(b)
     ]
+    if claim:  # own shard first, then every other unfinished block: fast workers take more
+        mine = set(todo)
+        todo += [b for b in candidates if b not in mine and not ds.is_done(b)]
     done_before = n_blocks - len([b for b in range(n_blocks) if not ds.is_done(b)])
     if done_before:
         log.info("%s: resuming, %d of %d blocks already done", ds.path, done_before, n_blocks)
@@ -225,11 +241,19 @@ def collect(
     ablator = Ablator(model, components, mode=mode, means=means)
     cast = torch.autocast(device.type, dtype=_AUTOCAST[autocast]) if autocast else nullcontext()
     bar = _progress_bar(len(todo), progress, desc=f"collect {ds.path.name}")
+    claims = _leases.Claims(ds, todo, lease_s=lease_s) if claim else nullcontext(todo)
+    beat = _Heartbeat(ds, shard, device)
     pending: list[Future] = []
     started = time.perf_counter()
     try:
-        with ThreadPoolExecutor(max_workers=1) as writer, ablator, torch.inference_mode(), cast:
-            for count, b in enumerate(todo, 1):
+        with (
+            claims as order,
+            ThreadPoolExecutor(max_workers=1) as writer,
+            ablator,
+            torch.inference_mode(),
+            cast,
+        ):
+            for count, b in enumerate(order, 1):
                 start, stop = ds.block_rows(b)
                 keep = sample_masks(
                     start, stop, len(components), alpha=alpha, seed=seed, sampler=sampler
@@ -252,12 +276,60 @@ def collect(
                 bar.update(1)
                 rate = count * (stop - start) / (time.perf_counter() - started)
                 bar.set_postfix(masks_per_s=f"{rate:.1f}", refresh=False)
+                beat.write("collecting")
             while pending:
                 pending.pop().result()
+        beat.write("finished", force=True)
     finally:
         bar.close()
         model.train(was_training)
     return ComponentDataset(ds.path)
+
+
+def _check_blocks(blocks: Iterable[int], n_blocks: int) -> list[int]:
+    chosen = list(blocks)
+    bad = [
+        b for b in chosen if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < n_blocks
+    ]
+    if bad:
+        raise ValueError(
+            f"blocks must be block indices in 0..{n_blocks - 1} (this run has {n_blocks} "
+            f"blocks), got {bad[:5]}. Pass blocks=None for all of them."
+        )
+    return chosen
+
+
+class _Heartbeat:
+    """``RUN/workers/<host>-<pid>.json``: who is collecting, where, and when last seen.
+
+    ``{"host", "pid", "shard", "device", "time", "state"}``, replaced atomically;
+    ``coar status`` lists the recent ones. Written when the block loop starts, after
+    blocks (at most once a second) and when the worker finishes. A failed write is
+    logged and never stops the collection.
+    """
+
+    def __init__(self, ds: ComponentDataset, shard: tuple[int, int] | None, device):
+        self.host, self.pid = platform.node(), os.getpid()
+        self.path = ds.path / WORKERS / f"{self.host}-{self.pid}.json"
+        self.shard = list(shard) if shard else None
+        self.device = str(device)
+        self.last = float("-inf")
+        self.write("collecting", force=True)
+
+    def write(self, state: str, *, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last < _HEARTBEAT_S:
+            return
+        beat = {
+            "host": self.host, "pid": self.pid, "shard": self.shard,
+            "device": self.device, "time": now, "state": state,
+        }  # fmt: skip
+        try:
+            self.path.parent.mkdir(exist_ok=True)
+            _fsync_write(self.path, json.dumps(beat).encode())
+            self.last = now
+        except OSError as err:
+            log.warning("could not write the heartbeat %s: %s", self.path, err)
 
 
 def _check_finite(values: Tensor, first_row: int) -> None:

@@ -1,0 +1,218 @@
+"""Block leases: which worker computes which block, so that fast workers take more.
+
+A worker in claim mode takes a block by creating ``RUN/leases/b000017.lease`` with
+``O_CREAT | O_EXCL`` (only one creator succeeds), holding ``{"host", "pid", "time",
+"token"}``. While it holds leases, a background thread touches them every
+``lease_s / 4`` seconds. A lease is stale when its file has not been touched for
+``lease_s`` seconds, or when its holder is a dead process on this host (a restarted
+worker need not wait). A stale lease is taken over atomically: the taker renames the
+file to a name of its own (of several racing takers, one rename succeeds), checks that
+the file it moved is the stale lease it inspected and not a fresh one (else it puts it
+back), and then creates its own lease with ``O_EXCL``.
+
+Leases only avoid duplicate work; correctness never depends on them. A block is done
+iff its file exists, and two workers computing one block write identical bytes, so a
+lost race costs time, never data. Leases need a POSIX filesystem shared by the
+workers (local disk, NFS, Lustre); object stores use static shards or Ray instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from . import _fs
+from .store import ComponentDataset
+
+log = logging.getLogger(__name__)
+
+LEASES = "leases"
+LEASE_S = 120.0  # a lease untouched this long is stale; holders touch it every LEASE_S / 4
+
+
+def lease_path(run: Path, block: int) -> Path:
+    return run / LEASES / f"b{block:06d}.lease"
+
+
+def _alive(pid: int) -> bool:
+    """True if process ``pid`` exists on this host and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        # /proc/PID/stat: "pid (comm) S ..."; comm may hold spaces, so split after ")"
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    return True
+
+
+def _read(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # just created and not yet written, or gone: judge by its age alone
+    return info if isinstance(info, dict) else {}
+
+
+class Claims:
+    """Claim blocks of a store one at a time, until every given block is done.
+
+    Use as a context manager; iterating yields the blocks this worker now holds, in
+    the given order, skipping finished ones and waiting for blocks leased by live
+    workers (taking them over if their holder dies). On exit every lease still held
+    is released, so other workers can take those blocks at once.
+
+    Parameters
+    ----------
+    ds : the store (on a local or shared POSIX filesystem).
+    blocks : the candidate blocks, in the order to try them.
+    lease_s : seconds after which an untouched lease is stale.
+    """
+
+    def __init__(self, ds: ComponentDataset, blocks: Iterable[int], *, lease_s: float = LEASE_S):
+        if _fs.is_remote(ds.path):
+            raise ValueError(
+                f"claim=True needs the store on a POSIX filesystem for its lease files, but "
+                f"{ds.path} is on a remote filesystem. Use static shards (shard='k/K') or "
+                "coarpy.launch.ray, which hands out blocks without lease files."
+            )
+        if not lease_s > 0:
+            raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s!r}.")
+        self.ds = ds
+        self.blocks = list(blocks)
+        self.lease_s = float(lease_s)
+        self.poll_s = min(1.0, self.lease_s / 4)
+        self.token = uuid.uuid4().hex
+        self.host = platform.node()
+        self.held: dict[int, Path] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
+        (Path(ds.path) / LEASES).mkdir(exist_ok=True)
+
+    # -- context ----------------------------------------------------------------------
+    def __enter__(self) -> Claims:
+        self._keeper = threading.Thread(target=self._keep_alive, name="coar-leases", daemon=True)
+        self._keeper.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._keeper is not None:
+            self._keeper.join()
+        with self._lock:
+            for block in list(self.held):
+                self._release(block)
+
+    def _keep_alive(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            with self._lock:
+                for path in self.held.values():
+                    if _read(path).get("token") == self.token:  # still ours
+                        with contextlib.suppress(OSError):
+                            os.utime(path)
+
+    # -- claiming ---------------------------------------------------------------------
+    def __iter__(self) -> Iterator[int]:
+        remaining = self.blocks
+        while remaining:
+            waiting = []
+            for block in remaining:
+                self._release_finished()
+                if self.ds.is_done(block):
+                    continue
+                if not self.acquire(block):
+                    waiting.append(block)
+                elif self.ds.is_done(block):  # finished between the check and the lease
+                    with self._lock:
+                        self._release(block)
+                else:
+                    yield block
+            remaining = [b for b in waiting if not self.ds.is_done(b)]
+            if remaining:  # leased by live workers: wait for them, or for their leases to lapse
+                time.sleep(self.poll_s)
+        self._release_finished()
+
+    def acquire(self, block: int) -> bool:
+        """Take the lease of ``block``: create it, or take over a stale one."""
+        if self._create(block):
+            return True
+        return self._take_over(block)
+
+    def _create(self, block: int) -> bool:
+        path = lease_path(Path(self.ds.path), block)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        info = {"host": self.host, "pid": os.getpid(), "time": time.time(), "token": self.token}
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(info))
+        with self._lock:
+            self.held[block] = path
+        return True
+
+    def _stale(self, seen: os.stat_result, info: dict) -> bool:
+        if time.time() - seen.st_mtime > self.lease_s:
+            return True
+        pid = info.get("pid")
+        return (
+            info.get("host") == self.host
+            and isinstance(pid, int)
+            and pid != os.getpid()
+            and not _alive(pid)
+        )
+
+    def _take_over(self, block: int) -> bool:
+        path = lease_path(Path(self.ds.path), block)
+        try:
+            seen = os.stat(path)
+        except FileNotFoundError:
+            return self._create(block)  # released meanwhile
+        info = _read(path)
+        if not self._stale(seen, info):
+            return False
+        grave = path.with_name(f"{path.name}.{self.token}.stale")
+        try:
+            os.rename(path, grave)  # of several takers, one moves this file
+        except FileNotFoundError:
+            return False
+        moved = os.stat(grave)
+        if (moved.st_ino, moved.st_mtime_ns) != (seen.st_ino, seen.st_mtime_ns):
+            # We moved a lease taken or renewed after we looked: put it back.
+            with contextlib.suppress(FileExistsError):
+                os.link(grave, path)
+            os.unlink(grave)
+            return False
+        os.unlink(grave)
+        log.info(
+            "block %d: took over the stale lease of %s pid %s",
+            block,
+            info.get("host", "?"),
+            info.get("pid", "?"),
+        )
+        return self._create(block)
+
+    # -- releasing --------------------------------------------------------------------
+    def _release(self, block: int) -> None:
+        """Delete the lease of ``block`` if it is still ours (caller holds the lock)."""
+        path = self.held.pop(block)
+        if _read(path).get("token") == self.token:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _release_finished(self) -> None:
+        with self._lock:
+            for block in [b for b in self.held if self.ds.is_done(b)]:
+                self._release(block)
