@@ -104,7 +104,7 @@ def _weight_slot(model: nn.Module, group: Group, mode: str) -> tuple[nn.Paramete
     weight = module._parameters.get("weight")
     if not isinstance(weight, nn.Parameter) or parametrize.is_parametrized(module):
         return None
-    if sum(p is weight for p in model.parameters(remove_duplicate=False)) != 1:
+    if sum(p is weight for _, p in model.named_parameters(remove_duplicate=False)) != 1:
         return None
     axis = 0 if group.site == "output" else 1  # (out, in, ...) layout
     return weight, (1 - axis if conv1d else axis)  # Conv1D stores (in, out)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from . import _batching as B
 from . import _leases
 from . import outputs as _outputs
+from . import prefix as _prefix
 from ._fingerprint import model_fingerprint, tensors_fingerprint
 from .ablation import Ablator, _model_device
 from .components import Components
@@ -101,12 +102,16 @@ def run_masks(
     keep: Tensor,
     output: _outputs.OutputFn,
 ) -> Tensor:
-    """Outputs of every example under every mask: keep (n, N) -> (n, E) float32."""
+    """Outputs of every example under every mask: keep (n, N) -> (n, E) float32.
+
+    ``keep`` may stay on the CPU (masks are sampled there): the ablated units are then
+    found without waiting for the device, and the result is on the model's device.
+    """
     n, e = keep.shape[0], examples.n_examples
-    result = torch.empty(n, e, dtype=torch.float32, device=keep.device)
+    result = torch.empty(n, e, dtype=torch.float32, device=ablator.device)
     if examples.pack > 1 and ablator.supports_rows:
         for i in range(0, n, examples.pack):
-            rows = keep[i : i + examples.pack]
+            rows = keep[i : i + examples.pack].to(ablator.device, non_blocking=True)
             ablator.set(rows.repeat_interleave(e, dim=0))  # (p*E, N): row r*E+j is mask r
             batch = examples.packed(rows.shape[0])
             values = _outputs.check_values(output(model, batch), rows.shape[0] * e, output)
@@ -154,6 +159,7 @@ def collect(
     allow_nonfinite: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
+    prefix: str | _prefix.Split | None = None,
 ) -> ComponentDataset:
     """Fill (or resume) the component dataset at ``path`` and return it.
 
@@ -180,6 +186,13 @@ def collect(
     autocast : ``"bf16"`` or ``"fp16"`` to run under torch.autocast (GPU).
     dtype : ``"float32"`` or ``"float16"`` for the stored outputs.
     allow_nonfinite : store NaN/inf outputs instead of stopping at the first one.
+    prefix : run once per example, not once per mask, the part of the model before a
+        cut that every component lies after: the path of a module inside nested
+        ``nn.Sequential`` containers (its input is cached), or a
+        ``coarpy.prefix.Split(prefix_fn, suffix_fn)``. The cut is verified on the
+        first batch before use (``SplitError`` if it does not reproduce the model);
+        the cached activations of all examples stay on the device. The stored rows are
+        the same as without it.
 
     Raises
     ------
@@ -238,7 +251,8 @@ def collect(
             stacklevel=2,
         )
     model.eval()
-    ablator = Ablator(model, components, mode=mode, means=means)
+    # Shared masks go into the weights where that is exact: no hook runs per forward.
+    ablator = Ablator(model, components, mode=mode, means=means, edit_weights=True)
     cast = torch.autocast(device.type, dtype=_AUTOCAST[autocast]) if autocast else nullcontext()
     bar = _progress_bar(len(todo), progress, desc=f"collect {ds.path.name}")
     claims = _leases.Claims(ds, todo, lease_s=lease_s) if claim else nullcontext(todo)
@@ -253,13 +267,18 @@ def collect(
             torch.inference_mode(),
             cast,
         ):
+            run_model, run_examples = model, examples
+            if prefix is not None:  # run what no mask changes once, then only the rest
+                run_model, run_examples = _prefix.prepare(
+                    model, components, ablator, examples, prefix, output_fn, autocast=autocast
+                )
             for count, b in enumerate(order, 1):
                 start, stop = ds.block_rows(b)
                 keep = sample_masks(
                     start, stop, len(components), alpha=alpha, seed=seed, sampler=sampler
                 )
                 try:
-                    values = run_masks(model, ablator, examples, keep.to(device), output_fn)
+                    values = run_masks(run_model, ablator, run_examples, keep, output_fn)
                 except CoarError:
                     raise
                 except Exception as err:
