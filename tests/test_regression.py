@@ -152,6 +152,8 @@ def test_chosen_l2_and_refit_equal_a_brute_force_search():
     grid = [1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]
     est = RidgePath(grid, val_fraction=0.25, seed=11, progress=False).fit((V, Y))
     is_val = split(len(V), seed=11, val_fraction=0.25)
+    assert est.attributions_.meta["n_val"] == is_val.sum()
+    assert est.attributions_.meta["n_train"] == (~is_val).sum()
     mse = []
     for l2 in grid:
         w, b = np_ridge(V[~is_val], Y[~is_val], l2)
@@ -326,3 +328,21 @@ def test_a_penalty_grid_for_the_wrong_method_is_an_error():
 def test_a_path_is_refused_with_the_fix():
     with pytest.raises(FitError, match="ComponentDataset"):
         fit("runs/demo", progress=False)
+
+
+def test_cg_handles_a_component_that_never_varies():
+    V, Y, W, b = additive_data(n=300, N=10, E=3, noise=0.5, seed=17)
+    V[:, 4] = True
+    eig = fit((V, Y), l2_grid=[0.01], solver="eig", progress=False)
+    cg = fit((V, Y), l2_grid=[0.01], solver="cg", progress=False)
+    assert float(cg.weights[:, 4].abs().max()) < 1e-10
+    torch.testing.assert_close(cg.weights, eig.weights, rtol=1e-6, atol=1e-6)
+
+
+def test_a_fitted_result_saves_and_loads_with_its_meta(tmp_path):
+    V, Y, _, _ = additive_data(n=300, noise=1.0, seed=18)
+    attr = fit(FakeStore(V, Y), progress=False)
+    back = type(attr).load(attr.save(tmp_path / "attr"))
+    assert torch.equal(back.weights, attr.weights)
+    assert back.meta == attr.meta
+    assert back.meta["method"] == "ridge" and len(back.meta["l2"]) == 3

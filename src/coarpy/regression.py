@@ -574,7 +574,9 @@ def _pcg(apply_A, B: Tensor, diag: Tensor, X0: Tensor, *, max_iter: int, tol: fl
     bnorm = B.norm(dim=0)
     del B
     done = R.norm(dim=0) <= tol * bnorm
-    Z = R / diag
+    # A component that never varies has a zero diagonal (and a zero row): leave it unscaled.
+    inv_diag = torch.where(diag > 0, 1.0 / diag, torch.ones_like(diag))
+    Z = R * inv_diag
     P = Z.clone()
     rz = (R * Z).sum(0)
     it = 0
@@ -588,7 +590,7 @@ def _pcg(apply_A, B: Tensor, diag: Tensor, X0: Tensor, *, max_iter: int, tol: fl
         R.sub_(a * AP)
         del AP
         done = done | (R.norm(dim=0) <= tol * bnorm)
-        Z = R / diag
+        Z = R * inv_diag
         rz_new = (R * Z).sum(0)
         beta = torch.where(done | (rz <= 0), torch.zeros_like(rz), rz_new / rz)
         P = Z + beta * P
@@ -898,6 +900,14 @@ def _check_rows(parts: list[_Moments], *, validate: bool, val_fraction: float, n
         )
 
 
+def _default_tol(tol: float | None, dtype: torch.dtype, *, float64: float, float32: float):
+    if tol is None:
+        return float64 if dtype == torch.float64 else float32
+    if not tol > 0:
+        raise FitError(f"tol must be > 0, got {tol}.")
+    return float(tol)
+
+
 def _resolve_device(device: Any, src: _Source) -> torch.device:
     return src.device if device is None else torch.device(device)
 
@@ -951,10 +961,11 @@ def _fit_ridge(
     dtype: torch.dtype,
     max_memory: int | None,
     max_iter: int,
-    tol: float,
+    tol: float | None,
     progress: bool,
 ) -> tuple[_Source, _Result]:
     _check_common(val_fraction, dtype, seed)
+    tol = _default_tol(tol, dtype, float64=1e-10, float32=1e-5)
     if solver not in SOLVERS:
         raise FitError(f"solver must be one of {SOLVERS}, got {solver!r}.")
     src = _Source(source)
@@ -993,6 +1004,7 @@ def _fit_ridge(
     )
     _check_rows(parts, validate=validate, val_fraction=val_fraction, need=2)
     n_all = sum(m.n for m in parts)
+    n_val = parts[1].n if validate else 0
     if method == "ols" and n_all < N + 1:
         raise FitError(
             f"OLS with {N} components and an intercept needs at least {N + 1} finished rows to "
@@ -1040,8 +1052,8 @@ def _fit_ridge(
         "seed": int(seed),
         "val_fraction": float(val_fraction) if validate else 0.0,
         "n_rows": n_all,
-        "n_train": parts[0].n if validate else n_all,
-        "n_val": parts[1].n if validate else 0,
+        "n_train": n_all - n_val,
+        "n_val": n_val,
         "l2_grid": grid.tolist(),
         "l2": l2.tolist(),
         "val_mse": None if val_mse is None else val_mse.gather(0, choice[None])[0].tolist(),
@@ -1061,10 +1073,11 @@ def _fit_lasso(
     dtype: torch.dtype,
     max_memory: int | None,
     max_iter: int,
-    tol: float,
+    tol: float | None,
     progress: bool,
 ) -> tuple[_Source, _Result]:
     _check_common(val_fraction, dtype, seed)
+    tol = _default_tol(tol, dtype, float64=1e-7, float32=1e-5)
     src = _Source(source)
     dev = _resolve_device(device, src)
     N, E = src.n_components, src.n_examples
@@ -1148,7 +1161,8 @@ class RidgePath:
     max_memory : int, optional
         Memory budget in bytes (default: the free memory of ``device``).
     max_iter, tol :
-        Conjugate-gradient limits: stop a system when ``|r| <= tol * |b|``.
+        Conjugate-gradient limits: stop a system when ``|r| <= tol * |b|`` (default tol:
+        1e-10 in float64, 1e-5 in float32).
     progress : bool
         Show progress bars (only on a terminal).
 
@@ -1186,7 +1200,7 @@ class RidgePath:
         dtype: torch.dtype = torch.float64,
         max_memory: int | None = None,
         max_iter: int = 1000,
-        tol: float = 1e-10,
+        tol: float | None = None,
         progress: bool = True,
     ):
         self.l2_grid = l2_grid
@@ -1235,7 +1249,8 @@ class LassoPath:
     Minimises ``(1/(2n)) ||y - b - V w||**2 + l1 ||w||_1`` (scikit-learn's ``Lasso(alpha=l1)``).
     Parameters as :class:`RidgePath`, with ``l1_grid`` (default: per example,
     ``l1_max * 10**linspace(0, -4, 13)``) and FISTA limits ``max_iter``/``tol`` (stop an
-    example when its largest update is below ``tol * max|w|``).
+    example when its largest update is below ``tol * max|w|``; default tol: 1e-7 in
+    float64, 1e-5 in float32).
 
     Attributes
     ----------
@@ -1254,7 +1269,7 @@ class LassoPath:
         dtype: torch.dtype = torch.float64,
         max_memory: int | None = None,
         max_iter: int = 5000,
-        tol: float = 1e-7,
+        tol: float | None = None,
         progress: bool = True,
     ):
         self.l1_grid = l1_grid
@@ -1328,7 +1343,8 @@ def fit(
     max_memory : int, optional
         Memory budget in bytes (default: free memory on ``device``).
     max_iter, tol : optional
-        Iterative solver limits (CG: 1000, 1e-10; lasso: 5000, 1e-7).
+        Iterative solver limits (CG: 1000 and 1e-10, lasso: 5000 and 1e-7; both tol 1e-5
+        in float32).
     progress : bool
         Progress bars over blocks (shown only on a terminal).
 
@@ -1369,7 +1385,7 @@ def fit(
             dtype=dtype,
             max_memory=max_memory,
             max_iter=5000 if max_iter is None else max_iter,
-            tol=1e-7 if tol is None else tol,
+            tol=tol,
             progress=progress,
         )
         return est.fit(source).attributions_
@@ -1388,7 +1404,7 @@ def fit(
         dtype=dtype,
         max_memory=max_memory,
         max_iter=1000 if max_iter is None else max_iter,
-        tol=1e-10 if tol is None else tol,
+        tol=tol,
         progress=progress,
     )
     return _finish(src, res)
