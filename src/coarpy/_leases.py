@@ -5,10 +5,11 @@ A worker in claim mode takes a block by creating ``RUN/leases/b000017.lease`` wi
 "token"}``. While it holds leases, a background thread touches them every
 ``lease_s / 4`` seconds. A lease is stale when its file has not been touched for
 ``lease_s`` seconds, or when its holder is a dead process on this host (a restarted
-worker need not wait). A stale lease is taken over atomically: the taker renames the
-file to a name of its own (of several racing takers, one rename succeeds), checks that
-the file it moved is the stale lease it inspected and not a fresh one (else it puts it
-back), and then creates its own lease with ``O_EXCL``.
+worker need not wait). A stale lease is taken over atomically: the taker first creates
+``b000017.lease.takeover`` with ``O_EXCL`` (of several racing takers, one succeeds),
+checks that the lease file is still the stale one it inspected (same inode, not
+renewed since), and renames its own lease file over it. The lease file never goes
+missing during a takeover, so no plain claimer can slip in between.
 
 Leases only avoid duplicate work; correctness never depends on them. A block is done
 iff its file exists, and two workers computing one block write identical bytes, so a
@@ -143,6 +144,15 @@ class Claims:
             if remaining:  # leased by live workers: wait for them, or for their leases to lapse
                 time.sleep(self.poll_s)
         self._release_finished()
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Delete leases of finished blocks that dead workers left behind (harmless, untidy)."""
+        for path in (Path(self.ds.path) / LEASES).glob("b*.lease"):
+            block = int(path.stem[1:])
+            if block < self.ds.n_blocks and self.ds.is_done(block):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     def acquire(self, block: int) -> bool:
         """Take the lease of ``block``: create it, or take over a stale one."""
@@ -156,12 +166,14 @@ class Claims:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        info = {"host": self.host, "pid": os.getpid(), "time": time.time(), "token": self.token}
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(info))
+            f.write(json.dumps(self._info()))
         with self._lock:
             self.held[block] = path
         return True
+
+    def _info(self) -> dict:
+        return {"host": self.host, "pid": os.getpid(), "time": time.time(), "token": self.token}
 
     def _stale(self, seen: os.stat_result, info: dict) -> bool:
         if time.time() - seen.st_mtime > self.lease_s:
@@ -183,26 +195,37 @@ class Claims:
         info = _read(path)
         if not self._stale(seen, info):
             return False
-        grave = path.with_name(f"{path.name}.{self.token}.stale")
+        lock = path.with_name(f"{path.name}.takeover")
         try:
-            os.rename(path, grave)  # of several takers, one moves this file
-        except FileNotFoundError:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            # another worker is taking it over; a lock left by a dead taker expires too
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.stat(lock).st_mtime > self.lease_s:
+                    os.unlink(lock)
             return False
-        moved = os.stat(grave)
-        if (moved.st_ino, moved.st_mtime_ns) != (seen.st_ino, seen.st_mtime_ns):
-            # We moved a lease taken or renewed after we looked: put it back.
-            with contextlib.suppress(FileExistsError):
-                os.link(grave, path)
-            os.unlink(grave)
-            return False
-        os.unlink(grave)
+        try:
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                return self._create(block)
+            if (now.st_ino, now.st_mtime_ns) != (seen.st_ino, seen.st_mtime_ns):
+                return False  # renewed, released or taken since we looked: not stale
+            tmp = path.with_name(f".{path.name}.{self.token}.tmp")
+            tmp.write_text(json.dumps(self._info()))
+            os.replace(tmp, path)  # atomic: the lease is never missing
+            with self._lock:
+                self.held[block] = path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
         log.info(
             "block %d: took over the stale lease of %s pid %s",
             block,
             info.get("host", "?"),
             info.get("pid", "?"),
         )
-        return self._create(block)
+        return True
 
     # -- releasing --------------------------------------------------------------------
     def _release(self, block: int) -> None:
