@@ -18,6 +18,7 @@ import copy
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -49,6 +50,25 @@ def _feature_index(units: Tensor, unit_size: int) -> Tensor:
 
 def _feature_mask(keep_g: Tensor, unit_size: int) -> Tensor:
     return keep_g if unit_size == 1 else keep_g.repeat_interleave(unit_size, dim=-1)
+
+
+def _ablated_units(keep: Tensor, groups: tuple[Group, ...]) -> list[Tensor]:
+    """Per group, the units a shared bool mask ablates (int64, on keep's device).
+
+    One pass over the whole mask, not one per group: on the CPU with numpy (cheap for
+    small masks), elsewhere with one nonzero() (one wait for the device, not one each).
+    """
+    bounds = [g.offset for g in groups] + [groups[-1].stop]
+    if keep.device.type == "cpu":
+        flat = np.flatnonzero(~keep.numpy())
+        cuts = np.searchsorted(flat, bounds).tolist()
+        return [
+            torch.from_numpy(flat[a:b] - g.offset)
+            for g, a, b in zip(groups, cuts[:-1], cuts[1:], strict=True)
+        ]
+    flat = torch.nonzero(~keep).flatten()
+    cuts = torch.searchsorted(flat, torch.tensor(bounds, device=flat.device)).tolist()
+    return [flat[a:b] - g.offset for g, a, b in zip(groups, cuts[:-1], cuts[1:], strict=True)]
 
 
 def _zero_values(model: nn.Module, group: Group) -> Tensor:
@@ -178,7 +198,7 @@ class Ablator:
             slots = [_weight_slot(model, g, mode) for g in components.groups]
             self._slots = {gi: s for gi, s in enumerate(slots) if s is not None}
         self._zeroed: dict[int, tuple[Tensor, Tensor]] = {}
-        self._weight_keep: Tensor | None = None
+        self._weight_units: list[Tensor] | None = None  # of the shared mask now set
         self._entered = False
 
     @property
@@ -197,7 +217,7 @@ class Ablator:
         if keep is None:
             self.state = [None] * len(self.components.groups)
             self._param_keep = None
-            self._weight_keep = None
+            self._weight_units = None
             self._write_params()
             self._write_weights()
             return
@@ -207,9 +227,10 @@ class Ablator:
         # Find ablated units on the CPU when keep is there: nonzero() on an accelerator
         # would wait for the work queued before it.
         keep_dev = keep.to(self.device, non_blocking=True) if not shared else keep
+        units = _ablated_units(keep, self.components.groups) if shared else None
         state: list[tuple[str, Tensor, Tensor] | None] = []
         for gi, (g, value) in enumerate(zip(self.components.groups, self.values, strict=True)):
-            keep_g = keep_dev[..., g.offset : g.stop]
+            keep_g = keep_dev[..., g.offset : g.stop] if not shared else None
             if shared and gi in self._slots:
                 state.append(None)  # written into the weights by _write_weights
             elif g.site == "param":
@@ -225,16 +246,14 @@ class Ablator:
                 state.append(("soft", _feature_mask(keep_g, g.unit_size), value))
             elif keep.ndim == 2:
                 state.append(("rows", _feature_mask(keep_g, g.unit_size), value))
+            elif units[gi].numel() == 0:
+                state.append(None)
             else:
-                units = torch.nonzero(~keep_g).flatten()
-                if units.numel() == 0:
-                    state.append(None)
-                else:
-                    idx = _feature_index(units, g.unit_size).to(self.device, non_blocking=True)
-                    state.append(("idx", idx, value[idx]))
+                idx = _feature_index(units[gi], g.unit_size).to(self.device, non_blocking=True)
+                state.append(("idx", idx, value[idx]))
         self.state = state
         self._param_keep = keep
-        self._weight_keep = keep if shared else None
+        self._weight_units = units
         self._write_params()
         self._write_weights()
         if self._entered:
@@ -247,20 +266,19 @@ class Ablator:
         """
         if not self._entered or not (self._zeroed or self._slots):
             return
-        keep = self._weight_keep
+        units = self._weight_units
         with torch.no_grad():
             for gi, (idx, original) in self._zeroed.items():
                 weight, axis = self._slots[gi]
                 weight.index_copy_(axis, idx, original)
             self._zeroed.clear()
-            if keep is None:
+            if units is None:
                 return
             for gi, (weight, axis) in self._slots.items():
-                g = self.components.groups[gi]
-                units = torch.nonzero(~keep[g.offset : g.stop]).flatten()
-                if units.numel() == 0:
+                if units[gi].numel() == 0:
                     continue
-                idx = _feature_index(units, g.unit_size).to(weight.device, non_blocking=True)
+                unit_size = self.components.groups[gi].unit_size
+                idx = _feature_index(units[gi], unit_size).to(weight.device, non_blocking=True)
                 self._zeroed[gi] = (idx, weight.index_select(axis, idx))
                 weight.index_fill_(axis, idx, 0)
 

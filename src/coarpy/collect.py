@@ -160,6 +160,7 @@ def collect(
     overwrite: bool = False,
     progress: bool | None = None,
     prefix: str | _prefix.Split | None = None,
+    compile_model: bool = False,
 ) -> ComponentDataset:
     """Fill (or resume) the component dataset at ``path`` and return it.
 
@@ -193,6 +194,10 @@ def collect(
         first batch before use (``SplitError`` if it does not reproduce the model);
         the cached activations of all examples stay on the device. The stored rows are
         the same as without it.
+    compile_model : run the model through ``torch.compile`` (opt-in). Shared masks
+        change weights in place, which a compiled graph reads without recompiling;
+        compiling takes seconds to minutes and fused kernels round differently, so
+        outputs agree with eager ones to float tolerance, not bit for bit.
 
     Raises
     ------
@@ -272,6 +277,8 @@ def collect(
                 run_model, run_examples = _prefix.prepare(
                     model, components, ablator, examples, prefix, output_fn, autocast=autocast
                 )
+            if compile_model:
+                run_model = torch.compile(run_model)
             for count, b in enumerate(order, 1):
                 start, stop = ds.block_rows(b)
                 keep = sample_masks(
