@@ -190,8 +190,8 @@ def collect(
     prefix : run once per example, not once per mask, the part of the model before a
         cut that every component lies after: the path of a module inside nested
         ``nn.Sequential`` containers (its input is cached), or a
-        ``coarpy.prefix.Split(prefix_fn, suffix_fn)``. The cut is verified on the
-        first batch before use (``SplitError`` if it does not reproduce the model);
+        ``coarpy.prefix.Split(prefix_fn, suffix_fn)``. The cut is verified on 64
+        examples before use (``SplitError`` if it does not reproduce the model);
         the cached activations of all examples stay on the device. The stored rows are
         the same as without it.
     compile_model : run the model through ``torch.compile`` (opt-in). Shared masks

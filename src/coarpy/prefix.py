@@ -16,8 +16,8 @@ A cut is exact only where coarpy can see the data flow. Two kinds are offered:
   the model's result (e.g. the embeddings and the first blocks of a transformer, then
   the rest).
 
-Either way the cut is verified once before it is used: on the first batch, the
-suffix run on the cached prefix output must reproduce the whole model's outputs, both
+Either way the cut is verified once before it is used: on the first 64 examples, the
+suffix run on the prefix's output must reproduce the whole model's outputs, both
 with nothing ablated and under a probe mask that ablates half of the components (a
 component in the prefix would be missed by the cache and fail the check).
 
@@ -39,6 +39,7 @@ from . import _batching as B
 from .errors import CoarError
 
 _CACHE_KEY = "coarpy_prefix_cache"  # where a dict batch carries the cached activations
+_VERIFY_ROWS = 64  # examples the cut is verified on
 
 
 class SplitError(CoarError, ValueError):
@@ -250,7 +251,7 @@ def verify(
 ) -> None:
     """Refuse the cut unless the suffix on the cache reproduces the model's outputs.
 
-    Compared on one batch, with nothing ablated and under a seeded probe mask that
+    Compared on ``batch``, with nothing ablated and under a seeded probe mask that
     ablates each component with probability 1/2 (outputs within ``rtol`` of their
     largest magnitude).
     """
@@ -296,18 +297,18 @@ def prepare(
     if isinstance(prefix, str):
         check_components_after(model, prefix, [g.hook for g in components.groups])
     ablator.set(None)
-    cached = [cached_batch(batch, split) for batch in examples.batches]
     suffix = Suffix(split)
+    probe = B.index(examples.batches[0], slice(0, _VERIFY_ROWS))  # a cheap check
     verify(
         model,
         suffix,
-        examples.batches[0],
-        cached[0],
+        probe,
+        cached_batch(probe, split),
         output,
         ablator,
         where=split.where,
         n_components=len(components),
         rtol=1e-2 if autocast else 1e-4,
     )
-    device = ablator.device
-    return suffix, ExampleSet(cached, device, examples.batch_size)
+    cached = [cached_batch(batch, split) for batch in examples.batches]
+    return suffix, ExampleSet(cached, ablator.device, examples.batch_size)
