@@ -258,7 +258,13 @@ def collect(
     model.eval()
     # Shared masks go into the weights where that is exact: no hook runs per forward.
     ablator = Ablator(model, components, mode=mode, means=means, edit_weights=True)
-    cast = torch.autocast(device.type, dtype=_AUTOCAST[autocast]) if autocast else nullcontext()
+    # No autocast weight cache: weights change between masks (it is off under
+    # inference_mode already; saying so keeps it off whatever torch decides).
+    cast = (
+        torch.autocast(device.type, dtype=_AUTOCAST[autocast], cache_enabled=False)
+        if autocast
+        else nullcontext()
+    )
     bar = _progress_bar(len(todo), progress, desc=f"collect {ds.path.name}")
     claims = _leases.Claims(ds, todo, lease_s=lease_s) if claim else nullcontext(todo)
     beat = _Heartbeat(ds, shard, device)
