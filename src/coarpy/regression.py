@@ -33,6 +33,12 @@ Methods
     The default grid is ``s * 10**[-8, -7.5, ..., 2]`` (21 values) where
     ``s = trace(Vc.T Vc / n) / N`` is the mean variance of a mask entry
     (``alpha * (1 - alpha)`` for Bernoulli masks).
+``"group"``
+    Ridge with one penalty per group of components (per module by default, relative
+    strengths estimated across examples), optionally centred on a prior estimate such
+    as the gradient baseline, with the penalty chosen per example by generalised
+    cross-validation on all rows. Far fewer masks for the same held-out correlation;
+    see :mod:`coarpy.priors`.
 ``"lasso"``
     Minimises ``(1/(2n)) * sum_i (y_i - b - w.v_i)**2 + l1 * ||w||_1`` (scikit-learn's
     ``Lasso(alpha=l1)`` exactly), by FISTA on the Gram matrix, batched over examples,
@@ -89,7 +95,7 @@ from .errors import FitError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("ridge", "ols", "lasso")
+METHODS = ("ridge", "ols", "lasso", "group")
 SOLVERS = ("auto", "eig", "cg")
 DEFAULT_L2_RELATIVE = tuple(10.0 ** np.arange(-8.0, 2.01, 0.5))  # times the mask variance
 DEFAULT_L1_RELATIVE = tuple(10.0 ** np.linspace(0.0, -4.0, 13))  # times l1_max per example
@@ -1319,6 +1325,8 @@ def fit(
     max_iter: int | None = None,
     tol: float | None = None,
     progress: bool = True,
+    prior: Any = None,
+    groups: Sequence[Any] | None = None,
 ) -> Attributions:
     """Fit one linear model per example over the components: the COAR attributions.
 
@@ -1327,15 +1335,18 @@ def fit(
     source : ComponentDataset or tuple (masks, outputs)
         A store (read with one streamed pass over its finished blocks), or in-memory
         masks ``(n_rows, n_components)`` (bool or 0/1) and outputs ``(n_rows, n_examples)``.
-    method : {"ridge", "ols", "lasso"}
-        See the module docstring. ``"ridge"`` chooses ``l2`` per example on held-out rows.
+    method : {"ridge", "ols", "lasso", "group"}
+        See the module docstring. ``"ridge"`` chooses ``l2`` per example on held-out rows;
+        ``"group"`` (:class:`coarpy.priors.PriorRidge`) penalises each group of
+        components on its own scale, shrinks toward ``prior`` and chooses by GCV.
     l2_grid : sequence of float, optional
-        Ridge penalties per row (``sklearn alpha = l2 * n_rows``); ``"ridge"`` only.
+        Ridge penalties per row (``sklearn alpha = l2 * n_rows``); ``"ridge"`` and
+        ``"group"``.
     l1_grid : sequence of float, optional
         Lasso penalties (``sklearn Lasso alpha = l1``); ``"lasso"`` only.
     val_fraction, seed :
         The held-out share of rows and the seed of the split (a pure function of
-        ``(seed, row index)``).
+        ``(seed, row index)``); not used by ``"group"``.
     solver : {"auto", "eig", "cg"}
         Ridge/OLS solver; see :class:`RidgePath`.
     device, dtype :
@@ -1347,6 +1358,10 @@ def fit(
         in float32).
     progress : bool
         Progress bars over blocks (shown only on a terminal).
+    prior : Attributions or Tensor (n_examples, n_components), optional
+        ``"group"`` only: the prior mean, e.g. ``coarpy.baselines.gradient(...)``.
+    groups : sequence of labels (n_components,), optional
+        ``"group"`` only: the group of each component (default: the store's modules).
 
     Returns
     -------
@@ -1372,6 +1387,21 @@ def fit(
     """
     if method not in METHODS:
         raise FitError(f"method must be one of {METHODS}, got {method!r}.")
+    if method == "group":
+        from .priors import PriorRidge  # built on this module's sufficient statistics
+
+        if l1_grid is not None or solver not in ("auto", "eig"):
+            raise FitError(
+                "method='group' takes l2_grid and uses one eigendecomposition; got "
+                f"l1_grid={l1_grid!r}, solver={solver!r}."
+            )
+        est = PriorRidge(
+            prior, groups=groups, l2_grid=l2_grid, device=device, dtype=dtype,
+            max_memory=max_memory, progress=progress,
+        )  # fmt: skip
+        return est.fit(source).attributions_
+    if prior is not None or groups is not None:
+        raise FitError(f"prior= and groups= are for method='group', got method={method!r}.")
     if method == "lasso":
         if l2_grid is not None:
             raise FitError("method='lasso' takes l1_grid, not l2_grid.")

@@ -1,0 +1,396 @@
+"""Structured ridge: per-group penalties and a prior mean, chosen by cross-validation.
+
+Plain ridge shrinks every component's weight toward zero by the same amount. With few
+masks that wastes information in two ways:
+
+- **Components come in groups that differ in scale.** The heads of one layer, the
+  neurons of another, the channels of a conv layer: a group of large effects and a
+  group of tiny ones get the same penalty, so either the small ones are fitted to noise
+  or the large ones are shrunk away. Here every group ``g`` gets its own penalty
+  ``l2 * r_g``. The relative penalties ``r_g`` are estimated across examples (empirical
+  Bayes): a pilot fit gives every example's weights, ``tau_g**2`` is the mean over
+  examples of a group's mean squared weight relative to the example's, and
+  ``r_g = 1 / tau_g**2``. The pilot is refitted with those penalties ``n_iter`` times.
+  The ``r_g`` are normalised so that their geometric mean over components is 1: equal
+  group penalties are plain ridge.
+- **A cheap estimate is a better centre than zero.** The gradient (attribution
+  patching) costs one backward pass per example and gives a rough estimate ``w0`` of
+  every weight. Shrinking toward ``c * w0`` instead of zero keeps its information
+  where the masks say little. ``c`` is chosen per example from ``prior_scales``
+  (``0`` included, so the prior is ignored when it does not help).
+
+Per example ``e``, with ``r_j`` the relative penalty of component ``j``'s group, the
+weights minimise::
+
+    (1/n) * sum_i (y_ie - b_e - w . v_i)**2 + l2_e * sum_j r_j (w_j - c_e w0_ej)**2
+
+The penalty is per row as in :mod:`coarpy.regression` (scikit-learn's ``alpha`` is
+``l2 * n``). Substituting ``u = (w - c w0) / s`` with ``s_j = r_j ** -0.5`` turns this
+into plain ridge on the columns ``V * s`` and the outputs ``y - c V w0``, and all of it
+follows from the same sufficient statistics (``V.T V``, ``V.T y``, the sums): the
+shifted cross-products are ``V.T y - c V.T V w0``. One eigendecomposition of the scaled
+centred Gram ``S Vc.T Vc S = Q diag(d) Q.T`` then gives every ``(c, l2)`` at once.
+
+``l2`` and ``c`` are chosen per example by generalised cross-validation (GCV), which
+approximates leave-one-out error from the eigendecomposition of all rows::
+
+    GCV = n * RSS / (n - df)**2,   df = 1 + sum_i d_i / (d_i + n * l2)
+
+so no rows are held out: with few masks, a 10% validation split is a handful of rows
+and its choice of penalty is noisy, while GCV fits and selects on all of them.
+
+Memory is about ``s * (5 N**2 + 7 N E)`` bytes for ``N`` components, ``E`` examples and
+``s`` bytes per number; time is ``n_iter + 1`` eigendecompositions of an ``N x N``
+matrix after the one pass over the rows. For very large ``N`` (where
+``coarpy.regression`` switches to conjugate gradients) use ``method="ridge"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .attributions import Attributions
+from .errors import FitError
+from .regression import (
+    _WORK_BYTES,
+    DEFAULT_L2_RELATIVE,
+    _accumulate,
+    _as_grid,
+    _budget,
+    _centered_cross_,
+    _centered_gram_,
+    _centered_yy,
+    _check_common,
+    _check_rows,
+    _eig_filter,
+    _finish,
+    _Moments,
+    _need_memory,
+    _resolve_device,
+    _Result,
+    _Source,
+)
+
+DEFAULT_PRIOR_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _group_labels(src: _Source, groups: Sequence[Any] | None) -> list[str]:
+    """One label per component: given, else the store's modules, else a single group."""
+    N = src.n_components
+    if groups is None:
+        spec = (src.meta or {}).get("components") if isinstance(src.meta, dict) else None
+        if spec and sum(int(g[2]) for g in spec) == N:
+            return [str(g[0]) for g in spec for _ in range(int(g[2]))]
+        return ["all"] * N
+    if isinstance(groups, (str, bytes)) or len(groups) != N:
+        got = "a string" if isinstance(groups, (str, bytes)) else f"{len(groups)} labels"
+        raise FitError(
+            f"groups must give one label per component ({N}), got {got}. Pass e.g. "
+            "[name.partition(':')[0] for name in ds.names] to group by module."
+        )
+    return [str(g) for g in groups]
+
+
+def _prior_matrix(src: _Source, prior: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The prior mean as (N, E) in ``dtype``, checked against the source."""
+    N, E = src.n_components, src.n_examples
+    if isinstance(prior, Attributions):
+        if src.store is not None and list(prior.names) != list(src.names):
+            raise FitError(
+                "The prior's components differ from the store's (first names "
+                f"{prior.names[:2]} vs {src.names[:2]}). Compute the prior (e.g. "
+                "coarpy.baselines.gradient) with the Components the store was collected with."
+            )
+        prior = prior.weights
+    if not isinstance(prior, Tensor):
+        raise FitError(
+            f"prior must be an Attributions or a tensor (n_examples, n_components), got "
+            f"{type(prior).__name__}. Pass e.g. coarpy.baselines.gradient(model, comps, data)."
+        )
+    if tuple(prior.shape) != (E, N):
+        raise FitError(
+            f"prior must have shape (n_examples, n_components) = ({E}, {N}), got "
+            f"{tuple(prior.shape)}. Compute it on the store's examples and components."
+        )
+    if not bool(torch.isfinite(prior).all()):
+        raise FitError("prior has non-finite entries; the prior mean must be finite.")
+    return prior.detach().to(device=device, dtype=dtype).T.contiguous()
+
+
+def _fixed_penalties(
+    labels: list[str], penalties: Mapping[str, float], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Per-component relative penalties (N,) from a {group: penalty} mapping."""
+    missing = sorted(set(labels) - set(penalties))
+    if missing:
+        raise FitError(
+            f"group_penalties has no value for the groups {missing[:5]}; give one positive "
+            "number per group, or None to estimate them."
+        )
+    r = torch.tensor([float(penalties[g]) for g in labels], dtype=dtype, device=device)
+    if not bool(torch.isfinite(r).all()) or bool((r <= 0).any()):
+        raise FitError(f"group_penalties must be finite and > 0, got {dict(penalties)}.")
+    return r
+
+
+def _normalised(r: Tensor) -> Tensor:
+    """Relative penalties scaled to a geometric mean of 1 over components."""
+    return r / r.log().mean().exp()
+
+
+# --------------------------------------------------------------------------- GCV path
+
+
+def _gcv_fit(
+    m: _Moments,
+    s: Tensor,
+    W0: Tensor | None,
+    scales: Tensor,
+    grid: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Choose (c, l2) per example by GCV; returns (W (N, E), c (E,), l2 (E,), gcv (E,), grid).
+
+    ``s`` (N,) scales the columns (penalty ``1 / s**2`` per component); ``W0`` (N, E) is
+    the prior mean or None; ``scales`` (C,) the candidate ``c``; ``grid`` the ``l2``
+    values, or None for the default relative grid times the mean scaled column variance.
+    """
+    n = m.n
+    mv, my = m.means()
+    Gc = _centered_gram_(m, mv)  # (N, N)
+    Gc.mul_(s[:, None]).mul_(s[None, :])  # S Gc S: ridge on the columns v * s
+    N = Gc.shape[0]
+    if grid is None:
+        var = float(torch.diagonal(Gc).sum()) / (n * N)
+        grid = var * torch.tensor(DEFAULT_L2_RELATIVE, dtype=Gc.dtype, device=Gc.device)
+    d, Q = torch.linalg.eigh(Gc)  # (N,), (N, N)
+    del Gc
+    F = _eig_filter(d, n, grid)  # (K, N)
+    d = d.clamp_min(0.0) * (F[0] != 0)  # null directions carry nothing
+    Fd, F2d = F * d, F * F * d  # (K, N)
+    df = 1.0 + Fd.sum(1)  # (K,) with the intercept
+    room = n - df
+    P0 = Q.T @ (_centered_cross_(m, mv, my) * s[:, None])  # (N, E)
+    Szz = _centered_yy(m, my)  # (E,)
+    E = P0.shape[1]
+    if W0 is None:
+        B, scales = None, scales[:1] * 0.0
+    else:
+        B = Q.T @ (W0 / s[:, None])  # (N, E): the prior in the rotated, scaled coordinates
+        BP, BdB = (B * P0).sum(0), (B * B * d[:, None]).sum(0)  # (E,)
+    best = torch.full((E,), float("inf"), dtype=P0.dtype, device=P0.device)
+    best_c = torch.zeros(E, dtype=torch.long, device=P0.device)
+    best_k = torch.zeros(E, dtype=torch.long, device=P0.device)
+    for ci, c in enumerate(scales.tolist()):
+        if B is None:
+            Pc, Szc = P0, Szz
+        else:
+            Pc = P0 - c * d[:, None] * B  # rotated cross-products of y - c V w0
+            Szc = Szz - 2.0 * c * BP + c * c * BdB
+        P2 = Pc * Pc
+        rss = (Szc[None] - 2.0 * (F @ P2) + F2d @ P2).clamp_min(0.0)  # (K, E)
+        gcv = n * rss / room.clamp_min(1e-12)[:, None] ** 2
+        gcv = torch.where(room[:, None] > 0.5, gcv, torch.full_like(gcv, float("inf")))
+        value, k = gcv.min(0)
+        better = value < best
+        best = torch.where(better, value, best)
+        best_c = torch.where(better, torch.full_like(best_c, ci), best_c)
+        best_k = torch.where(better, k, best_k)
+    c = scales[best_c]  # (E,)
+    Pc = P0 if B is None else P0 - d[:, None] * B * c[None, :]
+    U = Q @ (F[best_k].T * Pc)  # (N, E) scaled deviations from the prior
+    if B is not None:
+        U = U + (W0 / s[:, None]) * c[None, :]
+    return U * s[:, None], c, grid[best_k], best, grid
+
+
+def _group_scales(
+    m: _Moments, labels: list[str], n_iter: int, grid: Tensor | None
+) -> tuple[Tensor, dict[str, float]]:
+    """Column scales s (N,) and relative penalties per group, by empirical Bayes."""
+    names = list(dict.fromkeys(labels))
+    index = {g: i for i, g in enumerate(names)}
+    gid = torch.tensor([index[g] for g in labels], device=m.sv.device)
+    counts = torch.bincount(gid, minlength=len(names)).to(m.sv.dtype)
+    s = torch.ones(len(labels), dtype=m.sv.dtype, device=m.sv.device)
+    none = torch.zeros(1, dtype=m.sv.dtype, device=m.sv.device)
+    r_group = torch.ones(len(names), dtype=m.sv.dtype, device=m.sv.device)
+    for _ in range(n_iter if len(names) > 1 else 0):
+        W = _gcv_fit(m, s, None, none, grid)[0]  # (N, E) pilot weights
+        q = (W * W).mean(0)  # (E,) mean squared weight per example
+        used = q > 0
+        if not bool(used.any()):
+            break
+        rel = (W[:, used] ** 2 / q[used]).mean(1)  # (N,) pooled over examples
+        tau2 = torch.zeros_like(counts).index_add_(0, gid, rel) / counts  # (G,)
+        tau2 = tau2.clamp_min(float(tau2.max()) * 1e-8)
+        r_group = 1.0 / tau2
+        r = _normalised(r_group[gid])
+        r_group = r_group * (r[0] / r_group[gid[0]])
+        s = r.rsqrt()
+    return s, {g: float(r_group[i]) for i, g in enumerate(names)}
+
+
+# --------------------------------------------------------------------------- estimator
+
+
+def _prior_bytes(N: int, E: int, s: int) -> int:
+    return s * (5 * N * N + 7 * N * E) + _WORK_BYTES
+
+
+class PriorRidge:
+    """Ridge with per-group penalties and an optional prior mean; ``method="group"``.
+
+    See the module docstring for the objective. Fitted from one streamed pass over the
+    rows; the penalty ``l2`` and the prior's scale ``c`` are chosen per example by
+    generalised cross-validation on all rows, the relative group penalties by empirical
+    Bayes across examples.
+
+    Parameters
+    ----------
+    prior : Attributions or Tensor (n_examples, n_components), optional
+        Prior mean of the weights, e.g. ``coarpy.baselines.gradient(...)``. None
+        shrinks toward zero.
+    groups : sequence of labels (n_components,), optional
+        Group of each component. Default: one group per module of the store
+        (``"features.0"``, ``"encoder.layer.3.attention"``, ...); one group for a
+        ``(masks, outputs)`` tuple.
+    group_penalties : mapping {label: relative penalty}, optional
+        Fix the relative penalties instead of estimating them (they are rescaled to a
+        geometric mean of 1 over components).
+    l2_grid : sequence of float, optional
+        Penalties per row. Default: ``1e-8 .. 1e2`` times the mean variance of the
+        scaled columns (21 values).
+    prior_scales : sequence of float
+        Candidate scales ``c`` of the prior (ignored without a prior).
+    n_iter : int
+        Empirical-Bayes refits of the group penalties (0: equal penalties).
+    device, dtype, max_memory, progress :
+        As for :class:`coarpy.regression.RidgePath`.
+
+    Attributes
+    ----------
+    weights_ : Tensor (n_examples, n_components) float32
+    bias_ : Tensor (n_examples,) float32
+    l2_ : Tensor (n_examples,) chosen penalty per example
+    prior_scale_ : Tensor (n_examples,) chosen ``c`` (zeros without a prior)
+    group_penalties_ : dict {label: relative penalty}
+    gcv_ : Tensor (n_examples,) the chosen GCV value (an estimate of the mean squared
+        prediction error on a new mask)
+    attributions_ : Attributions
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> V = torch.rand(300, 6, generator=g) > 0.3
+    >>> true = torch.tensor([[4.0, -4.0, 3.0, 0.1, -0.1, 0.05]])
+    >>> Y = V.double() @ true.T.double() + 0.1 * torch.randn(300, 1, generator=g).double()
+    >>> est = PriorRidge(groups=["big"] * 3 + ["small"] * 3, progress=False).fit((V, Y))
+    >>> est.group_penalties_["small"] > 100 * est.group_penalties_["big"]
+    True
+    >>> torch.allclose(est.weights_[0, :3], true[0, :3], atol=0.05)
+    True
+    """
+
+    def __init__(
+        self,
+        prior: Attributions | Tensor | None = None,
+        *,
+        groups: Sequence[Any] | None = None,
+        group_penalties: Mapping[str, float] | None = None,
+        l2_grid: Sequence[float] | None = None,
+        prior_scales: Sequence[float] = DEFAULT_PRIOR_SCALES,
+        n_iter: int = 2,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float64,
+        max_memory: int | None = None,
+        progress: bool = True,
+    ):
+        self.prior = prior
+        self.groups = groups
+        self.group_penalties = group_penalties
+        self.l2_grid = l2_grid
+        self.prior_scales = prior_scales
+        self.n_iter = n_iter
+        self.device = device
+        self.dtype = dtype
+        self.max_memory = max_memory
+        self.progress = progress
+
+    @torch.no_grad()
+    def fit(self, source: Any) -> PriorRidge:
+        """Fit on a ComponentDataset or a ``(masks, outputs)`` tuple; returns ``self``."""
+        _check_common(0.0, self.dtype, 0)
+        if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 0:
+            raise FitError(f"n_iter must be an int >= 0, got {self.n_iter!r}.")
+        src = _Source(source)
+        dev = _resolve_device(self.device, src)
+        dtype = self.dtype
+        N, E = src.n_components, src.n_examples
+        labels = _group_labels(src, self.groups)
+        W0 = None if self.prior is None else _prior_matrix(src, self.prior, dtype, dev)
+        scales = _as_grid(self.prior_scales, "prior_scales", dtype, dev)
+        grid = None if self.l2_grid is None else _as_grid(self.l2_grid, "l2_grid", dtype, dev)
+        _need_memory(
+            _prior_bytes(N, E, torch.finfo(dtype).bits // 8),
+            _budget(dev, self.max_memory),
+            f"method='group' with {N} components and {E} examples",
+            "Use dtype=torch.float32 (halves it), fewer components, or method='ridge' with "
+            "solver='cg' (bounded memory).",
+        )
+        (every,) = _accumulate(
+            src,
+            validate=False,
+            seed=0,
+            val_fraction=0.0,
+            with_gram=True,
+            device=dev,
+            dtype=dtype,
+            progress=self.progress,
+        )
+        _check_rows([every], validate=False, val_fraction=0.0, need=3)
+        if self.group_penalties is not None:
+            r = _normalised(_fixed_penalties(labels, self.group_penalties, dtype, dev))
+            s = r.rsqrt()
+            penalties = {g: float(r[labels.index(g)]) for g in dict.fromkeys(labels)}
+        else:
+            s, penalties = _group_scales(every, labels, self.n_iter, grid)
+        W, c, l2, gcv, used_grid = _gcv_fit(every, s, W0, scales, grid)
+        mv, my = every.means()
+        bias = my - W.T @ mv
+        meta = {
+            "method": "group",
+            "selection": "gcv",
+            "dtype": str(dtype).removeprefix("torch."),
+            "n_rows": every.n,
+            "l2_grid": used_grid.tolist(),
+            "l2": l2.tolist(),
+            "prior": None if W0 is None else _prior_name(self.prior),
+            "prior_scales": scales.tolist() if W0 is not None else None,
+            "prior_scale": c.tolist() if W0 is not None else None,
+            "group_penalties": penalties,
+            "n_iter": self.n_iter,
+            "gcv": gcv.tolist(),
+        }
+        res = _Result(W, bias, l2, None, used_grid, meta)
+        self.attributions_ = _finish(src, res)
+        self.weights_ = self.attributions_.weights
+        self.bias_ = self.attributions_.bias
+        self.l2_ = l2
+        self.prior_scale_ = c
+        self.group_penalties_ = penalties
+        self.gcv_ = gcv
+        return self
+
+
+def _prior_name(prior: Any) -> str:
+    if isinstance(prior, Attributions):
+        return str(prior.meta.get("method", "attributions"))
+    return "tensor"
