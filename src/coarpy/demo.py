@@ -17,8 +17,8 @@ import torch
 from .components import Components
 from .runs import write_csv
 
-ALPHA = 0.05
-N_MASKS = 3000
+ALPHA = 0.1
+N_MASKS = 2000
 EVAL_MASKS = 100
 BATCH_SIZE = 4096
 
@@ -74,6 +74,7 @@ def run_demo(
     model, comps, (x, y) = setup["model"], setup["components"], setup["data"]
     with torch.inference_mode():
         pred = model(x).argmax(1)
+        margins = outputs.margin(model, (x, y))
     acc = (pred == y).float().mean().item()
     _say(
         f"model      DigitsCNN, held-out accuracy {100 * acc:.1f}% on {len(y)} digits; "
@@ -116,6 +117,7 @@ def run_demo(
 
     wrong = (pred != y).nonzero().flatten()
     example = int(wrong[0]) if len(wrong) else 0
+    what = "misclassified" if len(wrong) else "first (none is misclassified)"
     top = attr.top(example, k=8)
     write_csv(
         out / "top_components.csv",
@@ -126,8 +128,8 @@ def run_demo(
     )
     label, guess = int(y[example]), int(pred[example])
     _say(
-        f"\nexample {example}: a {label} the model reads as {guess} "
-        f"(margin {float(ds.outputs().mean(0)[example]):+.2f} under ablation on average)"
+        f"\n{what} example {example}: a {label} the model reads as {guess} "
+        f"(margin {float(margins[example]):+.2f})"
     )
     _say("  top components (weight = change in margin when the component is kept):")
     for name, weight in top:
@@ -163,4 +165,7 @@ def _maybe_report(out: Path, result, attr, ds, example: int) -> Path | None:
         import matplotlib  # noqa: F401
     except ImportError:
         return None
-    return write_report(out, evaluation=result, attributions=attr, store=ds, examples=[example])
+    return write_report(
+        out, evaluation=result, attributions=attr, store=ds, examples=[example],
+        title="coar demo: digits CNN",
+    )  # fmt: skip
