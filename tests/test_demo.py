@@ -11,6 +11,10 @@ from coarpy.cli import main
 from coarpy.demo import run_demo
 
 
+def _rows(path) -> list[dict]:
+    return list(csv.DictReader(path.read_text().splitlines()))
+
+
 @pytest.mark.slow
 def test_demo_writes_its_results_and_coar_beats_the_baselines(tmp_path, capsys):
     out = tmp_path / "demo"
@@ -24,9 +28,7 @@ def test_demo_writes_its_results_and_coar_beats_the_baselines(tmp_path, capsys):
 
     rows = json.loads((out / "evaluation.json").read_text())
     assert rows["alphas"] == [0.1, 0.2]
-    table = {
-        (r["method"], float(r["alpha"])): r for r in csv.DictReader(open(out / "evaluation.csv"))
-    }
+    table = {(r["method"], float(r["alpha"])): r for r in _rows(out / "evaluation.csv")}
     for alpha in (0.1, 0.2):
         coar = float(table["coar", alpha]["pearson_mean"])
         assert coar > 0.8
@@ -36,7 +38,7 @@ def test_demo_writes_its_results_and_coar_beats_the_baselines(tmp_path, capsys):
         float(table["coar", 0.2]["pearson_mean"])
         > float(table["leave_one_out", 0.2]["pearson_mean"]) + 0.02
     )
-    top = list(csv.DictReader(open(out / "top_components.csv")))
+    top = list(_rows(out / "top_components.csv"))
     assert len(top) == 8 and all(":" in r["component"] for r in top)
 
 

@@ -137,8 +137,9 @@ def run_demo(
 
     report = _maybe_report(out, result, attr, ds, example)
     elapsed = time.perf_counter() - started
-    _say(f"\nwrote {out}/: store/, attributions/, evaluation.json, evaluation.csv, top_components.csv"
-         + (", report.html" if report else "") + f"  ({elapsed:.0f} s in all)")  # fmt: skip
+    files = "store/, attributions/, evaluation.json, evaluation.csv, top_components.csv"
+    files += ", report.html" if report else ""
+    _say(f"\nwrote {out}/: {files}  ({elapsed:.0f} s in all)")
     return {
         "accuracy": acc,
         "n_components": len(comps),
