@@ -47,11 +47,12 @@ def plain_inference(
     *,
     device: torch.device | str,
     autocast: str | None = None,
+    warmup: bool = True,
 ) -> float:
     """Passes per second of ``output(model, batch)`` over ``batches`` (already on device)."""
     model.eval()
     with torch.inference_mode(), cast(device, autocast):
-        for batch in batches[:1]:  # warm-up (kernel selection, caches)
+        for batch in batches[: int(warmup)]:  # kernel selection, caches
             output(model, batch)
         sync(device)
         start = time.perf_counter()

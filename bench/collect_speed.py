@@ -91,55 +91,80 @@ def _table(title: str, head: list[str], rows: list[list]) -> str:
     return text
 
 
+class Clock:
+    """Wall time and this thread's CPU time of a block of code.
+
+    On a shared machine the wall clock also counts the time other processes held the
+    core; with one torch thread, the CPU time of the main thread does not.
+    """
+
+    def __enter__(self) -> Clock:
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.thread_time() - self._cpu
+
+
 def section_plain(cfgs: list[dict], repeat: int) -> str:
     rows = []
     for c in cfgs:
         batches = device_batches(c["x"], c["y"], c["batch_size"], CPU)
-        pairs = []
+        n = c["n_masks"]
+        walls, cpu_plain, cpu_collect, rates = [], 0.0, 0.0, []
+        plain_inference(c["model"], batches, outputs.margin, 1, device=CPU)  # warm-up
         for _ in range(repeat):
-            p = plain_inference(c["model"], batches, outputs.margin, c["n_masks"], device=CPU)
-            r = collect_rate(
-                c["model"], c["comps"], (c["x"], c["y"]), c["n_masks"], alpha=0.05,
-                block_size=max(1, c["n_masks"] // 4), batch_size=c["batch_size"],
-            )  # fmt: skip
-            pairs.append((r, p))
-        p_med = statistics.median(p for _, p in pairs)
-        r_med = statistics.median(r for r, _ in pairs)
-        rows.append([c["name"], len(c["comps"]), len(c["x"]), f"{p_med:.1f}", f"{r_med:.1f}",
-                     _median_ratio(pairs)])  # fmt: skip
+            with Clock() as tp:
+                plain_inference(c["model"], batches, outputs.margin, n, device=CPU, warmup=False)
+            with Clock() as tc:
+                collect_rate(
+                    c["model"], c["comps"], (c["x"], c["y"]), n, alpha=0.05,
+                    block_size=max(1, n // 4), batch_size=c["batch_size"],
+                )  # fmt: skip
+            walls.append((tp.wall, tc.wall))  # ratio = collect rate / plain rate
+            cpu_plain, cpu_collect = cpu_plain + tp.cpu, cpu_collect + tc.cpu
+            rates.append((n / tp.wall, n / tc.wall))
+        rows.append([c["name"], len(c["comps"]), len(c["x"]),
+                     f"{statistics.median(p for p, _ in rates):.1f}",
+                     f"{statistics.median(r for _, r in rates):.1f}",
+                     _median_ratio(walls), f"{cpu_plain / cpu_collect:.3f}"])  # fmt: skip
     return _table(
-        "collect vs plain inference (masks/s; ratio = collect / plain)",
-        ["model", "N", "E", "plain", "collect", "ratio"],
+        "collect vs plain inference (masks/s, wall; ratio = collect / plain; CPU = main "
+        "thread's CPU time, summed over repeats)",
+        ["model", "N", "E", "plain", "collect", "ratio (wall)", "ratio (CPU)"],
         rows,
     )
 
 
-def _run_masks_rate(model, comps, examples, keep, *, edit_weights: bool) -> float:
-    ablator = Ablator(model, comps, edit_weights=edit_weights)
-    with ablator, torch.inference_mode():
-        start = time.perf_counter()
-        run_masks(model, ablator, examples, keep, outputs.margin)
-        return len(keep) / (time.perf_counter() - start)
-
-
 def section_paths(cfgs: list[dict], repeat: int) -> str:
+    """Per mask, alternately: one plain pass, one pass under a mask (set + pass)."""
     rows = []
     for c in cfgs:
         examples = ExampleSet((c["x"], c["y"]), CPU, c["batch_size"])
-        keep = sample_masks(0, c["n_masks"], len(c["comps"]), alpha=0.05, seed=0)
-        hooks, weights = [], []
-        for _ in range(repeat):
-            p = plain_inference(
-                c["model"], examples.batches, outputs.margin, c["n_masks"], device=CPU
-            )
-            hooks.append((_run_masks_rate(c["model"], c["comps"], examples, keep,
-                                          edit_weights=False), p))  # fmt: skip
-            weights.append((_run_masks_rate(c["model"], c["comps"], examples, keep,
-                                            edit_weights=True), p))  # fmt: skip
-        rows.append([c["name"], _median_ratio(hooks), _median_ratio(weights)])
+        n = c["n_masks"] * repeat
+        keep = sample_masks(0, n, len(c["comps"]), alpha=0.05, seed=0)
+        cells = []
+        for edit in (False, True):
+            ablator = Ablator(c["model"], c["comps"], edit_weights=edit)
+            plain = [0.0, 0.0]
+            masked = [0.0, 0.0]
+            with ablator, torch.inference_mode():
+                for i in range(n):
+                    ablator.set(None)
+                    with Clock() as tp:
+                        for batch in examples.batches:
+                            outputs.margin(c["model"], batch)
+                    with Clock() as tm:
+                        run_masks(c["model"], ablator, examples, keep[i : i + 1], outputs.margin)
+                    plain = [plain[0] + tp.wall, plain[1] + tp.cpu]
+                    masked = [masked[0] + tm.wall, masked[1] + tm.cpu]
+            cells.append(f"{plain[0] / masked[0]:.3f} / {plain[1] / masked[1]:.3f}")
+        rows.append([c["name"], n, *cells])
     return _table(
-        "applying a shared mask: run_masks / plain inference",
-        ["model", "hooks (edit_weights=False)", "weight slices (collect's default)"],
+        "applying a shared mask: plain pass / masked pass (set + pass), interleaved per "
+        "mask; wall / CPU",
+        ["model", "masks", "hooks (edit_weights=False)", "weight slices (collect's default)"],
         rows,
     )
 
@@ -238,7 +263,7 @@ def section_fit(repeat: int, quick: bool) -> str:
     except ImportError:
         return _table("regression", ["note"], [["coarpy.regression.fit not available"]])
     rows = []
-    sizes = [(512, 500, 2000)] if quick else [(512, 500, 2000), (2304, 1000, 6000)]
+    sizes = [(512, 500, 2000)] if quick else [(512, 500, 2000), (2304, 1000, 4000)]
     for n_comp, n_ex, n_rows in sizes:
         gen = torch.Generator().manual_seed(0)
         V = torch.rand(n_rows, n_comp, generator=gen) >= 0.05

@@ -21,8 +21,9 @@ fi
 { command -v nvidia-smi >/dev/null && nvidia-smi; } >"$OUT/nvidia-smi.txt" 2>&1 || true
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-# Hard stop after 7.5 minutes whatever happens; the script's own budget is lower.
-timeout --signal=INT --kill-after=15 450 "$PY" -u "$here/gpu_check.py" --out "$OUT" "$@" 2>&1 \
+# Hard stop after 7 min 40 s whatever happens (the script stops starting sections at
+# 400 s, and saves its table after every row).
+timeout --signal=INT --kill-after=10 460 "$PY" -u "$here/gpu_check.py" --out "$OUT" "$@" 2>&1 \
     | tee "$OUT/log.txt"
 status=${PIPESTATUS[0]}
 echo "gpu.sh: exit $status; results in $OUT" | tee -a "$OUT/log.txt"
