@@ -256,7 +256,7 @@ class Ablator:
         self._weight_units = units
         self._write_params()
         self._write_weights()
-        if self._entered:
+        if self._entered and not shared:  # a shared mask needs no hook beyond __enter__'s
             self._hook_groups()
 
     def _write_weights(self) -> None:
