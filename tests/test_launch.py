@@ -238,6 +238,25 @@ def test_a_worker_leaves_a_heartbeat_that_status_reports(tmp_path):
     assert [(w["host"], w["pid"]) for w in seen] == [(platform.node(), os.getpid())]
 
 
+def test_a_worker_on_a_run_directory_takes_its_shard_from_slurm_variables(
+    tmp_path, reference, monkeypatch
+):
+    run = tmp_path / "run"
+    _empty(run)
+    (run / "config.toml").write_text(config(run).to_toml())  # as `coar collect` leaves it
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    launch.worker(run)  # shard="env": task 5 of the array 4..5 is shard 1/2
+    assert block_bytes(run) == {k: v for k, v in reference.items() if int(k[1:7]) % 2 == 1}
+
+
+def test_a_missing_engine_is_named_with_the_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit raises ImportError
+    with pytest.raises(launch.MissingExtraError, match=r"pip install coarpy\[slurm\]"):
+        launch.slurm(config(tmp_path / "run"), n_workers=2)
+
+
 # -- stores on fsspec filesystems -------------------------------------------------------
 
 

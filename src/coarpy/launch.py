@@ -247,6 +247,7 @@ def local(
     restarts: int = 2,
     claim: bool = True,
     lease_s: float = LEASE_S,
+    threads: int | None = None,
     progress: bool | None = None,
     poll_s: float = 0.5,
 ) -> ComponentDataset:
@@ -267,6 +268,8 @@ def local(
     restarts : how many times each worker may be restarted.
     claim : dynamic claiming of blocks (lease files); False keeps static shards.
     lease_s : seconds after which an unrenewed lease counts as dead.
+    threads : torch threads per worker (default: this machine's cores divided by the
+        number of workers, so that the workers never oversubscribe it).
     progress : show the progress bar (default: when stderr is a terminal).
     poll_s : seconds between looks at the workers and the store.
 
@@ -285,7 +288,10 @@ def local(
         raise ValueError(f"restarts must be >= 0, got {restarts}.")
     logs = _log_dir(cfg)
     n = len(slots_devices)
-    threads = max(1, _cores() // n)
+    if threads is None:
+        threads = max(1, _cores() // n)
+    elif threads < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {threads}.")
     slots = [_Slot(k, dev, logs / f"worker-{k}.log") for k, dev in enumerate(slots_devices)]
     text = cfg.to_toml()
 
@@ -687,8 +693,8 @@ def ray(
             "n_actors, or gpus_per_actor=0 to run on CPUs."
         )
     device = "cuda" if gpus_per_actor else "cpu"
-    options = {"num_gpus": gpus_per_actor, "num_cpus": 0 if gpus_per_actor else 1}
-    actor_cls = ray_lib.remote(max_restarts=0, **options)(_BlockActor)
+    # max_restarts=0: a dead actor is replaced here, where its block is known
+    actor_cls = ray_lib.remote(num_gpus=gpus_per_actor, num_cpus=1, max_restarts=0)(_BlockActor)
     text = cfg.to_toml()
 
     def new_actor():

@@ -1,0 +1,347 @@
+"""Benchmark: collection scaled over worker processes on one machine (``launch.local``).
+
+For the digits CNN (450 test digits) and a Fashion-MNIST CNN (1,000 test images),
+random weights (speed does not depend on training):
+
+- ``plain``: one pass of the model over the examples (forward + margin, inference_mode,
+  no hooks, no store, one thread): the least one mask can cost.
+- ``inproc``: ``coarpy.collect`` in this process, one thread: CPU seconds per mask, and
+  the overhead ratio inproc / plain that RESULTS_scaling.md uses to model the paper's
+  runs.
+- ``local cpu:1`` and ``local cpu:2``: ``launch.local`` with one and with two worker
+  processes, one torch thread each (the speed-up of processes, at most 2 on 2 cores);
+  and ``local cpu:1 x2 threads``: one worker using both cores as threads, the other
+  way to use a 2-core machine. Reported: wall time (with process start-up) and the
+  steady rate (masks per second between the first and the last block written).
+
+On a shared machine other jobs take cores, and wall-clock rates say more about them
+than about coarpy; the load average is recorded around every run. What other jobs do
+not change is the CPU time the workers spend per mask (``cpu_s_per_mask``: the workers'
+user+sys time, minus a second launch on the finished store that measures start-up
+alone). If two workers spend no more CPU per mask than one, two free cores give twice
+the rate: ``idle_speedup_2_vs_1`` = 2 x cpu_s_per_mask(cpu:1) / cpu_s_per_mask(cpu:2).
+
+Runs alternate between the settings compared, ``--repeat`` times; medians are shown.
+Last, the paper's three collections are modelled on 1, 8 and 64 GPUs from the larger
+of the two overhead ratios (``paper_model``). Results go to ``bench/out/scaling.json``.
+
+Usage::
+
+    python bench/scaling.py            # about 6 minutes on a 2-core box
+    python bench/scaling.py --quick    # about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+ALPHA = 0.05
+
+
+# -- the two setups (factories for RunConfig: "scaling:digits_setup") -----------------
+
+
+def _models():
+    try:
+        from coarpy.models import DigitsCNN, FashionCNN
+    except ImportError:  # coarpy.models not there: same shapes, defined here
+        DigitsCNN, FashionCNN = _digits_cnn, _fashion_cnn  # noqa: N806
+    return DigitsCNN, FashionCNN
+
+
+def _block(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+def _digits_cnn(width: int = 16, hidden: int = 64) -> nn.Module:
+    w = width
+    features = nn.Sequential(
+        *_block(1, w), *_block(w, 2 * w), nn.MaxPool2d(2), *_block(2 * w, 2 * w)
+    )
+    classifier = nn.Sequential(
+        nn.Flatten(), nn.Linear(32 * w, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+    )
+    return nn.Sequential(features, classifier)  # fmt: skip
+
+
+def _fashion_cnn(width: int = 16, hidden: int = 128) -> nn.Module:
+    w = width
+    features = nn.Sequential(
+        *_block(1, w), nn.MaxPool2d(2), *_block(w, 2 * w), nn.MaxPool2d(2),
+        *_block(2 * w, 4 * w), nn.MaxPool2d(2),
+    )  # fmt: skip
+    classifier = nn.Sequential(
+        nn.Flatten(), nn.Linear(36 * w, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+    )
+    return nn.Sequential(features, classifier)  # fmt: skip
+
+
+def digits_setup(seed: int = 0) -> dict:
+    from coarpy import datasets
+    from coarpy.components import Components
+
+    torch.manual_seed(seed)
+    model = _models()[0]().eval()
+    data = datasets.digits(split="test")  # 450 digits
+    return {"model": model, "data": data, "components": _components(model, Components)}
+
+
+def fashion_setup(seed: int = 0, n_examples: int = 1000) -> dict:
+    from coarpy import datasets
+    from coarpy.components import Components
+
+    torch.manual_seed(seed)
+    model = _models()[1]().eval()
+    data = datasets.fashion_mnist(split="test", limit=n_examples)
+    return {"model": model, "data": data, "components": _components(model, Components)}
+
+
+def _components(model, components_cls):
+    return components_cls.discover(model, kinds=("conv", "neurons"))
+
+
+SETUPS = {"digits": "scaling:digits_setup", "fashion": "scaling:fashion_setup"}
+
+
+# -- measurements ------------------------------------------------------------------------
+
+
+def plain_pass_s(setup: dict, repeat: int = 20) -> float:
+    """Median CPU seconds of one plain pass (forward + margin) over all examples.
+
+    CPU time (one thread) rather than wall time: other jobs on the machine do not
+    change it.
+    """
+    from coarpy import outputs
+
+    model, data = setup["model"], setup["data"]
+    with torch.inference_mode():
+        outputs.margin(model, data)  # warm-up
+        times = []
+        for _ in range(repeat):
+            t = time.process_time()
+            outputs.margin(model, data)
+            times.append(time.process_time() - t)
+    return statistics.median(times)
+
+
+def block_rate(path: Path) -> float:
+    """Masks per second between the first and the last block written."""
+    from coarpy.store import ComponentDataset
+
+    ds = ComponentDataset(path)
+    done = sorted((ds.block_path(b).stat().st_mtime, b) for b in ds.done_blocks())
+    rows = sum(ds.block_rows(b)[1] - ds.block_rows(b)[0] for _, b in done[1:])
+    return rows / (done[-1][0] - done[0][0])
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(name: str, *, target_s: float, repeat: int, work: Path) -> dict:
+    from coarpy import launch
+    from coarpy._imports import import_object
+    from coarpy.config import RunConfig
+
+    factory = SETUPS[name]
+    setup = import_object(factory)()
+    n_examples = len(setup["data"][1])
+    n_components = len(setup["components"])
+    plain = plain_pass_s(setup)
+
+    # in-process, one thread: calibrates n_masks and gives the overhead ratio
+    def config(path: Path, n_masks: int, block_size: int) -> RunConfig:
+        return RunConfig(
+            factory=factory, path=str(path), n_masks=n_masks, alpha=ALPHA,
+            block_size=block_size,
+        )  # fmt: skip
+
+    probe = work / f"{name}-probe"
+    t = time.perf_counter()
+    launch.worker(config(probe, 10, 5), shard=None, progress=False)
+    per_mask = (time.perf_counter() - t) / 10
+    n_masks = max(40, int(target_s / per_mask) // 20 * 20)
+    block_size = n_masks // 20  # 20 blocks: a short tail at the end
+    inproc = work / f"{name}-inproc"
+    t, cpu = time.perf_counter(), time.process_time()
+    launch.worker(config(inproc, n_masks, block_size), shard=None, progress=False)
+    inproc_s, inproc_cpu = time.perf_counter() - t, time.process_time() - cpu
+    settings = {"cpu:1": ("cpu:1", 1), "cpu:2": ("cpu:2", 1), "cpu:1 x2 threads": ("cpu:1", 2)}
+    runs: dict[str, list[dict]] = {key: [] for key in settings}
+    for r in range(repeat):
+        for key, (devices, threads) in settings.items():
+            path = work / f"{name}-{devices.replace(':', '')}-{threads}-{r}"
+            cfg = config(path, n_masks, block_size)
+            load, cpu = os.getloadavg()[0], _children_cpu_s()
+            t = time.perf_counter()
+            launch.local(cfg, devices=devices, threads=threads, poll_s=0.2)
+            wall = time.perf_counter() - t
+            cpu_run = _children_cpu_s() - cpu
+            cpu = _children_cpu_s()
+            launch.local(cfg, devices=devices, threads=threads, poll_s=0.2)  # start-up only
+            cpu_startup = _children_cpu_s() - cpu
+            runs[key].append(
+                {
+                    "wall_s": wall,
+                    "rate": block_rate(path),
+                    "cpu_s_per_mask": (cpu_run - cpu_startup) / n_masks,
+                    "startup_cpu_s": cpu_startup,
+                    "load": [load, os.getloadavg()[0]],
+                }
+            )
+            shutil.rmtree(path)
+            last = runs[key][-1]
+            print(
+                f"  {name} {key} run {r}: wall {wall:.1f} s, {last['rate']:.2f} masks/s, "
+                f"{1e3 * last['cpu_s_per_mask']:.1f} CPU ms/mask, load "
+                f"{load:.1f} -> {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+    med = {
+        d: {
+            k: statistics.median(x[k] for x in v)
+            for k in ("wall_s", "rate", "cpu_s_per_mask", "startup_cpu_s")
+        }
+        for d, v in runs.items()
+    }
+    return {
+        "n_examples": n_examples,
+        "n_components": n_components,
+        "n_masks": n_masks,
+        "block_size": block_size,
+        "plain_pass_s": plain,
+        "inproc_1thread_s_per_mask": inproc_s / n_masks,
+        "inproc_1thread_rate": block_rate(inproc),
+        "inproc_1thread_cpu_s_per_mask": inproc_cpu / n_masks,
+        "overhead_ratio": inproc_cpu / n_masks / plain,  # CPU time, one thread
+        "local": med,
+        "local_runs": runs,
+        "speedup_rate_2_vs_1": med["cpu:2"]["rate"] / med["cpu:1"]["rate"],
+        "speedup_wall_2_vs_1": med["cpu:1"]["wall_s"] / med["cpu:2"]["wall_s"],
+        "speedup_rate_2proc_vs_1thread": med["cpu:2"]["rate"] / block_rate(inproc),
+        "speedup_rate_2proc_vs_2threads": med["cpu:2"]["rate"] / med["cpu:1 x2 threads"]["rate"],
+        "idle_speedup_2_vs_1": 2 * med["cpu:1"]["cpu_s_per_mask"] / med["cpu:2"]["cpu_s_per_mask"],
+    }
+
+
+# -- the paper's three runs, modelled from measured ratios --------------------------------
+
+# (name, components, masks, examples, reference seconds per mask on one GPU).
+# Masks, components and examples: the reference scripts' store specifications. Seconds
+# per mask: the reference pipeline's measured cost for the CIFAR ResNet (10,000 images)
+# and ResNet-50 (50,000 ImageNet images). ViT-B/16 has no measured cost: scaled from
+# ResNet-50 by forward FLOPs per image (17.6 / 4.1 GFLOPs) and examples (5,000 / 50,000).
+PAPER_RUNS = (
+    ("CIFAR-10 ResNet-18", 2_304, 50_000, 10_000, 0.72),
+    ("ImageNet ResNet-50", 22_720, 100_000, 50_000, 8.5),
+    ("ImageNet ViT-B/16", 82_944, 100_000, 5_000, 8.5 * 17.6 / 4.1 * 5_000 / 50_000),
+)
+GPUS = (1, 8, 64)
+
+
+def paper_model(overhead_ratio: float, *, block_size: int = 100) -> list[dict]:
+    """Hours to collect each paper run on K GPUs.
+
+    A mask costs ``overhead_ratio`` plain passes; the reference's seconds per mask are
+    taken as the cost of a plain pass, an upper bound (they include the reference's
+    own per-mask copying and data loading), so the hours are upper bounds too. Blocks
+    are independent and claimed dynamically, so K GPUs take ceil(n_blocks / K) block
+    times: the only loss is the last, partly filled round of blocks. Start-up (loading
+    the model and moving the examples to the device) is left out: minutes, once per
+    worker.
+    """
+    rows = []
+    for name, n_comp, n_masks, n_examples, ref_s in PAPER_RUNS:
+        per_mask = ref_s * overhead_ratio
+        n_blocks = -(-n_masks // block_size)
+        row = {
+            "run": name, "components": n_comp, "masks": n_masks, "examples": n_examples,
+            "reference_s_per_mask": ref_s, "reference_1gpu_h": n_masks * ref_s / 3600,
+            "store_gb_float32": n_masks * (-(-n_comp // 8) + 4 * n_examples) / 1e9,
+        }  # fmt: skip
+        for k in GPUS:
+            hours = -(-n_blocks // k) * block_size * per_mask / 3600
+            row[f"coarpy_{k}gpu_h"] = hours
+            row[f"efficiency_{k}gpu"] = n_masks * per_mask / 3600 / k / hours
+        rows.append(row)
+    return rows
+
+
+def print_paper_model(overhead_ratio: float) -> None:
+    print(f"paper runs, modelled with overhead ratio x{overhead_ratio:.2f} (hours):")
+    head = "  run                   ref 1 GPU" + "".join(f"   {k:>2} GPU" for k in GPUS)
+    print(head)
+    for row in paper_model(overhead_ratio):
+        cells = "".join(f"  {row[f'coarpy_{k}gpu_h']:7.1f}" for k in GPUS)
+        print(f"  {row['run']:<20} {row['reference_1gpu_h']:9.1f} {cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs, one repeat")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--only", choices=sorted(SETUPS), nargs="*", default=sorted(SETUPS))
+    parser.add_argument("--out", default=str(HERE / "out" / "scaling.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    # the workers import this file's factories, one thread each unless told otherwise
+    sys.path.insert(0, str(HERE))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), *sys.path])
+    target_s = 8.0 if args.quick else 20.0
+    repeat = 1 if args.quick else args.repeat
+    results = {
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "alpha": ALPHA, "target_s": target_s, "repeat": repeat, "setups": {},
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="coar-scaling-") as tmp:
+        for name in args.only:
+            print(f"{name}:", flush=True)
+            res = measure(name, target_s=target_s, repeat=repeat, work=Path(tmp))
+            results["setups"][name] = res
+            loc = res["local"]
+            print(
+                f"  {res['n_examples']} examples, {res['n_components']} components, "
+                f"{res['n_masks']} masks in blocks of {res['block_size']}\n"
+                f"  plain pass {1e3 * res['plain_pass_s']:.2f} CPU ms; collect "
+                f"{1e3 * res['inproc_1thread_cpu_s_per_mask']:.2f} CPU ms/mask "
+                f"(x{res['overhead_ratio']:.2f}), wall {1e3 * res['inproc_1thread_s_per_mask']:.2f}"
+                " ms/mask\n"
+                + "".join(
+                    f"  {key}: {v['rate']:.2f} masks/s, wall {v['wall_s']:.1f} s, "
+                    f"{1e3 * v['cpu_s_per_mask']:.1f} CPU ms/mask\n"
+                    for key, v in loc.items()
+                )
+                + f"  speed-up 2 vs 1 process: rate x{res['speedup_rate_2_vs_1']:.2f}, "
+                f"wall x{res['speedup_wall_2_vs_1']:.2f}; 2 processes vs 1 process with 2 "
+                f"threads: x{res['speedup_rate_2proc_vs_2threads']:.2f}; on 2 free cores "
+                f"(from CPU time): x{res['idle_speedup_2_vs_1']:.2f}",
+                flush=True,
+            )  # fmt: skip
+    ratio = max(r["overhead_ratio"] for r in results["setups"].values())
+    results["paper_model"] = {"overhead_ratio": ratio, "runs": paper_model(ratio)}
+    print_paper_model(ratio)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
