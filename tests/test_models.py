@@ -89,7 +89,7 @@ def test_train_classifier_returns_eval_mode_and_leaves_the_global_rng_alone():
     assert out is net and not net.training
 
 
-def test_train_classifier_rejects_labels_that_are_not_int64():
+def test_train_classifier_rejects_bad_data_and_unknown_schedules():
     x, y = _small_digits()
     with pytest.raises(ValueError, match=r"int64 labels \(n,\)"):
         models.train_classifier(
@@ -97,6 +97,10 @@ def test_train_classifier_rejects_labels_that_are_not_int64():
         )
     with pytest.raises(TypeError, match="pair of tensors"):
         models.train_classifier(models.DigitsCNN(), x, epochs=1, lr=1e-3, batch_size=8, seed=0)
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        models.train_classifier(
+            models.DigitsCNN(), (x, y), epochs=1, lr=1e-3, batch_size=8, seed=0, lr_schedule="step"
+        )
 
 
 def test_accuracy_counts_argmax_hits_on_tensors_and_on_dict_batches():

@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Bump a recipe string whenever the architecture or the training settings of its
 # pretrained_* function change, so that stale cached weights are never loaded.
-DIGITS_RECIPE = "digits-cnn-v1"
-FASHION_RECIPE = "fashion-cnn-v1"
+DIGITS_RECIPE = "digits-cnn-v2"
+FASHION_RECIPE = "fashion-cnn-v2"
 
 
 # -- architectures ---------------------------------------------------------------------
@@ -176,6 +176,7 @@ def train_classifier(
     batch_size: int,
     seed: int,
     weight_decay: float = 0.0,
+    lr_schedule: str = "constant",
     progress: bool = False,
 ) -> nn.Module:
     """Train a classifier with Adam and cross-entropy; deterministic for a given seed.
@@ -192,6 +193,10 @@ def train_classifier(
     train_data : ``(inputs, labels)``: tensors (n, ...) and int64 (n,).
     epochs, lr, batch_size, seed : the training recipe.
     weight_decay : Adam's L2 penalty.
+    lr_schedule : ``"constant"`` keeps ``lr``; ``"cosine"`` anneals it after every step
+        from ``lr`` to 0 over the whole run (``torch.optim.lr_scheduler.CosineAnnealingLR``),
+        which makes the final weights, and BatchNorm's running statistics, far less
+        dependent on the last few batches.
     progress : show a progress bar with the running loss.
 
     Returns
@@ -202,10 +207,18 @@ def train_classifier(
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
     device = _device_of(model)
     x, y = x.to(device), y.to(device)
     order = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = len(x) // batch_size + (len(x) % batch_size >= 2)
+    scheduler = None
+    if lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(epochs * steps_per_epoch, 1)
+        )
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     epoch_range: Any = range(epochs)
     if progress:
@@ -231,6 +244,8 @@ def train_classifier(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 if progress:  # .item() waits for the device; only pay for it when shown
                     total += loss.item() * len(rows)
                     seen += len(rows)
@@ -342,10 +357,11 @@ def pretrained_digits_cnn(
 ) -> tuple[DigitsCNN, tuple[Tensor, Tensor]]:
     """A ``DigitsCNN`` trained on the digits train split, and the test split.
 
-    The recipe (about 99% test accuracy, a few seconds on 2 CPU cores): width 16,
-    hidden 64, 8 epochs of Adam at lr 3e-3, batch size 64, on
-    ``datasets.digits(split="train")`` (split seed 0). Weights are cached as
-    ``<cache_dir>/digits-cnn-v1-seed<seed>.pt``; a later call loads them.
+    The recipe (98.7-99.1% test accuracy over seeds 0-4, about 2 CPU-seconds): width
+    16, hidden 64, 8 epochs of Adam at lr 3e-3 with cosine annealing, batch size 64,
+    on ``datasets.digits(split="train")`` (split seed 0). Weights are cached as
+    ``<cache_dir>/digits-cnn-v2-seed<seed>.pt``; a later call loads them. Training is
+    deterministic for a given seed, torch build and thread count.
 
     Parameters
     ----------
@@ -361,7 +377,13 @@ def pretrained_digits_cnn(
 
     def train(m: nn.Module) -> None:
         train_classifier(
-            m, datasets.digits(split="train"), epochs=8, lr=3e-3, batch_size=64, seed=seed
+            m,
+            datasets.digits(split="train"),
+            epochs=8,
+            lr=3e-3,
+            batch_size=64,
+            seed=seed,
+            lr_schedule="cosine",
         )
 
     path = _cache_path(cache_dir, f"{DIGITS_RECIPE}-seed{seed}.pt")
@@ -374,10 +396,10 @@ def pretrained_fashion_cnn(
 ) -> tuple[FashionCNN, tuple[Tensor, Tensor]]:
     """A ``FashionCNN`` trained on the first ``n_train`` Fashion-MNIST training images.
 
-    The recipe (about 87% test accuracy with the default ``n_train``, under half a
-    minute on 2 CPU cores): width 16, hidden 128, 4 epochs of Adam at lr 2e-3, batch
-    size 128. Weights are cached as
-    ``<cache_dir>/fashion-cnn-v1-n<n_train>-seed<seed>.pt``; a later call loads them.
+    The recipe (87.4-87.9% test accuracy over seeds 0-4 with the default ``n_train``,
+    about 30 CPU-seconds): width 16, hidden 128, 4 epochs of Adam at lr 2e-3 with
+    cosine annealing, batch size 128. Weights are cached as
+    ``<cache_dir>/fashion-cnn-v2-n<n_train>-seed<seed>.pt``; a later call loads them.
 
     Parameters
     ----------
@@ -396,7 +418,9 @@ def pretrained_fashion_cnn(
 
     def train(m: nn.Module) -> None:
         data = datasets.fashion_mnist(split="train", limit=n_train)
-        train_classifier(m, data, epochs=4, lr=2e-3, batch_size=128, seed=seed)
+        train_classifier(
+            m, data, epochs=4, lr=2e-3, batch_size=128, seed=seed, lr_schedule="cosine"
+        )
 
     path = _cache_path(cache_dir, f"{FASHION_RECIPE}-n{n_train}-seed{seed}.pt")
     _load_or_train(model, path, train)
