@@ -9,6 +9,7 @@ with each, so the three can be compared on one task.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import time
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import coarpy as coar
-from coarpy import baselines
+from coarpy import baselines, edit
 from coarpy._fingerprint import model_fingerprint
 from coarpy.models import FashionCNN, accuracy, train_classifier
 
@@ -118,6 +119,13 @@ def attributions(
         "leave_one_out": baselines.leave_one_out(model, comps, data, progress=False),
         "gradient": baselines.gradient(model, comps, data),
     }
+
+
+def with_curve(made: edit.Edit, table: list[dict], k: int) -> edit.Edit:
+    """The edit with a sweep table as its curve, and that table's rows k=0 and k as
+    its before and after metrics (the sweep already ran these edits)."""
+    rows = {r["k"]: {c: v for c, v in r.items() if c != "k"} for r in table}
+    return dataclasses.replace(made, before=rows[0], after=rows[k], curve=table)
 
 
 def accuracy_on(x: Tensor, y: Tensor) -> Callable[[nn.Module], float]:

@@ -18,7 +18,6 @@ smoke test).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         clock.say(f"{method}: swept k in {ks}")
         if method == "coar":
             made = edit.make(model, comps, attr, targets, references, k=k)
-            made = dataclasses.replace(made, before=before, after=after, curve=table)
+            made = C.with_curve(made, table, k)
             made.save(out / "backdoor" / "edits" / "backdoor.json",
                       model=made.apply_to(model, comps))  # fmt: skip
     print()

@@ -15,7 +15,6 @@ Run: ``python examples/forget_class.py [--label 1]`` (about 2 min on 2 CPU cores
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         clock.say(f"{method}: swept k in {ks}")
         if method == "coar":
             made = edit.make(model, comps, attr, targets, references, k=k, direction="lower")
-            made = dataclasses.replace(made, before=before, after=after, curve=table)
+            made = C.with_curve(made, table, k)
             made.save(out / "forget_class" / "edits" / f"forget-{label}.json",
                       model=made.apply_to(model, comps))  # fmt: skip
     print()

@@ -367,6 +367,9 @@ def test_an_edit_saves_and_loads_with_a_plain_state_dict(setting, tmp_path):
         c: v for c, v in made.curve[-1].items() if c != "k"
     }
     assert made.names == tuple(comps.names[i] for i in made.indices)
+    text = made.summary()
+    assert "ablate 4 component(s) to raise the outputs of 2 target(s)" in text
+    assert made.names[0] in text and "target_acc" in text
     edited = made.apply_to(model, comps)
     path = made.save(tmp_path / "edits" / "fix.json", model=edited)
     assert path.with_suffix(".pt").is_file()
@@ -411,7 +414,7 @@ def test_the_report_draws_a_saved_edit_curve(setting, tmp_path):
 
 
 @pytest.mark.slow
-def test_edit_run_saves_an_edit_that_the_report_lists(tmp_path):
+def test_edit_run_saves_an_edit_and_the_edited_weights(tmp_path):
     from coarpy import runs
     from coarpy.config import RunConfig
 
@@ -461,7 +464,7 @@ def test_example_fix_errors_quick(tmp_path):
     results = _load_example("fix_errors").main(["--quick", "--out", str(tmp_path)])
     by = {row["method"]: row for row in results["summary"]}
     assert set(by) == {"coar", "leave_one_out", "gradient"}
-    assert by["coar"]["fixed"] == by["coar"]["errors"] == 5
+    assert by["coar"]["fixed"] == by["coar"]["errors"] == 5  # measured: all, with k <= 8
     assert all(r["fixed_by_weights"] for r in results["per_error"] if r["k"] is not None)
     assert (tmp_path / "fix_errors" / "results.json").is_file()
 
@@ -471,20 +474,23 @@ def test_example_forget_class_quick(tmp_path):
     _needs_fashion_mnist()
     results = _load_example("forget_class").main(["--quick", "--out", str(tmp_path)])
     coar_row = next(r for r in results["summary"] if r["method"] == "coar")
+    # measured: class 0.92 -> 0.00 with k=12 while the others go 0.76 -> 0.77
     assert coar_row["class_acc_before"] > 0.8
-    assert coar_row["class_acc_after"] < 0.3
-    assert coar_row["others_acc_after"] > coar_row["others_acc_before"] - 0.15
+    assert coar_row["class_acc_after"] < 0.2
+    assert coar_row["others_acc_after"] > coar_row["others_acc_before"] - 0.08
 
 
 @pytest.mark.slow
 def test_example_spurious_quick(tmp_path):
     _needs_fashion_mnist()
     results = _load_example("spurious").main(["--quick", "--out", str(tmp_path)])
-    for row in results["summary"]:  # k is chosen on validation: never worse there
-        curve = results["curves"][row["method"]]
-        chosen = next(r for r in curve if r["k"] == row["k"])
-        assert chosen["val_worst_group_acc"] >= curve[0]["val_worst_group_acc"]
-    assert (tmp_path / "spurious" / "edits").is_dir()
+    coar_row = next(r for r in results["summary"] if r["method"] == "coar")
+    # k chosen on validation; measured on test: worst group 0.746 -> 0.855 with k=8,
+    # average 0.903 -> 0.925
+    assert coar_row["test_worst_after"] > coar_row["test_worst_before"] + 0.05
+    assert coar_row["test_avg_after"] > coar_row["test_avg_before"] - 0.02
+    saved = edit.Edit.load(tmp_path / "spurious" / "edits" / "worst-group-same-class.json")
+    assert saved.k == coar_row["k"] and "k" not in saved.after
 
 
 @pytest.mark.slow

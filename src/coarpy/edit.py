@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,6 +47,8 @@ from .attributions import Attributions
 from .collect import ExampleSet, run_masks
 from .components import Components
 from .errors import ComponentError, EditError
+
+log = logging.getLogger(__name__)
 
 DIRECTIONS = ("raise", "lower")
 FORMAT = "coarpy.edit"
@@ -94,7 +97,7 @@ def _as_rows(rows: Rows | None, n_examples: int, what: str) -> Tensor:
     return t
 
 
-def example_sets(targets: Rows, references: Rows | None, n_examples: int) -> tuple[Tensor, Tensor]:
+def _example_sets(targets: Rows, references: Rows | None, n_examples: int) -> tuple[Tensor, Tensor]:
     """Checked ``(targets, references)`` as int64 index tensors.
 
     ``references=None`` means every example that is not a target.
@@ -213,7 +216,7 @@ def scores(attr: Attributions, targets: Rows, references: Rows | None = None) ->
     >>> scores(attr, [0, 1], [2, 3]).tolist()
     [-5.0, 0.0]
     """
-    t, r = example_sets(targets, references, attr.n_examples)
+    t, r = _example_sets(targets, references, attr.n_examples)
     w = attr.weights.detach().cpu().double()  # (E, N)
     wt, wr = w[t], w[r]  # (|T|, N), (|R|, N)
     diff = wt.mean(0) - wr.mean(0)  # (N,)
@@ -409,7 +412,7 @@ def sweep(
     check_compatible(attr, model, components)
     n = len(components)
     ks = _check_ks(ks, n)
-    t, r = example_sets(targets, references, attr.n_examples)
+    t, r = _example_sets(targets, references, attr.n_examples)
     output_fn = _outputs.resolve(output)
     metrics = dict(metrics or {})
     for name in metrics:
@@ -472,7 +475,7 @@ def measure(
     """
     device = _model_device(model)
     every = ExampleSet(data, device, batch_size)
-    t, r = example_sets(targets, references, every.n_examples)
+    t, r = _example_sets(targets, references, every.n_examples)
     output_fn = _outputs.resolve(output)
     was_training = model.training
     model.eval()
@@ -634,6 +637,25 @@ class Edit:
     def k(self) -> int:
         """The number of components ablated."""
         return len(self.indices)
+
+    def summary(self, *, max_names: int = 10) -> str:
+        """A few lines: what was ablated, for whom, and the metrics before and after."""
+        method = self.meta.get("method") or "?"
+        lines = [
+            f"Edit: ablate {self.k} component(s) to {self.direction} the outputs of "
+            f"{len(self.targets)} target(s) relative to {len(self.references)} reference(s) "
+            f"(attributions: {method})"
+        ]
+        shown = [f"{n} (t={s:+.3g})" for n, s in zip(self.names, self.scores, strict=True)][
+            :max_names
+        ]
+        if shown:
+            more = f", ... ({self.k - len(shown)} more)" if self.k > len(shown) else ""
+            lines.append("  components: " + ", ".join(shown) + more)
+        for column, value in self.after.items():
+            if column in self.before:
+                lines.append(f"  {column:<24} {self.before[column]:9.4f} -> {value:9.4f}")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready record (what :meth:`save` writes, less the state_dict entry)."""
@@ -847,7 +869,7 @@ def make(
     _check_direction(direction)
     check_compatible(attr, model, components)
     _check_k(k, len(components))
-    t, r = example_sets(targets, references, attr.n_examples)
+    t, r = _example_sets(targets, references, attr.n_examples)
     s = scores(attr, t, r)
     chosen = select(s, k, direction=direction)
     before: dict[str, float] = {}
@@ -916,7 +938,10 @@ def edit_run(
     run = Path(run)
     if not (run / runs.ATTRIBUTIONS).is_dir():
         raise EditError(f"{run} has no fitted attributions yet. Run `coar fit {run}` first.")
-    setup = runs.build(run)
+    cfg = runs.load_config(run)
+    setup = cfg.build()
+    if cfg.device is not None:
+        setup.model.to(cfg.device)
     attr = Attributions.load(run / runs.ATTRIBUTIONS)
     output_fn = _outputs.resolve(setup.output)
     metrics: dict[str, Metric] = {}
@@ -929,10 +954,12 @@ def edit_run(
     e = make(
         setup.model, setup.components, attr, targets, references, k=k, direction=direction,
         data=setup.data, output=output_fn, metrics=metrics, ks=ks or None,
+        batch_size=cfg.batch_size,
     )  # fmt: skip
     edited = e.apply_to(setup.model, setup.components)
     path = run / EDITS / f"{name or f'{direction}-k{k}'}.json"
     e.save(path, model=edited)
+    log.info("saved the edit to %s and the edited weights to %s", path, path.with_suffix(".pt"))
     return e
 
 
