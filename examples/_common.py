@@ -84,7 +84,9 @@ def train_cnn(
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
-    train_classifier(model, (x, y), epochs=epochs, lr=3e-3, batch_size=128, seed=seed)
+    train_classifier(
+        model, (x, y), epochs=epochs, lr=3e-3, batch_size=128, seed=seed, lr_schedule="constant"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()
