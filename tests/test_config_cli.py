@@ -149,3 +149,15 @@ def test_report_command_writes_a_page_for_the_run(config_file, capsys):
     page = capsys.readouterr().out.strip().splitlines()[-1]
     html = Path(page).read_text()
     assert html.startswith("<!DOCTYPE html>") and "data:image/png;base64," in html
+
+
+def test_edit_command_saves_an_edit_the_report_can_read(config_file, tmp_path, capsys):
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    assert main(["fit", cfg.path]) == 0
+    assert main(["edit", cfg.path, "--targets", "0", "1", "--k", "2", "--name", "t"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "edits" / "t.json").read_text())
+    assert len(saved["names"]) == 2 and saved["direction"] == "raise"
+    assert all(name in printed for name in saved["names"])
+    assert (tmp_path / "run" / "edits" / "t.pt").exists()

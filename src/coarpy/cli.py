@@ -68,6 +68,29 @@ def _parser() -> argparse.ArgumentParser:
         default=["leave_one_out", "gradient"],
         help="baselines evaluated on the same masks (default: leave_one_out gradient)",
     )
+    ed = sub.add_parser("edit", help="ablate the components that move target examples (Coar-Edit)")
+    ed.add_argument("run", help="run directory with fitted attributions (`coar fit RUN`)")
+    ed.add_argument(
+        "--targets", type=int, nargs="+", required=True, metavar="I",
+        help="indices of the run's examples whose outputs to change",
+    )  # fmt: skip
+    ed.add_argument(
+        "--references", type=int, nargs="+", default=None, metavar="I",
+        help="indices of the examples to keep (default: every other example)",
+    )  # fmt: skip
+    ed.add_argument("--k", type=int, required=True, help="number of components to ablate")
+    ed.add_argument(
+        "--direction", choices=("raise", "lower"), default="raise",
+        help="raise (default) or lower the target outputs relative to the references",
+    )  # fmt: skip
+    ed.add_argument(
+        "--name", default=None, help="saves RUN/edits/NAME.json and NAME.pt (default: DIRECTION-kK)"
+    )
+    ed.add_argument(
+        "--ks", type=int, nargs="*", default=None, metavar="K",
+        help="edit sizes measured for the curve (default: 0, powers of two below k, k)",
+    )  # fmt: skip
+
     r = sub.add_parser("report", help="write a self-contained HTML report of a run")
     r.add_argument("run")
     r.add_argument("--examples", type=int, nargs="+", default=[0], help="examples to show")
@@ -123,6 +146,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             baselines=args.baselines,
         )
         print(result.summary())
+    elif args.command == "edit":
+        from .edit import edit_run
+
+        made = edit_run(
+            args.run, targets=args.targets, references=args.references, k=args.k,
+            direction=args.direction, name=args.name, ks=args.ks,
+        )  # fmt: skip
+        print(made.summary())
     elif args.command == "report":
         from .report import report_run
 
