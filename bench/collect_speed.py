@@ -15,6 +15,7 @@ Sections (``--only`` picks some):
   against collect without it.
 - ``masks``: the cost of ``sample_masks`` per mask for N = 2,304 and 82,944.
 - ``fit``: ``coarpy.regression.fit`` against the dense products it needs (VᵀV, VᵀY).
+- ``compile`` (only with ``--only compile``): ``collect(compile_model=True)`` vs eager.
 
 Timings alternate between the things compared, ``--repeat`` times; a ratio is the
 median of the per-repeat ratios (min..max shown). Run with few threads on a shared box:
@@ -292,7 +293,28 @@ def section_fit(repeat: int, quick: bool) -> str:
     )
 
 
-SECTIONS = ("plain", "paths", "pack", "reference", "prefix", "masks", "fit")
+def section_compile(cfgs: list[dict], repeat: int) -> str:
+    """collect(compile_model=True) against eager collect on the digits CNN (opt-in)."""
+    c = cfgs[0]
+    data, n = (c["x"], c["y"]), c["n_masks"]
+    kw = {"alpha": 0.05, "block_size": n // 4, "batch_size": c["batch_size"]}
+    start = time.perf_counter()
+    collect_rate(c["model"], c["comps"], data, 4, compile_model=True, **{**kw, "block_size": 4})
+    compile_s = time.perf_counter() - start
+    pairs = []
+    for _ in range(repeat):
+        eager = collect_rate(c["model"], c["comps"], data, n, **kw)
+        compiled = collect_rate(c["model"], c["comps"], data, n, compile_model=True, **kw)
+        pairs.append((compiled, eager))
+    return _table(
+        "torch.compile: collect(compile_model=True) / collect (wall)",
+        ["model", "first call (compiling) s", "speed-up after"],
+        [[c["name"], f"{compile_s:.0f}", _median_ratio(pairs)]],
+    )
+
+
+SECTIONS = ("plain", "paths", "pack", "reference", "prefix", "masks", "fit", "compile")
+DEFAULT = SECTIONS[:-1]  # compile: opt-in (--only compile), it compiles for a minute
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -300,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller models and fewer masks")
-    ap.add_argument("--only", nargs="*", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--only", nargs="*", choices=SECTIONS, default=list(DEFAULT))
     ap.add_argument("--out", type=Path, help="also append the tables to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -327,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
             texts.append(section_masks(args.repeat))
         elif name == "fit":
             texts.append(section_fit(args.repeat, args.quick))
+        elif name == "compile":
+            texts.append(section_compile(cfgs, args.repeat))
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n".join(texts) + "\n")
