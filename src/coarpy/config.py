@@ -61,6 +61,8 @@ class RunConfig:
     components: dict[str, str] | None = None
     autocast: str | None = None
     dtype: str = "float32"
+    prefix: str | None = None
+    compile_model: bool = False
     factory_args: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -70,6 +70,8 @@ def collect_run(
         shard=shard,
         autocast=cfg.autocast,
         dtype=cfg.dtype,
+        prefix=cfg.prefix,
+        compile_model=cfg.compile_model,
         progress=progress,
     )
     config_path = run / CONFIG
