@@ -435,9 +435,10 @@ def test_status_speed_counts_recent_blocks_only_after_a_pause(run, tmp_path):
 
 def test_status_lists_workers_whose_heartbeat_is_recent(run, tmp_path):
     folder = _store_copy(run, tmp_path)
+    beats = folder / runs.WORKERS
+    shutil.rmtree(beats, ignore_errors=True)  # collect's own heartbeat: start from none
     assert runs.status(folder)["workers_recent"] is None  # no worker wrote a heartbeat
     assert "\nworkers " not in runs.format_status(runs.status(folder))
-    beats = folder / runs.WORKERS
     beats.mkdir()
     now = time.time()
     (beats / "gpu1-11.json").write_text(
