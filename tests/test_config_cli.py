@@ -161,3 +161,17 @@ def test_edit_command_saves_an_edit_the_report_can_read(config_file, tmp_path, c
     assert len(saved["names"]) == 2 and saved["direction"] == "raise"
     assert all(name in printed for name in saved["names"])
     assert (tmp_path / "run" / "edits" / "t.pt").exists()
+
+
+@pytest.mark.slow
+def test_local_launcher_from_the_command_line_equals_one_process(
+    config_file, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the worker processes import the factory
+    cfg = RunConfig.load(config_file)
+    assert main(["collect", str(config_file), "--launcher", "local", "--devices", "cpu:2"]) == 0
+    whole = runs.collect_run(
+        RunConfig.from_dict({**_raw(cfg), "path": str(tmp_path / "whole")}), progress=False
+    )
+    assert torch.equal(ComponentDataset(cfg.path).outputs(), whole.outputs())
+    assert torch.equal(ComponentDataset(cfg.path).masks(), whole.masks())

@@ -39,6 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("collect", help="collect (or resume) a component dataset from CONFIG")
     c.add_argument("config", help="TOML run configuration (see coarpy.config)")
     c.add_argument("--shard", type=_shard, default=None, help="k/K: only blocks b%%K==k")
+    c.add_argument(
+        "--launcher", choices=("local", "slurm", "ray"), default=None,
+        help="run many workers: local processes, a SLURM job array (submitit), or Ray actors",
+    )  # fmt: skip
+    c.add_argument(
+        "--devices", default="cpu:1",
+        help="local launcher: cuda:0,cuda:1 or cpu:N (one process each; default cpu:1)",
+    )  # fmt: skip
+    c.add_argument("--workers", type=int, default=None, help="slurm tasks / ray actors")
+    c.add_argument("--restarts", type=int, default=2, help="restarts of a dead worker")
 
     w = sub.add_parser("worker", help="fill this worker's blocks of an existing run")
     w.add_argument("run", help="run directory made by `coar collect`")
@@ -126,7 +136,21 @@ def _dispatch(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     elif args.command == "collect":
-        ds = runs.collect_run(args.config, shard=args.shard)
+        if args.launcher is None:
+            ds = runs.collect_run(args.config, shard=args.shard)
+        else:
+            from . import launch
+
+            if args.launcher == "local":
+                ds = launch.local(args.config, devices=args.devices, restarts=args.restarts)
+            elif args.launcher == "slurm":
+                from .config import RunConfig
+                from .store import ComponentDataset
+
+                launch.slurm(args.config, n_workers=args.workers or 1, restarts=args.restarts)
+                ds = ComponentDataset(RunConfig.load(args.config).path)
+            else:
+                ds = launch.ray(args.config, n_actors=args.workers, restarts=args.restarts)
         print(ds)
     elif args.command == "worker":
         ds = runs.collect_run(runs.load_config(args.run), shard=args.shard or "env")
