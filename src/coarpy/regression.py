@@ -37,8 +37,8 @@ Methods
     Ridge with one penalty per group of components (per module by default, relative
     strengths estimated across examples), optionally centred on a prior estimate such
     as the gradient baseline, with the penalty chosen per example by generalised
-    cross-validation on all rows. Far fewer masks for the same held-out correlation;
-    see :mod:`coarpy.priors`.
+    cross-validation on all rows. Fewer masks for the same held-out correlation when
+    masks are few (bench/RESULTS_efficiency.md); see :mod:`coarpy.priors`.
 ``"lasso"``
     Minimises ``(1/(2n)) * sum_i (y_i - b - w.v_i)**2 + l1 * ||w||_1`` (scikit-learn's
     ``Lasso(alpha=l1)`` exactly), by FISTA on the Gram matrix, batched over examples,
