@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit attributions to a run's component dataset")
     f.add_argument("run")
-    f.add_argument("--method", default="ridge", help="ridge (default), ols or lasso")
+    f.add_argument("--method", default="ridge", help="ridge (default), ols, lasso or group")
 
     e = sub.add_parser("evaluate", help="held-out correlation of a run's attributions")
     e.add_argument("run")

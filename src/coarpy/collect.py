@@ -205,6 +205,14 @@ def collect(
     CollectError : a block failed; the message names it and the cause is chained.
     """
     output_fn = _outputs.resolve(output)
+    if sampler == "exact":
+        warnings.warn(
+            "sampler='exact' ablates the same number of components in every mask, so a "
+            "common shift of all weights cannot be told apart from the bias: attributions "
+            "fitted on such masks predict Bernoulli masks worse (bench/RESULTS_efficiency.md)."
+            " Use the paper's sampler='bernoulli' unless you need exact sizes.",
+            stacklevel=2,
+        )
     shard = _check_shard(shard)
     if device is not None:
         model.to(device)
