@@ -113,6 +113,13 @@ def test_a_gpu_worker_sees_only_its_gpu_numbered_as_the_parent_sees_it(monkeypat
         launch._child_env("cuda:2", threads=1)
 
 
+def test_workers_elsewhere_get_an_absolute_store_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sent = launch._config_from_text(launch._portable(config("runs/x")))
+    assert sent.path == str(tmp_path / "runs" / "x")
+    assert launch._config_from_text(launch._portable(config("s3://b/x"))).path == "s3://b/x"
+
+
 # -- leases ---------------------------------------------------------------------------
 
 

@@ -87,6 +87,15 @@ def _config_from_text(text: str, *, where: str = "config") -> RunConfig:
     return RunConfig.from_dict(raw, where=where)
 
 
+def _portable(cfg: RunConfig) -> str:
+    """The configuration as TOML for workers that may start in another directory
+    (SLURM tasks, Ray actors): a relative store path is made absolute. Paths inside
+    ``factory_args`` are the factory's business: make them absolute in the file."""
+    if not _fs.is_url(cfg.path) and not Path(cfg.path).is_absolute():
+        cfg = dataclasses.replace(cfg, path=str(Path(cfg.path).resolve()))
+    return cfg.to_toml()
+
+
 def _save_config(cfg: RunConfig) -> None:
     """Keep the configuration next to the run (``RUN/config.toml``), as collect_run does.
 
@@ -547,7 +556,7 @@ def slurm(
         executor = submitit.AutoExecutor(folder=str(folder or _log_dir(cfg) / "slurm" / "%j"))
     if parameters:
         executor.update_parameters(**parameters)
-    task = SlurmWorker(cfg.to_toml(), claim=claim, lease_s=lease_s, device=device)
+    task = SlurmWorker(_portable(cfg), claim=claim, lease_s=lease_s, device=device)
     jobs = executor.map_array(task, range(n_workers), [n_workers] * n_workers)
     if not wait:
         return jobs
@@ -660,7 +669,9 @@ def ray(
     per block would reload the model every time). When an actor dies (node lost,
     process killed), a new one replaces it and its block is run again; after
     ``restarts`` such failures in all, the launch stops. The store must be reachable
-    from every node: a shared filesystem or an object store URL (``s3://...``).
+    from every node: a shared filesystem or an object store URL (``s3://...``). Actors
+    start in a directory of Ray's: a relative store path is made absolute, but paths
+    in ``factory_args`` must be absolute (or URLs) already.
 
     Parameters
     ----------
@@ -695,7 +706,7 @@ def ray(
     device = "cuda" if gpus_per_actor else "cpu"
     # max_restarts=0: a dead actor is replaced here, where its block is known
     actor_cls = ray_lib.remote(num_gpus=gpus_per_actor, num_cpus=1, max_restarts=0)(_BlockActor)
-    text = cfg.to_toml()
+    text = _portable(cfg)
 
     def new_actor():
         return actor_cls.remote(text, device, None if gpus_per_actor else 1)
