@@ -5,9 +5,12 @@ random weights (speed does not depend on training):
 
 - ``plain``: one pass of the model over the examples (forward + margin, inference_mode,
   no hooks, no store, one thread): the least one mask can cost.
-- ``inproc``: ``coarpy.collect`` in this process, one thread: CPU seconds per mask, and
-  the overhead ratio inproc / plain that RESULTS_scaling.md uses to model the paper's
-  runs.
+- ``overhead ratio``: collect's CPU time per mask over a plain pass's, from runs that
+  alternate with plain passes (RESULTS_scaling.md models the paper's runs with it).
+- ``inproc``: ``coarpy.collect`` in this process, one thread: rate and CPU per mask.
+- ``control``: plain passes (no coarpy) in one and in two processes at once, one thread
+  each: what a second process gains on this machine at the time, the ceiling for the
+  speed-up of collection.
 - ``local cpu:1`` and ``local cpu:2``: ``launch.local`` with one and with two worker
   processes, one torch thread each (the speed-up of processes, at most 2 on 2 cores);
   and ``local cpu:1 x2 threads``: one worker using both cores as threads, the other
@@ -120,23 +123,34 @@ SETUPS = {"digits": "scaling:digits_setup", "fashion": "scaling:fashion_setup"}
 # -- measurements ------------------------------------------------------------------------
 
 
-def plain_pass_s(setup: dict, repeat: int = 20) -> float:
-    """Median CPU seconds of one plain pass (forward + margin) over all examples.
+def overhead_ratio(setup: dict, work: Path, *, rounds: int = 7) -> tuple[float, float, list]:
+    """CPU seconds of a plain pass, and collect's CPU per mask over it (median ratio).
 
-    CPU time (one thread) rather than wall time: other jobs on the machine do not
-    change it.
+    Plain passes (forward + margin, inference_mode, no hooks) and collect runs of the
+    same number of masks into fresh stores alternate, ``rounds`` times, so that drift
+    in what other jobs do cancels out; CPU time of this process, one thread.
     """
     from coarpy import outputs
+    from coarpy.collect import collect
 
-    model, data = setup["model"], setup["data"]
+    model, data, comps = setup["model"], setup["data"], setup["components"]
     with torch.inference_mode():
-        outputs.margin(model, data)  # warm-up
-        times = []
-        for _ in range(repeat):
+        t = time.process_time()
+        outputs.margin(model, data)
+        n = max(3, min(30, int(1.0 / max(time.process_time() - t, 1e-3))))  # ~1 s a side
+    ratios, plains = [], []
+    for r in range(rounds):
+        with torch.inference_mode():
             t = time.process_time()
-            outputs.margin(model, data)
-            times.append(time.process_time() - t)
-    return statistics.median(times)
+            for _ in range(n):
+                outputs.margin(model, data)
+            plain = (time.process_time() - t) / n
+        t = time.process_time()
+        collect(model, comps, data, path=work / f"ratio-{r}", n_masks=n, alpha=ALPHA,
+                block_size=n, progress=False)  # fmt: skip
+        ratios.append((time.process_time() - t) / n / plain)
+        plains.append(plain)
+    return statistics.median(plains), statistics.median(ratios), ratios
 
 
 def block_rate(path: Path) -> float:
@@ -154,6 +168,38 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def plain_loop(name: str, seconds: float) -> None:
+    """Child of ``control_rate``: plain passes for ``seconds`` after a warm-up; print the rate."""
+    from coarpy import outputs
+    from coarpy._imports import import_object
+
+    setup = import_object(SETUPS[name])()
+    with torch.inference_mode():
+        outputs.margin(setup["model"], setup["data"])
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            outputs.margin(setup["model"], setup["data"])
+            n += 1
+    print(n / (time.perf_counter() - t))
+
+
+def control_rate(name: str, n_processes: int, seconds: float) -> float:
+    """Plain passes per second of ``n_processes`` processes together, one thread each.
+
+    The same model and examples with no coarpy in the loop: how much a second process
+    gains on this machine right now, the ceiling for the collection's speed-up.
+    """
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", name, f"--seconds={seconds}"]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(n_processes)
+    ]
+    return sum(float(proc.communicate()[0].split()[-1]) for proc in procs)
+
+
 def measure(name: str, *, target_s: float, repeat: int, work: Path) -> dict:
     from coarpy import launch
     from coarpy._imports import import_object
@@ -163,7 +209,7 @@ def measure(name: str, *, target_s: float, repeat: int, work: Path) -> dict:
     setup = import_object(factory)()
     n_examples = len(setup["data"][1])
     n_components = len(setup["components"])
-    plain = plain_pass_s(setup)
+    plain, ratio, ratios = overhead_ratio(setup, work / f"{name}-ratio")
 
     # in-process, one thread: calibrates n_masks and gives the overhead ratio
     def config(path: Path, n_masks: int, block_size: int) -> RunConfig:
@@ -184,7 +230,15 @@ def measure(name: str, *, target_s: float, repeat: int, work: Path) -> dict:
     inproc_s, inproc_cpu = time.perf_counter() - t, time.process_time() - cpu
     settings = {"cpu:1": ("cpu:1", 1), "cpu:2": ("cpu:2", 1), "cpu:1 x2 threads": ("cpu:1", 2)}
     runs: dict[str, list[dict]] = {key: [] for key in settings}
+    control: dict[str, list[float]] = {"1": [], "2": []}
     for r in range(repeat):
+        for k in control:
+            control[k].append(control_rate(name, int(k), seconds=min(target_s / 2, 15.0)))
+        print(
+            f"  {name} control run {r}: plain passes/s, 1 process {control['1'][-1]:.2f}, "
+            f"2 processes {control['2'][-1]:.2f}",
+            flush=True,
+        )
         for key, (devices, threads) in settings.items():
             path = work / f"{name}-{devices.replace(':', '')}-{threads}-{r}"
             cfg = config(path, n_masks, block_size)
@@ -229,10 +283,13 @@ def measure(name: str, *, target_s: float, repeat: int, work: Path) -> dict:
         "inproc_1thread_s_per_mask": inproc_s / n_masks,
         "inproc_1thread_rate": block_rate(inproc),
         "inproc_1thread_cpu_s_per_mask": inproc_cpu / n_masks,
-        "overhead_ratio": inproc_cpu / n_masks / plain,  # CPU time, one thread
+        "overhead_ratio": ratio,  # CPU time, one thread, alternating runs
+        "overhead_ratios": ratios,
         "local": med,
         "local_runs": runs,
         "speedup_rate_2_vs_1": med["cpu:2"]["rate"] / med["cpu:1"]["rate"],
+        "control_plain_passes_per_s": control,
+        "control_speedup_2_vs_1": statistics.median(control["2"]) / statistics.median(control["1"]),
         "speedup_wall_2_vs_1": med["cpu:1"]["wall_s"] / med["cpu:2"]["wall_s"],
         "speedup_rate_2proc_vs_1thread": med["cpu:2"]["rate"] / block_rate(inproc),
         "speedup_rate_2proc_vs_2threads": med["cpu:2"]["rate"] / med["cpu:1 x2 threads"]["rate"],
@@ -298,12 +355,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--only", choices=sorted(SETUPS), nargs="*", default=sorted(SETUPS))
     parser.add_argument("--out", default=str(HERE / "out" / "scaling.json"))
+    parser.add_argument("--plain", choices=sorted(SETUPS), help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plain:  # a child of control_rate
+        torch.set_num_threads(1)
+        plain_loop(args.plain, args.seconds)
+        return
     torch.set_num_threads(1)
     # the workers import this file's factories, one thread each unless told otherwise
     sys.path.insert(0, str(HERE))
     os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), *sys.path])
-    target_s = 8.0 if args.quick else 20.0
+    target_s = 8.0 if args.quick else 40.0
     repeat = 1 if args.quick else args.repeat
     results = {
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
@@ -328,13 +391,15 @@ def main() -> None:
                     f"{1e3 * v['cpu_s_per_mask']:.1f} CPU ms/mask\n"
                     for key, v in loc.items()
                 )
-                + f"  speed-up 2 vs 1 process: rate x{res['speedup_rate_2_vs_1']:.2f}, "
+                + f"  speed-up 2 vs 1 process: rate x{res['speedup_rate_2_vs_1']:.2f} (plain "
+                f"passes in 1 vs 2 processes: x{res['control_speedup_2_vs_1']:.2f}), "
                 f"wall x{res['speedup_wall_2_vs_1']:.2f}; 2 processes vs 1 process with 2 "
                 f"threads: x{res['speedup_rate_2proc_vs_2threads']:.2f}; on 2 free cores "
                 f"(from CPU time): x{res['idle_speedup_2_vs_1']:.2f}",
                 flush=True,
             )  # fmt: skip
-    ratio = max(r["overhead_ratio"] for r in results["setups"].values())
+    # the larger ratio, and never below 1: the model gives upper bounds
+    ratio = max(1.0, *(r["overhead_ratio"] for r in results["setups"].values()))
     results["paper_model"] = {"overhead_ratio": ratio, "runs": paper_model(ratio)}
     print_paper_model(ratio)
     out = Path(args.out)
