@@ -425,3 +425,14 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_store(tmp_path, tra
     )
     assert len(resumed) == len(uninterrupted) == 60
     assert block_bytes(store) == block_bytes(tmp_path / "whole")
+
+
+def test_exact_size_masks_come_with_a_warning_but_are_collected(
+    tmp_path, trained_cnn, comps, examples
+):
+    with pytest.warns(UserWarning, match="cannot be told apart from the bias"):
+        ds = collect(
+            trained_cnn, comps, examples, path=tmp_path / "s", n_masks=4, alpha=0.25,
+            sampler="exact", block_size=2, progress=False,
+        )  # fmt: skip
+    assert (~ds.masks()).sum(1).tolist() == [round(0.25 * len(comps))] * 4
