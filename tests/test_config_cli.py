@@ -175,3 +175,10 @@ def test_local_launcher_from_the_command_line_equals_one_process(
     )
     assert torch.equal(ComponentDataset(cfg.path).outputs(), whole.outputs())
     assert torch.equal(ComponentDataset(cfg.path).masks(), whole.masks())
+
+
+def test_worker_with_claim_finishes_every_block(config_file):
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, shard=(0, 3), progress=False)
+    assert main(["worker", cfg.path, "--shard", "1/3", "--claim"]) == 0
+    assert ComponentDataset(cfg.path).missing_blocks() == []

@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="k/K (default: SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE, else all)",
     )
+    w.add_argument(
+        "--claim", action="store_true",
+        help="then take any block no live worker holds (lease files); stop when all are done",
+    )  # fmt: skip
 
     s = sub.add_parser("status", help="progress, speed, ETA and settings of a run")
     s.add_argument("run")
@@ -153,8 +157,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                 ds = launch.ray(args.config, n_actors=args.workers, restarts=args.restarts)
         print(ds)
     elif args.command == "worker":
-        ds = runs.collect_run(runs.load_config(args.run), shard=args.shard or "env")
-        print(ds)
+        from . import launch
+
+        print(launch.worker(args.run, shard=args.shard or "env", claim=args.claim))
     elif args.command == "status":
         info = runs.status(args.run)
         print(json.dumps(info, indent=1) if args.json else runs.format_status(info))
