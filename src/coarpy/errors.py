@@ -36,3 +36,7 @@ class FitError(CoarError, ValueError):
 
 class EditError(CoarError, ValueError):
     """An edit was asked for with inconsistent inputs."""
+
+
+class MissingExtraError(CoarError, ImportError):
+    """An optional dependency (an extra such as ``coarpy[report]``) is not installed."""

@@ -36,7 +36,7 @@ from typing import Any
 from . import _fs
 from ._leases import LEASE_S
 from .config import ConfigError, RunConfig
-from .errors import CoarError
+from .errors import CoarError, MissingExtraError
 from .store import ComponentDataset, _fsync_write
 
 if sys.version_info >= (3, 11):
@@ -53,10 +53,6 @@ _USER_ERROR = 2  # a worker's exit status for a CoarError: restarting would fail
 
 class LaunchError(CoarError, RuntimeError):
     """Workers failed more often than allowed, or a launcher cannot run here."""
-
-
-class MissingExtraError(LaunchError, ImportError):
-    """The engine a launcher needs (submitit, Ray) is not installed."""
 
 
 # -- configurations ------------------------------------------------------------------

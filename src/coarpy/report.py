@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .attributions import Attributions
-from .errors import CoarError
+from .errors import CoarError, MissingExtraError
 from .evaluate import Evaluation, pearson, spearman
 from .store import ComponentDataset
 
@@ -46,10 +46,6 @@ _MAX_TABLE_ROWS = 200
 
 class ReportError(CoarError, ValueError):
     """A plot or report was asked for with inputs that do not fit together."""
-
-
-class MissingExtraError(CoarError, ImportError):
-    """An optional dependency (an extra such as ``coarpy[report]``) is not installed."""
 
 
 # -- figures ---------------------------------------------------------------------------
