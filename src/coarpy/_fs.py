@@ -10,6 +10,7 @@ is written in one call, with no temporary name and no rename.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import re
@@ -41,6 +42,35 @@ def path(location: str | os.PathLike | RemotePath) -> Path | RemotePath:
 def is_remote(location: object) -> bool:
     """True for a ``RemotePath`` (a store on an fsspec filesystem)."""
     return isinstance(location, RemotePath)
+
+
+def atomic_write(path: Path | RemotePath, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temporary name, fsync, rename.
+
+    Readers see the old file or the new one, never a part. If the write fails (a full
+    disk, say) the temporary file is removed and the error raised; the old file stays.
+    On an object store (``RemotePath``) one PUT is atomic by itself.
+    """
+    if isinstance(path, RemotePath):
+        path.write_bytes(data)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_new(target: Path | RemotePath, data: bytes) -> bool:

@@ -25,20 +25,13 @@ from torch.nn.utils import parametrize
 
 from . import families
 from ._batching import batches_on, run_model_input
+from ._engine import eval_mode, model_device
 from .components import Components, Group
 from .errors import ComponentError, MaskError
 from .families import is_hf_conv1d as _is_hf_conv1d
 
 MODES = ("zero", "mean")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 def _feature_index(units: Tensor, unit_size: int) -> Tensor:
@@ -75,7 +68,7 @@ def _zero_values(model: nn.Module, group: Group) -> Tensor:
     """The value a unit takes when its weights are zeroed: its bias, else 0."""
     module = model.get_submodule(group.hook)
     ref = next(module.parameters(), None)
-    device = ref.device if ref is not None else _model_device(model)
+    device = ref.device if ref is not None else model_device(model)
     dtype = ref.dtype if ref is not None else torch.float32
     bias = getattr(module, "bias", None)
     if group.site == "output" and isinstance(bias, Tensor):
@@ -163,7 +156,7 @@ class Ablator:
         self.model = model
         self.components = components
         self.mode = mode
-        self.device = _model_device(model)
+        self.device = model_device(model)
         self.values: list[Tensor] = []
         for g in components.groups:
             if mode == "zero":
@@ -450,7 +443,7 @@ def mean_values(
     batches in the form the model's forward takes (see ``collect``). The model runs
     in eval mode, as in ``collect``; its mode is restored afterwards.
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     sums = [
         torch.zeros(g.n_features, dtype=torch.float64, device=device) for g in components.groups
     ]
@@ -476,16 +469,14 @@ def mean_values(
             handles.append(module.register_forward_hook(lambda m, a, o, gi=gi: record(gi, o)))
         else:
             handles.append(module.register_forward_pre_hook(lambda m, a, gi=gi: record(gi, a[0])))
-    was_training = model.training
-    model.eval()  # the means of the model collect runs: no dropout, BN running statistics
+    # The means of the model collect runs: no dropout, BN running statistics.
     try:
-        with torch.inference_mode():
+        with eval_mode(model, "mean_values", warn=False), torch.inference_mode():
             for batch in batches_on(data, device):
                 run_model_input(model, batch)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     if not any(counts):
         raise ComponentError("mean_values got no batches from data; pass a non-empty iterable.")
     return {

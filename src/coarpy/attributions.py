@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _fs
 from .errors import FitError, MaskError, StoreCorruptError
 
 FORMAT = "coarpy.attributions"
@@ -221,8 +222,8 @@ class Attributions:
             "names": self.names,
             "meta": self.meta,
         }
-        _write_atomic(root / _ARRAYS_NAME, buf.getvalue())
-        _write_atomic(root / _JSON_NAME, json.dumps(header, allow_nan=False).encode())
+        _fs.atomic_write(root / _ARRAYS_NAME, buf.getvalue())
+        _fs.atomic_write(root / _JSON_NAME, json.dumps(header, allow_nan=False).encode())
         return root
 
     @classmethod
@@ -310,12 +311,3 @@ class Attributions:
 
 def _digest(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

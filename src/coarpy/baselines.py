@@ -15,39 +15,21 @@ true weights and bias.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from . import _batching as B
 from . import outputs as _outputs
+from ._engine import ExampleSet, eval_mode, model_device, progress_bar, run_masks
 from ._fingerprint import model_fingerprint
-from .ablation import Ablator, _model_device
+from .ablation import Ablator
 from .attributions import Attributions
-from .collect import ExampleSet, _progress_bar, run_masks
 from .components import Components
 from .errors import ComponentError
 
 _CHUNK = 64  # masks per progress step (rounded up to a multiple of the packing)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module, caller: str) -> Iterator[None]:
-    was_training = model.training
-    if was_training:
-        warnings.warn(
-            f"The model is in training mode; {caller} runs it in eval mode (no dropout, "
-            "BatchNorm running statistics) and restores the mode afterwards.",
-            stacklevel=4,
-        )
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _meta(method: str, model: nn.Module, examples: ExampleSet, output_fn, mode: str) -> dict:
@@ -102,7 +84,7 @@ def leave_one_out(
     output_fn = _outputs.resolve(output)
     if device is not None:
         model.to(device)
-    device = _model_device(model)
+    device = model_device(model)
     examples = ExampleSet(data, device, batch_size)
     n = len(components)
     keep = torch.ones(n + 1, n, dtype=torch.bool)  # row 0: full model; row j+1: all but j
@@ -110,9 +92,9 @@ def leave_one_out(
     step = examples.pack * -(-_CHUNK // examples.pack)
     values = torch.empty(n + 1, examples.n_examples)  # (N+1, E)
     ablator = Ablator(model, components, mode=mode, means=means)
-    bar = _progress_bar(-(-(n + 1) // step), progress, desc="leave_one_out")
+    bar = progress_bar(-(-(n + 1) // step), progress, desc="leave_one_out")
     try:
-        with _eval_mode(model, "leave_one_out"), ablator, torch.inference_mode():
+        with eval_mode(model, "leave_one_out"), ablator, torch.inference_mode():
             for start in range(0, n + 1, step):
                 rows = keep[start : start + step].to(device)
                 values[start : start + step] = run_masks(
@@ -187,13 +169,13 @@ def gradient(
     output_fn = _outputs.resolve(output)
     if device is not None:
         model.to(device)
-    device = _model_device(model)
+    device = model_device(model)
     examples = ExampleSet(data, device, batch_size)
     n = len(components)
     weights = torch.empty(examples.n_examples, n)  # (E, N)
     full = torch.empty(examples.n_examples)  # (E,)
     ablator = Ablator(model, components, mode=mode, means=means)
-    with _eval_mode(model, "gradient"), ablator, torch.enable_grad():
+    with eval_mode(model, "gradient"), ablator, torch.enable_grad():
         row = 0
         for batch in examples.batches:
             size = B.batch_size(batch)

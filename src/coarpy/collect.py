@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import time
 import warnings
 from collections.abc import Iterable
@@ -22,20 +21,26 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from . import _batching as B
-from . import _leases
+from . import _fs, _leases
 from . import outputs as _outputs
 from . import prefix as _prefix
+from ._engine import (
+    ExampleSet,
+    autocast_context,
+    eval_mode,
+    model_device,
+    progress_bar,
+    run_masks,
+)
 from ._fingerprint import model_fingerprint, tensors_fingerprint
-from .ablation import Ablator, _model_device
+from .ablation import Ablator
 from .components import Components
 from .errors import CoarError, CollectError
 from .masks import sample_masks
-from .store import ComponentDataset, _fsync_write
+from .store import ComponentDataset
 
 log = logging.getLogger(__name__)
 
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WORKERS = "workers"  # RUN/workers/<host>-<pid>.json: heartbeats read by `coar status`
 _HEARTBEAT_S = 1.0  # at most one heartbeat write per second (tiny blocks finish faster)
 
@@ -68,70 +73,6 @@ def _check_shard(shard: tuple[int, int] | str | None) -> tuple[int, int] | None:
     if not (n >= 1 and 0 <= k < n):
         raise ValueError(f"shard must be (k, K) with 0 <= k < K, got {shard}.")
     return int(k), int(n)
-
-
-class ExampleSet:
-    """The fixed examples of a run, on the device, in forward-pass-sized batches."""
-
-    def __init__(self, data: Iterable, device: torch.device, batch_size: int | None):
-        batches = [B.to_device(b, device) for b in B.as_batches(data, batch_size)]
-        if not batches:
-            raise ValueError("data yielded no batches; pass a non-empty DataLoader or list.")
-        self.n_examples = sum(B.batch_size(b) for b in batches)
-        largest = max(B.batch_size(b) for b in batches)
-        self.batch_size = batch_size or largest
-        self.whole = B.concat(batches) if len(batches) > 1 else batches[0]
-        self.batches = B.split(self.whole, self.batch_size)
-        # Masks per forward pass: pack several when the examples fit in a batch.
-        self.pack = max(1, self.batch_size // self.n_examples)
-        self._packed: dict[int, object] = {}
-
-    def fingerprint(self) -> str:
-        return tensors_fingerprint(B.tensors(self.whole))
-
-    def packed(self, times: int):
-        if times not in self._packed:
-            self._packed[times] = B.repeat(self.whole, times)
-        return self._packed[times]
-
-
-def run_masks(
-    model: nn.Module,
-    ablator: Ablator,
-    examples: ExampleSet,
-    keep: Tensor,
-    output: _outputs.OutputFn,
-) -> Tensor:
-    """Outputs of every example under every mask: keep (n, N) -> (n, E) float32.
-
-    ``keep`` may stay on the CPU (masks are sampled there): the ablated units are then
-    found without waiting for the device, and the result is on the model's device.
-    """
-    n, e = keep.shape[0], examples.n_examples
-    result = torch.empty(n, e, dtype=torch.float32, device=ablator.device)
-    if examples.pack > 1 and ablator.supports_rows:
-        for i in range(0, n, examples.pack):
-            rows = keep[i : i + examples.pack].to(ablator.device, non_blocking=True)
-            ablator.set(rows.repeat_interleave(e, dim=0))  # (p*E, N): row r*E+j is mask r
-            batch = examples.packed(rows.shape[0])
-            values = _outputs.check_values(output(model, batch), rows.shape[0] * e, output)
-            result[i : i + rows.shape[0]] = values.view(rows.shape[0], e)
-        return result
-    for i in range(n):
-        ablator.set(keep[i])
-        col = 0
-        for batch in examples.batches:
-            size = B.batch_size(batch)
-            result[i, col : col + size] = _outputs.check_values(output(model, batch), size, output)
-            col += size
-    return result
-
-
-def _progress_bar(total: int, enabled: bool | None, desc: str):
-    from tqdm.auto import tqdm
-
-    disable = not (sys.stderr.isatty() if enabled is None else enabled)
-    return tqdm(total=total, desc=desc, unit="block", disable=disable, dynamic_ncols=True)
 
 
 def collect(
@@ -216,9 +157,8 @@ def collect(
     shard = _check_shard(shard)
     if device is not None:
         model.to(device)
-    device = _model_device(model)
-    if autocast is not None and autocast not in _AUTOCAST:
-        raise ValueError(f"autocast must be one of {tuple(_AUTOCAST)} or None, got {autocast!r}.")
+    device = model_device(model)
+    autocast_context(device, autocast)  # validates the name before anything is written
     examples = ExampleSet(data, device, batch_size)
     ds = ComponentDataset.create(
         path,
@@ -256,30 +196,19 @@ def collect(
     if not todo:
         return ComponentDataset(ds.path)
 
-    was_training = model.training
-    if was_training:
-        warnings.warn(
-            "The model is in training mode; collect runs it in eval mode (no dropout, "
-            "BatchNorm running statistics) and restores the mode afterwards.",
-            stacklevel=2,
-        )
-    model.eval()
     # Shared masks go into the weights where that is exact: no hook runs per forward.
     ablator = Ablator(model, components, mode=mode, means=means, edit_weights=True)
     # No autocast weight cache: weights change between masks (it is off under
     # inference_mode already; saying so keeps it off whatever torch decides).
-    cast = (
-        torch.autocast(device.type, dtype=_AUTOCAST[autocast], cache_enabled=False)
-        if autocast
-        else nullcontext()
-    )
-    bar = _progress_bar(len(todo), progress, desc=f"collect {ds.path.name}")
+    cast = autocast_context(device, autocast)
+    bar = progress_bar(len(todo), progress, desc=f"collect {ds.path.name}")
     claims = _leases.Claims(ds, todo, lease_s=lease_s) if claim else nullcontext(todo)
     beat = _Heartbeat(ds, shard, device)
     pending: list[Future] = []
     started = time.perf_counter()
     try:
         with (
+            eval_mode(model, "collect"),
             claims as order,
             ThreadPoolExecutor(max_workers=1) as writer,
             ablator,
@@ -322,7 +251,6 @@ def collect(
         beat.write("finished", force=True)
     finally:
         bar.close()
-        model.train(was_training)
     return ComponentDataset(ds.path)
 
 
@@ -366,7 +294,7 @@ class _Heartbeat:
         }  # fmt: skip
         try:
             self.path.parent.mkdir(exist_ok=True)
-            _fsync_write(self.path, json.dumps(beat).encode())
+            _fs.atomic_write(self.path, json.dumps(beat).encode())
             self.last = now
         except OSError as err:
             log.warning("could not write the heartbeat %s: %s", self.path, err)

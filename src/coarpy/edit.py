@@ -40,11 +40,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _batching as B
+from . import _fs
 from . import outputs as _outputs
+from ._engine import ExampleSet, eval_mode, model_device, run_masks
 from ._fingerprint import model_fingerprint
-from .ablation import Ablator, _model_device, apply_ablation
+from .ablation import Ablator, apply_ablation
 from .attributions import Attributions
-from .collect import ExampleSet, run_masks
 from .components import Components
 from .errors import ComponentError, EditError
 
@@ -418,7 +419,7 @@ def sweep(
     for name in metrics:
         if name in ("k", "target_output", "reference_output", "target_acc", "reference_acc"):
             raise EditError(f"The metric name {name!r} is a built-in column; rename the metric.")
-    device = _model_device(model)
+    device = model_device(model)
     every = ExampleSet(data, device, None)
     _check_data(attr, every)
     rows = torch.cat([t, r])  # run the targets and references only
@@ -426,35 +427,30 @@ def sweep(
     order = select(scores(attr, t, r), max(ks), direction=direction)
     keep = _keep_rows(order, ks, n, device)  # (len(ks), N)
     table: list[dict[str, float]] = []
-    was_training = model.training
-    model.eval()
     ablator = Ablator(model, components)
-    try:
-        with ablator:
-            step = examples.pack
-            for start in range(0, len(ks), step):
-                chunk = keep[start : start + step]  # (<= pack, N)
-                with torch.inference_mode():
-                    values = run_masks(model, ablator, examples, chunk, output_fn).cpu()
-                # values: (chunk, |T| + |R|), targets first
-                for i in range(values.shape[0]):
-                    vt, vr = values[i, : len(t)], values[i, len(t) :]
-                    row = {
-                        "k": ks[start + i],
-                        "target_output": float(vt.mean()),
-                        "reference_output": float(vr.mean()),
-                        "target_acc": float((vt > 0).double().mean()),
-                        "reference_acc": float((vr > 0).double().mean()),
-                    }
-                    if metrics:
-                        ablator.set(keep[start + i])
-                        for name, fn in metrics.items():
-                            row[name] = float(fn(model))
-                    table.append(row)
-                    if until is not None and until(row):
-                        return table
-    finally:
-        model.train(was_training)
+    with eval_mode(model, "sweep", warn=False), ablator:
+        step = examples.pack
+        for start in range(0, len(ks), step):
+            chunk = keep[start : start + step]  # (<= pack, N)
+            with torch.inference_mode():
+                values = run_masks(model, ablator, examples, chunk, output_fn).cpu()
+            # values: (chunk, |T| + |R|), targets first
+            for i in range(values.shape[0]):
+                vt, vr = values[i, : len(t)], values[i, len(t) :]
+                row = {
+                    "k": ks[start + i],
+                    "target_output": float(vt.mean()),
+                    "reference_output": float(vr.mean()),
+                    "target_acc": float((vt > 0).double().mean()),
+                    "reference_acc": float((vr > 0).double().mean()),
+                }
+                if metrics:
+                    ablator.set(keep[start + i])
+                    for name, fn in metrics.items():
+                        row[name] = float(fn(model))
+                table.append(row)
+                if until is not None and until(row):
+                    return table
     return table
 
 
@@ -473,20 +469,13 @@ def measure(
     Use it on an edited copy (from :func:`apply`, or a loaded ``state_dict``) to check
     an edit without hooks.
     """
-    device = _model_device(model)
+    device = model_device(model)
     every = ExampleSet(data, device, batch_size)
     t, r = _example_sets(targets, references, every.n_examples)
     output_fn = _outputs.resolve(output)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model, "measure", warn=False):
         with torch.inference_mode():
-            values = torch.cat(
-                [
-                    _outputs.check_values(output_fn(model, b), B.batch_size(b), output_fn)
-                    for b in every.batches
-                ]
-            ).cpu()  # (E,)
+            values = every.outputs(model, output_fn).cpu()  # (E,)
         row = {
             "target_output": float(values[t].mean()),
             "reference_output": float(values[r].mean()),
@@ -495,8 +484,6 @@ def measure(
         }
         for name, fn in (metrics or {}).items():
             row[name] = float(fn(model))
-    finally:
-        model.train(was_training)
     return row
 
 
@@ -726,13 +713,13 @@ class Edit:
             torch.save(model.state_dict(), buf)
             data = buf.getvalue()
             weights = path.with_suffix(".pt")
-            _write_atomic(weights, data)
+            _fs.atomic_write(weights, data)
             doc["state_dict"] = {
                 "file": weights.name,
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "fingerprint": fingerprint,
             }
-        _write_atomic(path, json.dumps(doc, indent=1, allow_nan=False).encode())
+        _fs.atomic_write(path, json.dumps(doc, indent=1, allow_nan=False).encode())
         return path
 
     @classmethod
@@ -811,15 +798,6 @@ def _json_float(x: float) -> float | str:
 
 def _from_json_float(x: float | str) -> float:
     return float(x)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # -- one call ----------------------------------------------------------------------------------
@@ -964,7 +942,7 @@ def edit_run(
 
 
 def _mean_output(model: nn.Module, data: Any, output_fn, *, share: bool) -> float:
-    device = _model_device(model)
+    device = model_device(model)
     total, count = 0.0, 0
     with torch.inference_mode():
         for batch in B.batches_on(data, device):

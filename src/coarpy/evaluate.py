@@ -30,21 +30,17 @@ import torch
 from torch import Tensor, nn
 
 from . import outputs as _outputs
-from .ablation import Ablator, _model_device
+from ._engine import ExampleSet, eval_mode, model_device, progress_bar, run_masks
+from .ablation import Ablator
 from .attributions import Attributions
-from .collect import ExampleSet, _progress_bar, run_masks
 from .components import Components
-from .errors import CoarError, ComponentError
+from .errors import ComponentError, EvaluationError
 from .masks import SAMPLERS, sample_masks
 from .store import ComponentDataset
 
 DEFAULT_NAME = "coar"
 _CHUNK = 64  # masks per progress step (rounded up to a multiple of the packing)
 _STATS = ("mean", "median", "q25", "q75")
-
-
-class EvaluationError(CoarError, ValueError):
-    """Evaluation was asked for with inconsistent inputs."""
 
 
 # -- held-out masks --------------------------------------------------------------------
@@ -557,24 +553,16 @@ def evaluate(
     output_fn = _outputs.resolve(output)
     if device is not None:
         model.to(device)
-    device = _model_device(model)
+    device = model_device(model)
     examples = ExampleSet(data, device, batch_size)
     _check_examples(methods, examples.n_examples, "data")
 
     step = examples.pack * -(-_CHUNK // examples.pack)
     per_alpha = []
     ablator = Ablator(model, components, mode=mode, means=means)
-    was_training = model.training
-    if was_training:
-        warnings.warn(
-            "The model is in training mode; evaluate runs it in eval mode (no dropout, "
-            "BatchNorm running statistics) and restores the mode afterwards.",
-            stacklevel=2,
-        )
-    bar = _progress_bar(len(alphas) * -(-n_masks // step), progress, desc="evaluate")
+    bar = progress_bar(len(alphas) * -(-n_masks // step), progress, desc="evaluate")
     try:
-        model.eval()
-        with ablator, torch.inference_mode():
+        with eval_mode(model, "evaluate"), ablator, torch.inference_mode():
             for alpha in alphas:
                 keep = heldout_masks(
                     n_masks, len(components), alpha=alpha, seed=seed, sampler=sampler
@@ -589,7 +577,6 @@ def evaluate(
                 per_alpha.append(_correlate(methods, keep, true))
     finally:
         bar.close()
-        model.train(was_training)
     meta = {
         "source": "model",
         "seed": seed,

@@ -36,8 +36,8 @@ from typing import Any
 from . import _fs
 from ._leases import LEASE_S
 from .config import ConfigError, RunConfig
-from .errors import CoarError, MissingExtraError
-from .store import ComponentDataset, _fsync_write
+from .errors import CoarError, LaunchError, MissingExtraError
+from .store import ComponentDataset
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 CONFIG = "config.toml"
 LOGS = "logs"
 _USER_ERROR = 2  # a worker's exit status for a CoarError: restarting would fail again
-
-
-class LaunchError(CoarError, RuntimeError):
-    """Workers failed more often than allowed, or a launcher cannot run here."""
 
 
 # -- configurations ------------------------------------------------------------------
@@ -106,7 +102,7 @@ def _save_config(cfg: RunConfig) -> None:
             return
     except FileNotFoundError:
         pass
-    _fsync_write(target, text.encode())
+    _fs.atomic_write(target, text.encode())
 
 
 # -- one worker ----------------------------------------------------------------------
@@ -621,7 +617,7 @@ class _BlockActor:
     def __init__(self, config: str, device: str, threads: int | None):
         import torch
 
-        from .collect import ExampleSet
+        from ._engine import ExampleSet
 
         if threads:
             torch.set_num_threads(threads)

@@ -36,14 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from . import _batching as B
-from .errors import CoarError
+from ._engine import ExampleSet
+from .errors import SplitError
 
 _CACHE_KEY = "coarpy_prefix_cache"  # where a dict batch carries the cached activations
 _VERIFY_ROWS = 64  # examples the cut is verified on
-
-
-class SplitError(CoarError, ValueError):
-    """A model cannot be cut where asked, or the cut does not reproduce the model."""
 
 
 @dataclass(frozen=True)
@@ -291,8 +288,6 @@ def prepare(
 
     Runs under the caller's inference/autocast context, with the ablator entered.
     """
-    from .collect import ExampleSet  # collect imports this module
-
     split = resolve(model, prefix)
     if isinstance(prefix, str):
         check_components_after(model, prefix, [g.hook for g in components.groups])

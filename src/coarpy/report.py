@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _fs
 from .attributions import Attributions
-from .errors import CoarError, MissingExtraError
+from .errors import MissingExtraError, ReportError
 from .evaluate import Evaluation, pearson, spearman
 from .store import ComponentDataset
 
@@ -42,10 +43,6 @@ _POSITIVE, _NEGATIVE = "#2166ac", "#b2182b"  # blue raises the output when kept,
 _AUTO_CURVE_MAX_COMPONENTS = 4096  # refits in a report: one (N x N) eigendecomposition each
 _AUTO_CURVE_MAX_CELLS = 2**27  # rows * (components + examples) read into memory
 _MAX_TABLE_ROWS = 200
-
-
-class ReportError(CoarError, ValueError):
-    """A plot or report was asked for with inputs that do not fit together."""
 
 
 # -- figures ---------------------------------------------------------------------------
@@ -957,9 +954,7 @@ def write_report(
         f"<nav>{nav}</nav>\n{note_html}\n" + "\n".join(sections) + "\n</body></html>\n"
     )
     path = out / REPORT_NAME
-    tmp = path.with_name(f".{REPORT_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    _fs.atomic_write(path, page.encode("utf-8"))
     return path
 
 

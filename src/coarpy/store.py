@@ -19,7 +19,6 @@ the outputs (n_rows, n_examples) float32 or float16, then a SHA-256 of all of it
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -79,28 +78,6 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "data_fingerprint": (str,),
     "components": (list,),
 }
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary name, fsync, rename.
-
-    On an object store (``_fs.RemotePath``) one PUT is atomic by itself.
-    """
-    if _fs.is_remote(path):
-        path.write_bytes(data)
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _check_meta(meta: Any, where: Path) -> dict:
@@ -263,10 +240,10 @@ class ComponentDataset:
                 )
             if diffs:
                 existing._clear_blocks()
-                _fsync_write(meta_path, json.dumps(meta, indent=1).encode())
+                _fs.atomic_write(meta_path, json.dumps(meta, indent=1).encode())
             elif n_masks > existing.meta["n_masks"]:
                 existing.meta["n_masks"] = int(n_masks)
-                _fsync_write(meta_path, json.dumps(existing.meta, indent=1).encode())
+                _fs.atomic_write(meta_path, json.dumps(existing.meta, indent=1).encode())
             return cls(path)
         (path / "blocks").mkdir(parents=True, exist_ok=True)
         if not _fs.write_new(meta_path, json.dumps(meta, indent=1).encode()):
@@ -419,7 +396,7 @@ class ComponentDataset:
 
     def write_block(self, block: int, keep: Tensor, outputs: Tensor) -> None:
         """Commit a finished block atomically (temporary file, fsync, rename)."""
-        _fsync_write(self.block_path(block), self.encode_block(block, keep, outputs))
+        _fs.atomic_write(self.block_path(block), self.encode_block(block, keep, outputs))
 
     def read_block(self, block: int) -> tuple[Tensor, Tensor]:
         """(masks bool (rows, N), outputs float32 (rows, E)) of a finished block, verified."""
@@ -551,7 +528,7 @@ class ComponentDataset:
         del packed, outputs
         os.replace(folder / ".masks.npy.tmp", folder / "masks.npy")
         os.replace(folder / ".outputs.npy.tmp", folder / "outputs.npy")
-        _fsync_write(
+        _fs.atomic_write(
             folder / "blocks.json", json.dumps({"blocks": done, "n_masks": self.n_masks}).encode()
         )
         return folder
