@@ -45,8 +45,7 @@ from coarpy.attributions import Attributions
 from coarpy.baselines import gradient, leave_one_out
 from coarpy.collect import collect
 from coarpy.evaluate import pearson
-from coarpy.priors import PriorRidge
-from coarpy.regression import fit
+from coarpy.regression import PriorRidge, fit
 from coarpy.store import ComponentDataset
 
 OUT = Path(__file__).resolve().parent / "out" / "efficiency"

@@ -1,5 +1,6 @@
-"""Tests of coarpy.regression: recovery of known truths, agreement with scikit-learn and
-numpy, streaming = in-memory, solver agreement, and the errors."""
+"""Tests of coarpy.regression (the ``fit`` dispatch, ridge/OLS and the lasso): recovery of
+known truths, agreement with scikit-learn and numpy, streaming = in-memory, solver
+agreement, and the errors. ``method="group"`` is tested in test_regression_group.py."""
 
 from __future__ import annotations
 
@@ -9,15 +10,9 @@ import torch
 from sklearn.linear_model import Lasso, LinearRegression, Ridge
 
 from coarpy.errors import FitError
-from coarpy.regression import (
-    _BLOCK_BYTES,
-    DEFAULT_L2_RELATIVE,
-    LassoPath,
-    RidgePath,
-    _cg_column_bytes,
-    _validation_rows,
-    fit,
-)
+from coarpy.regression import DEFAULT_L2_RELATIVE, LassoPath, LeastSquares, RidgePath, fit
+from coarpy.regression._cg import column_bytes
+from coarpy.regression._stats import BLOCK_BYTES, validation_rows
 
 
 class FakeStore:
@@ -53,7 +48,7 @@ def additive_data(n=400, N=12, E=3, *, keep=0.8, noise=0.0, seed=0, sparse=False
 
 
 def split(n, seed=0, val_fraction=0.1):
-    return _validation_rows(torch.arange(n), seed=seed, val_fraction=val_fraction).numpy()
+    return validation_rows(torch.arange(n), seed=seed, val_fraction=val_fraction).numpy()
 
 
 def np_ridge(V, Y, l2):
@@ -172,15 +167,15 @@ def test_chosen_l2_and_refit_equal_a_brute_force_search():
 
 def test_split_depends_only_on_seed_and_row_index():
     rows = torch.arange(1000)
-    whole = _validation_rows(rows, seed=4, val_fraction=0.1)
+    whole = validation_rows(rows, seed=4, val_fraction=0.1)
     pieces = torch.cat(
-        [_validation_rows(rows[a : a + 7], seed=4, val_fraction=0.1) for a in range(0, 1000, 7)]
+        [validation_rows(rows[a : a + 7], seed=4, val_fraction=0.1) for a in range(0, 1000, 7)]
     )
     assert torch.equal(whole, pieces)
-    grown = _validation_rows(torch.arange(5000), seed=4, val_fraction=0.1)
+    grown = validation_rows(torch.arange(5000), seed=4, val_fraction=0.1)
     assert torch.equal(grown[:1000], whole)
     assert 0.07 < float(whole.float().mean()) < 0.13
-    assert not torch.equal(whole, _validation_rows(rows, seed=5, val_fraction=0.1))
+    assert not torch.equal(whole, validation_rows(rows, seed=5, val_fraction=0.1))
 
 
 # ----------------------------------------------------------------- streaming, dtype, solvers
@@ -223,7 +218,7 @@ def test_cg_in_small_example_chunks_matches_eig():
     V, Y, _, _ = additive_data(n=300, N=10, E=7, noise=1.0, seed=12)
     eig = fit((V, Y), l2_grid=[0.02], solver="eig", progress=False)
     # A budget that holds two examples at a time forces four chunks.
-    budget = 2 * (_BLOCK_BYTES + 2 * _cg_column_bytes(10, 1, 8, 300))
+    budget = 2 * (BLOCK_BYTES + 2 * column_bytes(10, 1, 8, 300))
     cg = fit((V, Y), l2_grid=[0.02], solver="cg", max_memory=budget, progress=False)
     assert cg.meta["cg_example_chunk"] == 2
     torch.testing.assert_close(cg.weights, eig.weights, rtol=1e-6, atol=1e-6)
@@ -233,7 +228,8 @@ def test_auto_solver_picks_cg_when_eig_does_not_fit_the_budget():
     V, Y, _, _ = additive_data(n=200, N=10, E=2, noise=1.0, seed=13)
     attr = fit((V, Y), l2_grid=[0.1], max_memory=290 * 2**20, progress=False)
     assert attr.meta["solver"] == "cg"
-    assert fit((V, Y), l2_grid=[0.1], progress=False).meta["solver"] == "eig"
+    roomy = fit((V, Y), l2_grid=[0.1], max_memory=2**30, progress=False)
+    assert roomy.meta["solver"] == "eig"
 
 
 def test_float_01_masks_give_the_same_fit_as_bool_masks():
@@ -243,11 +239,41 @@ def test_float_01_masks_give_the_same_fit_as_bool_masks():
     torch.testing.assert_close(a.weights, b.weights)
 
 
-def test_lasso_path_estimator_exposes_the_chosen_l1():
-    V, Y, _, _ = additive_data(n=800, N=15, E=3, noise=0.3, seed=15, sparse=True)
-    est = LassoPath(progress=False).fit((V, Y))
-    assert est.l1_.shape == (3,) and est.val_mse_.shape == (13, 3)
-    assert est.weights_.shape == (3, 15)
+def test_lasso_chooses_the_l1_with_the_lowest_validation_error_and_refits_on_all_rows():
+    V, Y, _, _ = additive_data(n=400, N=15, E=3, noise=0.5, seed=15, sparse=True)
+    grid = [0.3, 0.1, 0.03, 0.01, 0.001]
+    kw = dict(val_fraction=0.25, seed=2, tol=1e-10, max_iter=50000, progress=False)
+    est = LassoPath(grid, **kw).fit((V, Y))
+    is_val = split(len(V), seed=2, val_fraction=0.25)
+    X = V.astype(np.float64)
+    mse = []
+    for l1 in grid:  # by hand: sklearn's Lasso on the training rows, scored on the others
+        ref = Lasso(alpha=l1, tol=1e-12, max_iter=100000).fit(X[~is_val], Y[~is_val])
+        mse.append(((Y[is_val] - ref.predict(X[is_val])) ** 2).mean(0))
+    mse = np.array(mse)  # (K, E)
+    np.testing.assert_allclose(est.val_mse_.numpy(), mse, rtol=1e-5)
+    best = np.array(grid)[mse.argmin(0)]
+    np.testing.assert_array_equal(est.l1_.numpy(), best)
+    for e, l1 in enumerate(best):
+        ref = Lasso(alpha=l1, tol=1e-12, max_iter=100000).fit(X, Y[:, e])
+        np.testing.assert_allclose(est.weights_[e].numpy(), ref.coef_, atol=1e-5)
+
+
+def test_least_squares_estimator_is_fit_method_ols():
+    V, Y, _, _ = additive_data(n=200, noise=1.0, seed=19)
+    est = LeastSquares(progress=False).fit((V, Y))
+    attr = fit((V, Y), method="ols", progress=False)
+    assert torch.equal(est.weights_, attr.weights) and torch.equal(est.bias_, attr.bias)
+    assert est.attributions_.meta == attr.meta and est.solver_ == attr.meta["solver"]
+
+
+@pytest.mark.parametrize("method", ["ridge", "ols", "lasso", "group"])
+def test_progress_shows_a_bar_for_every_method_only_when_asked(method, capsys):
+    V, Y, _, _ = additive_data(n=100, N=5, E=2, noise=1.0, seed=20)
+    fit((V, Y), method=method, progress=True)
+    assert "fit: statistics" in capsys.readouterr().err
+    fit((V, Y), method=method, progress=False)
+    assert "fit: statistics" not in capsys.readouterr().err
 
 
 @pytest.mark.gpu
@@ -323,6 +349,28 @@ def test_a_penalty_grid_for_the_wrong_method_is_an_error():
         fit((V, Y), l1_grid=[0.1], progress=False)
     with pytest.raises(FitError, match="method must be one of"):
         fit((V, Y), method="elastic", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_memory": -5}, "max_memory must be a finite number of bytes > 0, got -5"),
+        ({"max_memory": "8G"}, "max_memory must be a number of bytes, got '8G'"),
+        ({"val_fraction": "0.1"}, r"val_fraction must be a number in \[0, 1\), got '0.1'"),
+        ({"l2_grid": ["small"]}, "l2_grid must be a non-empty 1-D sequence of finite values"),
+        ({"max_iter": 0, "solver": "cg"}, "max_iter must be an int >= 1, got 0"),
+        ({"tol": -1.0}, "tol must be a number > 0, got -1.0"),
+        ({"progress": "yes"}, "progress must be True, False or None"),
+        ({"device": "gpu7"}, "device must be a torch.device or a name"),
+        ({"method": "lasso", "l2_grid": [0.1]}, "method='lasso' takes no l2_grid; pass l1_grid"),
+        ({"method": "group", "solver": "cg"}, "solver= is for 'ridge' and 'ols'"),
+    ],
+)
+def test_a_bad_setting_is_a_fit_error_that_says_what_was_expected(kwargs, match):
+    V, Y, _, _ = additive_data(n=50)
+    with pytest.raises(FitError, match=match) as err:
+        fit((V, Y), **kwargs)
+    assert isinstance(err.value, ValueError)  # callers catching ValueError keep working
 
 
 def test_a_path_is_refused_with_the_fix():

@@ -1,4 +1,4 @@
-"""Tests of coarpy.priors (``fit(method="group")``): exact limits of the prior-centred
+"""Tests of coarpy.regression.group (``fit(method="group")``): exact limits of the prior-centred
 ridge, agreement with a numpy closed form and a brute-force GCV, per-group penalties,
 and the gain in masks on a real digits CNN."""
 
@@ -9,16 +9,15 @@ import pytest
 import torch
 
 from coarpy import outputs
+from coarpy._engine import ExampleSet, run_masks
 from coarpy.ablation import Ablator
 from coarpy.attributions import Attributions
 from coarpy.baselines import gradient
-from coarpy.collect import ExampleSet, run_masks
 from coarpy.components import Components
 from coarpy.errors import FitError
 from coarpy.evaluate import pearson
 from coarpy.masks import sample_masks
-from coarpy.priors import DEFAULT_PRIOR_SCALES, PriorRidge
-from coarpy.regression import DEFAULT_L2_RELATIVE, fit
+from coarpy.regression import DEFAULT_L2_RELATIVE, DEFAULT_PRIOR_SCALES, PriorRidge, fit
 
 
 class FakeStore:

@@ -1,4 +1,4 @@
-"""Structured ridge: per-group penalties and a prior mean, chosen by cross-validation.
+"""Group ridge, ``method="group"`` (:class:`PriorRidge`): per-group penalties and a prior mean.
 
 Plain ridge shrinks every component's weight toward zero by the same amount. With few
 masks that wastes information in two ways:
@@ -24,7 +24,7 @@ weights minimise::
 
     (1/n) * sum_i (y_ie - b_e - w . v_i)**2 + l2_e * sum_j r_j (w_j - c_e w0_ej)**2
 
-The penalty is per row as in :mod:`coarpy.regression` (scikit-learn's ``alpha`` is
+The penalty is per row as in :mod:`coarpy.regression.ridge` (scikit-learn's ``alpha`` is
 ``l2 * n``). Substituting ``u = (w - c w0) / s`` with ``s_j = r_j ** -0.5`` turns this
 into plain ridge on the columns ``V * s`` and the outputs ``y - c V w0``, and all of it
 follows from the same sufficient statistics (``V.T V``, ``V.T y``, the sums): the
@@ -42,7 +42,7 @@ and its choice of penalty is noisy, while GCV fits and selects on all of them.
 Memory is about ``s * (5 N**2 + 7 N E)`` bytes for ``N`` components, ``E`` examples and
 ``s`` bytes per number; time is ``n_iter + 1`` eigendecompositions of an ``N x N``
 matrix after the one pass over the rows. For very large ``N`` (where
-``coarpy.regression`` switches to conjugate gradients) use ``method="ridge"``.
+``coarpy.regression.ridge`` switches to conjugate gradients) use ``method="ridge"``.
 """
 
 from __future__ import annotations
@@ -53,27 +53,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attributions import Attributions
-from .errors import FitError
-from .regression import (
-    _WORK_BYTES,
-    DEFAULT_L2_RELATIVE,
-    _accumulate,
-    _as_grid,
-    _budget,
-    _centered_cross_,
-    _centered_gram_,
-    _centered_yy,
-    _check_common,
-    _check_rows,
-    _eig_filter,
-    _finish,
-    _Moments,
-    _need_memory,
-    _resolve_device,
-    _Result,
-    _Source,
-)
+from ..attributions import Attributions
+from ..errors import FitError
+from . import _stats
 
 DEFAULT_PRIOR_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
@@ -81,7 +63,7 @@ DEFAULT_PRIOR_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 # --------------------------------------------------------------------------- inputs
 
 
-def _group_labels(src: _Source, groups: Sequence[Any] | None) -> list[str]:
+def _group_labels(src: _stats.Source, groups: Sequence[Any] | None) -> list[str]:
     """One label per component: given, else the store's modules, else a single group."""
     N = src.n_components
     if groups is None:
@@ -98,7 +80,9 @@ def _group_labels(src: _Source, groups: Sequence[Any] | None) -> list[str]:
     return [str(g) for g in groups]
 
 
-def _prior_matrix(src: _Source, prior: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _prior_matrix(
+    src: _stats.Source, prior: Any, dtype: torch.dtype, device: torch.device
+) -> Tensor:
     """The prior mean as (N, E) in ``dtype``, checked against the source."""
     N, E = src.n_components, src.n_examples
     if isinstance(prior, Attributions):
@@ -149,7 +133,7 @@ def _normalised(r: Tensor) -> Tensor:
 
 
 def _gcv_fit(
-    m: _Moments,
+    m: _stats.Moments,
     s: Tensor,
     W0: Tensor | None,
     scales: Tensor,
@@ -163,21 +147,21 @@ def _gcv_fit(
     """
     n = m.n
     mv, my = m.means()
-    Gc = _centered_gram_(m, mv)  # (N, N)
+    Gc = _stats.centered_gram_(m, mv)  # (N, N)
     Gc.mul_(s[:, None]).mul_(s[None, :])  # S Gc S: ridge on the columns v * s
     N = Gc.shape[0]
     if grid is None:
         var = float(torch.diagonal(Gc).sum()) / (n * N)
-        grid = var * torch.tensor(DEFAULT_L2_RELATIVE, dtype=Gc.dtype, device=Gc.device)
+        grid = var * torch.tensor(_stats.DEFAULT_L2_RELATIVE, dtype=Gc.dtype, device=Gc.device)
     d, Q = torch.linalg.eigh(Gc)  # (N,), (N, N)
     del Gc
-    F = _eig_filter(d, n, grid)  # (K, N)
+    F = _stats.ridge_filter(d, n, grid)  # (K, N)
     d = d.clamp_min(0.0) * (F[0] != 0)  # null directions carry nothing
     Fd, F2d = F * d, F * F * d  # (K, N)
     df = 1.0 + Fd.sum(1)  # (K,) with the intercept
     room = n - df
-    P0 = Q.T @ (_centered_cross_(m, mv, my) * s[:, None])  # (N, E)
-    Szz = _centered_yy(m, my)  # (E,)
+    P0 = Q.T @ (_stats.centered_cross_(m, mv, my) * s[:, None])  # (N, E)
+    Szz = _stats.centered_yy(m, my)  # (E,)
     E = P0.shape[1]
     if W0 is None:
         B, scales = None, scales[:1] * 0.0
@@ -211,7 +195,7 @@ def _gcv_fit(
 
 
 def _group_scales(
-    m: _Moments, labels: list[str], n_iter: int, grid: Tensor | None
+    m: _stats.Moments, labels: list[str], n_iter: int, grid: Tensor | None
 ) -> tuple[Tensor, dict[str, float]]:
     """Column scales s (N,) and relative penalties per group, by empirical Bayes."""
     names = list(dict.fromkeys(labels))
@@ -241,7 +225,7 @@ def _group_scales(
 
 
 def _prior_bytes(N: int, E: int, s: int) -> int:
-    return s * (5 * N * N + 7 * N * E) + _WORK_BYTES
+    return s * (5 * N * N + 7 * N * E) + _stats.WORK_BYTES
 
 
 class PriorRidge:
@@ -311,7 +295,7 @@ class PriorRidge:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float64,
         max_memory: int | None = None,
-        progress: bool = True,
+        progress: bool | None = None,
     ):
         self.prior = prior
         self.groups = groups
@@ -327,25 +311,25 @@ class PriorRidge:
     @torch.no_grad()
     def fit(self, source: Any) -> PriorRidge:
         """Fit on a ComponentDataset or a ``(masks, outputs)`` tuple; returns ``self``."""
-        _check_common(0.0, self.dtype, 0)
+        _stats.check_common(0.0, self.dtype, 0, self.progress)
         if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 0:
             raise FitError(f"n_iter must be an int >= 0, got {self.n_iter!r}.")
-        src = _Source(source)
-        dev = _resolve_device(self.device, src)
+        src = _stats.Source(source)
+        dev = _stats.resolve_device(self.device, src)
         dtype = self.dtype
         N, E = src.n_components, src.n_examples
         labels = _group_labels(src, self.groups)
         W0 = None if self.prior is None else _prior_matrix(src, self.prior, dtype, dev)
-        scales = _as_grid(self.prior_scales, "prior_scales", dtype, dev)
-        grid = None if self.l2_grid is None else _as_grid(self.l2_grid, "l2_grid", dtype, dev)
-        _need_memory(
+        scales = _stats.as_grid(self.prior_scales, "prior_scales", dtype, dev)
+        grid = None if self.l2_grid is None else _stats.as_grid(self.l2_grid, "l2_grid", dtype, dev)
+        _stats.need_memory(
             _prior_bytes(N, E, torch.finfo(dtype).bits // 8),
-            _budget(dev, self.max_memory),
+            _stats.budget(dev, self.max_memory),
             f"method='group' with {N} components and {E} examples",
             "Use dtype=torch.float32 (halves it), fewer components, or method='ridge' with "
             "solver='cg' (bounded memory).",
         )
-        (every,) = _accumulate(
+        (every,) = _stats.accumulate(
             src,
             validate=False,
             seed=0,
@@ -355,7 +339,7 @@ class PriorRidge:
             dtype=dtype,
             progress=self.progress,
         )
-        _check_rows([every], validate=False, val_fraction=0.0, need=3)
+        _stats.check_rows([every], validate=False, val_fraction=0.0, need=3)
         if self.group_penalties is not None:
             r = _normalised(_fixed_penalties(labels, self.group_penalties, dtype, dev))
             s = r.rsqrt()
@@ -379,8 +363,8 @@ class PriorRidge:
             "n_iter": self.n_iter,
             "gcv": gcv.tolist(),
         }
-        res = _Result(W, bias, l2, None, used_grid, meta)
-        self.attributions_ = _finish(src, res)
+        res = _stats.Result(W, bias, l2, None, used_grid, meta)
+        self.attributions_ = _stats.finish(src, res)
         self.weights_ = self.attributions_.weights
         self.bias_ = self.attributions_.bias
         self.l2_ = l2

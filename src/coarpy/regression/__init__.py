@@ -1,0 +1,188 @@
+"""Regression: fitting component attributions from a component dataset.
+
+For every example ``e`` the attribution is the linear model
+``y[:, e] ~ bias[e] + V @ weights[e]`` over the keep-masks ``V`` (n_rows, n_components),
+fitted with an intercept. All examples share the design matrix, so everything is
+computed from *sufficient statistics* gathered in one streamed pass over the store: the
+row count, ``sum v``, ``sum y``, ``sum y**2``, ``V.T @ V`` and ``V.T @ Y``. Weights come
+back on the raw mask scale with the matching bias (``bias = mean_y - weights @ mean_v``);
+nothing is standardised.
+
+:func:`fit` is the front door; ``method`` names the estimator, each one a
+scikit-learn-style class in its own module:
+
+========== ====================================== ==========================================
+method     estimator                              what it does
+========== ====================================== ==========================================
+``ridge``  :class:`RidgePath` (:mod:`.ridge`)     ridge; ``l2`` chosen per example on
+                                                  held-out rows; eigendecomposition, or
+                                                  conjugate gradients when ``N`` is large
+``ols``    :class:`LeastSquares` (:mod:`.ridge`)  least squares (pseudo-inverse)
+``lasso``  :class:`LassoPath` (:mod:`.lasso`)     the lasso by FISTA; ``l1`` chosen per
+                                                  example on held-out rows
+``group``  :class:`PriorRidge` (:mod:`.group`)    one penalty per group of components,
+                                                  optionally centred on a prior, chosen by
+                                                  generalised cross-validation
+========== ====================================== ==========================================
+
+The held-out rows are a pure function of ``(seed, row index)``, so the split does not
+depend on block sizes or on how far a store has grown. The statistics, the split and the
+memory budget shared by the estimators live in :mod:`coarpy.regression._stats`; each
+estimator's module states its memory formula, and a fit that does not fit the budget
+(``max_memory``, else the device's free memory) is refused before anything is allocated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..attributions import Attributions
+from ..errors import FitError
+from ._stats import DEFAULT_L2_RELATIVE
+from .group import DEFAULT_PRIOR_SCALES, PriorRidge
+from .lasso import DEFAULT_L1_RELATIVE, LassoPath
+from .ridge import SOLVERS, LeastSquares, RidgePath
+
+METHODS = ("ridge", "ols", "lasso", "group")
+
+__all__ = [
+    "DEFAULT_L1_RELATIVE",
+    "DEFAULT_L2_RELATIVE",
+    "DEFAULT_PRIOR_SCALES",
+    "METHODS",
+    "SOLVERS",
+    "LassoPath",
+    "LeastSquares",
+    "PriorRidge",
+    "RidgePath",
+    "fit",
+]
+
+
+def fit(
+    source: Any,
+    *,
+    method: str = "ridge",
+    l2_grid: Sequence[float] | None = None,
+    l1_grid: Sequence[float] | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    solver: str = "auto",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float64,
+    max_memory: int | None = None,
+    max_iter: int | None = None,
+    tol: float | None = None,
+    progress: bool | None = None,
+    prior: Any = None,
+    groups: Sequence[Any] | None = None,
+) -> Attributions:
+    """Fit one linear model per example over the components: the COAR attributions.
+
+    Parameters
+    ----------
+    source : ComponentDataset or tuple (masks, outputs)
+        A store (read with one streamed pass over its finished blocks), or in-memory
+        masks ``(n_rows, n_components)`` (bool or 0/1) and outputs ``(n_rows, n_examples)``.
+    method : {"ridge", "ols", "lasso", "group"}
+        The estimator (see the module docstring). ``"ridge"`` chooses ``l2`` per example
+        on held-out rows; ``"group"`` penalises each group of components on its own
+        scale, shrinks toward ``prior`` and chooses by GCV.
+    l2_grid : sequence of float, optional
+        Ridge penalties per row (``sklearn alpha = l2 * n_rows``); ``"ridge"`` and
+        ``"group"``.
+    l1_grid : sequence of float, optional
+        Lasso penalties (``sklearn Lasso alpha = l1``); ``"lasso"`` only.
+    val_fraction, seed :
+        The held-out share of rows and the seed of the split (a pure function of
+        ``(seed, row index)``); ``"ridge"`` and ``"lasso"`` only.
+    solver : {"auto", "eig", "cg"}
+        Ridge/OLS solver; see :class:`RidgePath`.
+    device, dtype :
+        Where and in what precision to compute (default: the source's device, float64).
+    max_memory : int, optional
+        Memory budget in bytes (default: free memory on ``device``).
+    max_iter, tol : optional
+        Iterative solver limits (CG: 1000 and 1e-10, lasso: 5000 and 1e-7; both tol 1e-5
+        in float32).
+    progress : bool, optional
+        Progress bars over the passes: None (default) only when stderr is a terminal,
+        True always, False never.
+    prior : Attributions or Tensor (n_examples, n_components), optional
+        ``"group"`` only: the prior mean, e.g. ``coarpy.baselines.gradient(...)``.
+    groups : sequence of labels (n_components,), optional
+        ``"group"`` only: the group of each component (default: the store's modules).
+
+    Returns
+    -------
+    Attributions
+        ``weights`` (n_examples, n_components) on the raw mask scale, ``bias``, component
+        ``names`` (``str(i)`` for a tuple), and ``meta`` with the settings, the chosen
+        penalty per example and the split sizes.
+
+    Raises
+    ------
+    FitError
+        An unknown method or a setting that belongs to another method, no finished rows,
+        too few rows, non-finite outputs (naming the row and example), mismatched
+        shapes, or not enough memory (naming the bytes needed).
+
+    Examples
+    --------
+    >>> import torch
+    >>> V = torch.tensor([[1, 1], [0, 1], [1, 0], [0, 0], [1, 1]], dtype=torch.bool)
+    >>> Y = torch.tensor([[5.0], [3.0], [4.0], [2.0], [5.0]])   # 2 + 2*v0 + 1*v1
+    >>> attr = fit((V, Y), method="ols", progress=False)
+    >>> attr.weights, attr.bias
+    (tensor([[2., 1.]]), tensor([2.]))
+    """
+    if method not in METHODS:
+        raise FitError(
+            f"method must be one of {METHODS}, got {method!r}. 'ridge' is the default; "
+            "'lasso' for sparse attributions, 'group' for per-module penalties."
+        )
+    if method != "group" and (prior is not None or groups is not None):
+        raise FitError(
+            f"prior= and groups= are for method='group', got method={method!r}. Pass "
+            "method='group', or drop them."
+        )
+    if method in ("ridge", "ols", "group") and l1_grid is not None:
+        raise FitError(
+            f"method={method!r} takes l2_grid, not l1_grid (that is for 'lasso'). Rename the "
+            "argument, or pass method='lasso'."
+        )
+    if method in ("lasso", "ols") and l2_grid is not None:
+        fix = "pass l1_grid" if method == "lasso" else "use method='ridge' to pass l2_grid"
+        raise FitError(f"method={method!r} takes no l2_grid; {fix}.")
+    if method in ("lasso", "group") and solver not in ("auto", "eig"):
+        raise FitError(
+            f"method={method!r} has its own solver (lasso: FISTA; group: one "
+            f"eigendecomposition); solver= is for 'ridge' and 'ols', got solver={solver!r}."
+        )
+    est: RidgePath | LeastSquares | LassoPath | PriorRidge
+    if method == "group":
+        est = PriorRidge(
+            prior, groups=groups, l2_grid=l2_grid, device=device, dtype=dtype,
+            max_memory=max_memory, progress=progress,
+        )  # fmt: skip
+    elif method == "lasso":
+        est = LassoPath(
+            l1_grid, val_fraction=val_fraction, seed=seed, device=device, dtype=dtype,
+            max_memory=max_memory, max_iter=5000 if max_iter is None else max_iter, tol=tol,
+            progress=progress,
+        )  # fmt: skip
+    elif method == "ols":
+        est = LeastSquares(
+            solver=solver, device=device, dtype=dtype, max_memory=max_memory,
+            max_iter=1000 if max_iter is None else max_iter, tol=tol, progress=progress,
+        )  # fmt: skip
+    else:
+        est = RidgePath(
+            l2_grid, val_fraction=val_fraction, seed=seed, solver=solver, device=device,
+            dtype=dtype, max_memory=max_memory, max_iter=1000 if max_iter is None else max_iter,
+            tol=tol, progress=progress,
+        )  # fmt: skip
+    return est.fit(source).attributions_
