@@ -13,7 +13,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -23,10 +23,16 @@ from . import outputs as _outputs
 from ._fingerprint import tensors_fingerprint
 from .errors import ArgumentError, DataError
 
-if TYPE_CHECKING:
-    from .ablation import Ablator
-
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MaskSetter(Protocol):
+    """What the loop needs of an ablator (``coarpy.ablation.Ablator``)."""
+
+    device: torch.device
+    supports_rows: bool
+
+    def set(self, keep: Tensor | None) -> None: ...
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -113,7 +119,7 @@ class ExampleSet:
 
 def run_masks(
     model: nn.Module,
-    ablator: Ablator,
+    ablator: MaskSetter,
     examples: ExampleSet,
     keep: Tensor,
     output: _outputs.OutputFn,
