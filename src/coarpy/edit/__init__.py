@@ -22,7 +22,7 @@ Entry points that run the model take ``(attributions, model, components, data, *
 targets=, references=, ..., progress=)``; ``measure`` takes ``(model, data, *, ...)``.
 """
 
-from ._checks import DIRECTIONS, check_compatible
+from ._checks import DIRECTIONS, Rows, check_compatible
 from .measuring import Metric, best_k, largest_k_within, measure, smallest_k, sweep
 from .record import FORMAT, VERSION, Edit, load_state_dict, make
 from .rundir import EDITS, edit_run
@@ -35,6 +35,7 @@ __all__ = [
     "VERSION",
     "Edit",
     "Metric",
+    "Rows",
     "apply",
     "best_k",
     "check_compatible",
