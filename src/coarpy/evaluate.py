@@ -331,7 +331,7 @@ class Evaluation:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Evaluation:
-        """Read an evaluation written by :meth:`save` (also by coarpy 0.1's, version 1)."""
+        """Read an evaluation written by :meth:`save` (version 2, or 1 with "methods")."""
         path = Path(path)
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict) or doc.get("format") != "coarpy.evaluation":
