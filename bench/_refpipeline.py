@@ -13,7 +13,6 @@ Throughputs are in masks per second (one mask = one pass over every example).
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from coarpy import _batching as B
-from coarpy.ablation import zero_weights_
+from coarpy.ablation import apply_ablation
 from coarpy.components import Components
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,8 +86,7 @@ def reference_pipeline(
     sync(device)
     start = time.perf_counter()
     for mask in keep:
-        ablated = copy.deepcopy(model)
-        zero_weights_(ablated, components, torch.nonzero(~mask).flatten())
+        ablated = apply_ablation(model, components, mask)  # a deep copy, weights zeroed
         ablated.eval()
         values = []
         with torch.no_grad(), cast(device, autocast):

@@ -119,7 +119,7 @@ def attributions(
     return {
         "coar": coar.fit(ds, progress=False),
         "leave_one_out": baselines.leave_one_out(model, comps, data, progress=False),
-        "gradient": baselines.gradient(model, comps, data),
+        "gradient": baselines.gradient(model, comps, data, progress=False),
     }
 
 

@@ -88,8 +88,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary, curves = [], {}
     for method, attr in attrs.items():
         table = edit.sweep(
-            model, comps, attr, targets, references, data=data, ks=ks, metrics=metrics
-        )
+            attr, model, comps, data, targets=targets, references=references, ks=ks,
+            metrics=metrics, progress=False,
+        )  # fmt: skip
         curves[method] = table
         k = edit.best_k(table, target="target_acc", reference="reference_acc", delta=DELTA)
         before, after = table[0], next(r for r in table if r["k"] == k)
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         clock.say(f"{method}: swept k in {ks}")
         if method == "coar":
-            made = edit.make(model, comps, attr, targets, references, k=k)
+            made = edit.make(attr, model, comps, targets=targets, references=references, k=k)
             made = C.with_curve(made, table, k)
             made.save(out / "backdoor" / "edits" / "backdoor.json",
                       model=made.apply_to(model, comps))  # fmt: skip

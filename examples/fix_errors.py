@@ -65,13 +65,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ks, deltas = [], []
         for e in errors.tolist():
             table = edit.sweep(
-                model, comps, attr, [e], correct, data=data, ks=range(k_max + 1),
-                until=lambda row: row["target_acc"] == 1.0,
+                attr, model, comps, data, targets=[e], references=correct,
+                ks=range(k_max + 1), until=lambda row: row["target_acc"] == 1.0, progress=False,
             )  # fmt: skip
             k = edit.smallest_k(table, "target_acc", at_least=1.0)
             row = {"method": method, "example": e, "label": int(data[1][e]), "k": k}
             if k is not None:
-                made = edit.make(model, comps, attr, [e], correct, k=k)
+                made = edit.make(attr, model, comps, targets=[e], references=correct, k=k)
                 edited = made.apply_to(model, comps)  # weights zeroed: a plain model
                 fixed = int(C.predictions(edited, data[0][e : e + 1])[0]) == int(data[1][e])
                 delta = 100 * (accuracy(edited, held) - base_acc)

@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary, curves = [], {}
     for method, attr in attrs.items():
         table = edit.sweep(
-            model, comps, attr, targets, references, data=data, ks=ks, direction="lower",
-            metrics=metrics,
+            attr, model, comps, data, targets=targets, references=references, ks=ks,
+            direction="lower", metrics=metrics, progress=False,
         )  # fmt: skip
         curves[method] = table
         k = edit.best_k(
@@ -91,7 +91,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         clock.say(f"{method}: swept k in {ks}")
         if method == "coar":
-            made = edit.make(model, comps, attr, targets, references, k=k, direction="lower")
+            made = edit.make(
+                attr, model, comps, targets=targets, references=references, k=k,
+                direction="lower",
+            )  # fmt: skip
             made = C.with_curve(made, table, k)
             made.save(out / "forget_class" / "edits" / f"forget-{label}.json",
                       model=made.apply_to(model, comps))  # fmt: skip

@@ -129,8 +129,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary, curves = [], {}
     for method, attr in attrs.items():
         table = edit.sweep(
-            model, comps, attr, targets, references, data=(xv, yv), ks=ks, metrics=metrics
-        )
+            attr, model, comps, (xv, yv), targets=targets, references=references, ks=ks,
+            metrics=metrics, progress=False,
+        )  # fmt: skip
         for row in table:
             for split in ("val", "test"):
                 accs = [row[f"{split}_group{i}"] for i in range(len(GROUPS))]
@@ -151,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         clock.say(f"{method}: swept k in {ks}")
         if method == "coar":
-            made = edit.make(model, comps, attr, targets, references, k=best["k"])
+            made = edit.make(
+                attr, model, comps, targets=targets, references=references, k=best["k"]
+            )
             made = C.with_curve(made, table, best["k"])
             made.save(out / "spurious" / "edits" / f"worst-group-{args.references}.json",
                       model=made.apply_to(model, comps))  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from coarpy.ablation import Ablator, ablate, apply_ablation, mean_values, zero_weights_
+from coarpy.ablation import Ablator, ablate, apply_ablation, mean_values
 from coarpy.components import Components
 from coarpy.errors import ComponentError, MaskError
 
@@ -63,7 +63,7 @@ def test_cnn_hook_ablation_equals_zeroed_filters(cnn, digits_batch, seed):
     assert (~keep).any()
     with torch.no_grad():
         by_hand = zero_cnn_channels_by_hand(cnn, keep)(x)
-        by_coarpy = apply_ablation(cnn, comps, (~keep).nonzero().flatten())(x)
+        by_coarpy = apply_ablation(cnn, comps, keep)(x)
         with ablate(cnn, comps, keep):
             hooked = cnn(x)
         plain = cnn(x)
@@ -109,7 +109,7 @@ def test_mlp_linear_neurons_inputs_equal_zeroed_weights(mlp, seed):
         want = edited(x)
         with ablate(mlp, comps, keep):
             hooked = mlp(x)
-        copied = apply_ablation(mlp, comps, (~keep).nonzero().flatten())(x)
+        copied = apply_ablation(mlp, comps, keep)(x)
     assert_close(hooked, want)
     assert_close(copied, want)
     assert not torch.allclose(hooked, mlp(x).detach(), atol=1e-3)
@@ -132,7 +132,7 @@ def test_multihead_attention_heads_equal_zeroed_out_proj_columns(
         want = edited(x)
         with ablate(attention_net, comps, keep):
             hooked = attention_net(x)
-        copied = apply_ablation(attention_net, comps, (~keep).nonzero().flatten())(x)
+        copied = apply_ablation(attention_net, comps, keep)(x)
     assert_close(hooked, want)
     assert_close(copied, want)
     assert_unchanged(attention_net, saved)
@@ -171,7 +171,7 @@ def test_minilm_heads_and_neurons_equal_zeroed_weights(minilm, minilm_batch, min
 
 def test_minilm_apply_ablation_matches_hand_zeroing(minilm, minilm_batch, minilm_comps):
     keep = random_keep(len(minilm_comps), 0.1, seed=3)
-    copied = apply_ablation(minilm, minilm_comps, (~keep).nonzero().flatten())
+    copied = apply_ablation(minilm, minilm_comps, keep)
     by_hand = zero_minilm_by_hand(minilm, keep)
     for (name, a), (_, b) in zip(
         copied.state_dict().items(), by_hand.state_dict().items(), strict=True
@@ -303,7 +303,7 @@ def test_ablator_set_none_runs_the_plain_model(cnn, digits_batch):
 def test_apply_ablation_leaves_the_original_alone(cnn, snapshot, assert_unchanged):
     comps = conv_comps(cnn)
     saved = snapshot(cnn)
-    edited = apply_ablation(cnn, comps, torch.tensor([0, 9, 23]))
+    edited = apply_ablation(cnn, comps, [comps.names[i] for i in (0, 9, 23)])
     assert_unchanged(cnn, saved)
     assert edited.features[0].weight[0].abs().sum() == 0
     assert edited.features[4].weight[1].abs().sum() == 0
@@ -368,9 +368,64 @@ def test_per_row_mask_with_the_wrong_batch_size_is_refused(cnn, digits_batch):
     assert not any(m._forward_hooks for m in cnn.modules())
 
 
-def test_zero_weights_refuses_out_of_range_indices(cnn):
-    with pytest.raises(ComponentError, match=r"must lie in \[0, 24\), got \[0, 24\]"):
-        zero_weights_(cnn, conv_comps(cnn), torch.tensor([0, 24]))
+def test_apply_ablation_with_a_bool_mask_zeroes_exactly_the_false_components(
+    cnn, digits_batch, snapshot, assert_unchanged
+):
+    # Regression: apply_ablation took indices, so a keep-mask [True, False, ...] was read
+    # as the indices 1 and 0 and silently ablated components 0 and 1.
+    x, _ = digits_batch
+    comps = conv_comps(cnn)  # 8 filters of features.0, then 16 of features.4
+    keep = torch.ones(24, dtype=torch.bool)
+    keep[[3, 10, 17]] = False
+    saved = snapshot(cnn)
+    edited = apply_ablation(cnn, comps, keep)
+    assert_unchanged(cnn, saved)
+    first, second = edited.features[0].weight, edited.features[4].weight
+    zeroed = [i for i in range(8) if not first[i].any()] + [
+        8 + i for i in range(16) if not second[i].any()
+    ]
+    assert zeroed == [3, 10, 17]
+    for name, value in edited.state_dict().items():  # biases and every other filter kept
+        if name not in ("features.0.weight", "features.4.weight"):
+            assert torch.equal(value, saved[name]), name
+    with torch.no_grad(), ablate(cnn, comps, keep):
+        hooked = cnn(x)
+    with torch.no_grad():
+        assert torch.equal(edited(x), hooked)  # the same as ablate, bit for bit
+
+
+def test_apply_ablation_names_equal_the_mask_that_ablates_them(mlp):
+    comps = Components.discover(mlp, kinds=("linear",))
+    keep = random_keep(len(comps), 0.3, seed=4)
+    names = [comps.names[i] for i in (~keep).nonzero().flatten().tolist()]
+    by_mask, by_name = apply_ablation(mlp, comps, keep), apply_ablation(mlp, comps, names)
+    for (name, a), (_, b) in zip(
+        by_mask.state_dict().items(), by_name.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert apply_ablation(mlp, comps, []).state_dict().keys() == mlp.state_dict().keys()
+
+
+def test_apply_ablation_refuses_indices_and_other_masks(cnn, snapshot, assert_unchanged):
+    comps = conv_comps(cnn)
+    saved = snapshot(cnn)
+    with pytest.raises(MaskError, match=r"torch.int64 tensor.*keep\[indices\] = False"):
+        apply_ablation(cnn, comps, torch.tensor([0, 1]))
+    with pytest.raises(MaskError, match=r"torch.float32 tensor.*soft"):
+        apply_ablation(cnn, comps, torch.ones(24))
+    with pytest.raises(MaskError, match=r"shape \(24,\).*got \(23,\)"):
+        apply_ablation(cnn, comps, torch.ones(23, dtype=torch.bool))
+    with pytest.raises(MaskError, match=r"not one per batch row"):
+        apply_ablation(cnn, comps, torch.ones(2, 24, dtype=torch.bool))
+    with pytest.raises(MaskError, match=r"got a list of int.*names of the components"):
+        apply_ablation(cnn, comps, [0, 9])
+    with pytest.raises(MaskError, match=r"got str.*e.g. \['features.0:0'\]"):
+        apply_ablation(cnn, comps, "features.0:0")
+    with pytest.raises(ComponentError, match=r"No component named 'features.0:99'"):
+        apply_ablation(cnn, comps, ["features.0:99"])
+    with pytest.raises(ComponentError, match=r"'features.0:1' more than once"):
+        apply_ablation(cnn, comps, ["features.0:1", "features.0:1"])
+    assert_unchanged(cnn, saved)
 
 
 def test_unknown_mode_and_missing_means_are_refused(cnn):

@@ -73,11 +73,11 @@ def test_gradient_recovers_the_weights_of_an_additive_model_exactly(additive):
 
 def test_baselines_of_an_additive_model_predict_held_out_ablations_perfectly(additive):
     net, comps = additive
-    methods = {
+    named = {
         "loo": leave_one_out(net, comps, X, output=readout, progress=False),
         "grad": gradient(net, comps, X, output=readout),
     }
-    res = evaluate(methods, net, comps, X, output=readout, alphas=(0.3,), n_masks=30)
+    res = evaluate(named, net, comps, X, output=readout, alphas=(0.3,), n_masks=30)
     torch.testing.assert_close(res.pearson, torch.ones_like(res.pearson), rtol=0, atol=1e-6)
     torch.testing.assert_close(res.spearman, torch.ones_like(res.spearman), rtol=0, atol=1e-6)
 

@@ -129,7 +129,7 @@ def test_fit_then_evaluate_from_the_command_line(config_file, tmp_path, capsys):
         assert method in table
     saved = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     assert saved["alphas"] == [0.25, 0.5]
-    assert (tmp_path / "run" / "evaluation.csv").read_text().startswith("method,")
+    assert (tmp_path / "run" / "evaluation.csv").read_text().startswith("attribution,")
     info = runs.status(cfg.path)
     assert info["fitted"] and info["evaluated"]
 

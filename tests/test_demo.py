@@ -28,7 +28,7 @@ def test_demo_writes_its_results_and_coar_beats_the_baselines(tmp_path, capsys):
 
     rows = json.loads((out / "evaluation.json").read_text())
     assert rows["alphas"] == [0.1, 0.2]
-    table = {(r["method"], float(r["alpha"])): r for r in _rows(out / "evaluation.csv")}
+    table = {(r["attribution"], float(r["alpha"])): r for r in _rows(out / "evaluation.csv")}
     for alpha in (0.1, 0.2):
         coar = float(table["coar", alpha]["pearson_mean"])
         assert coar > 0.8

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import json
 import statistics
 import sys
@@ -111,9 +112,10 @@ def test_select_directions_are_right_on_an_additive_model():
     (raise_,) = edit.select(s, 1).tolist()
     (lower,) = edit.select(s, 1, direction="lower").tolist()
     assert (raise_, lower) == (1, 3)
-    before = edit.measure(net, x, [0, 1, 2], [3, 4, 5], output=first)
-    raised = edit.measure(edit.apply(net, comps, [raise_]), x, [0, 1, 2], [3, 4, 5], output=first)
-    lowered = edit.measure(edit.apply(net, comps, [lower]), x, [0, 1, 2], [3, 4, 5], output=first)
+    sets = {"targets": [0, 1, 2], "references": [3, 4, 5], "output": first}
+    before = edit.measure(net, x, **sets)
+    raised = edit.measure(edit.apply(net, comps, [raise_]), x, **sets)
+    lowered = edit.measure(edit.apply(net, comps, [lower]), x, **sets)
     # ablating component 1 adds exactly 3 to every target and takes 1 from every reference
     assert raised["target_output"] == pytest.approx(before["target_output"] + 3.0, abs=1e-6)
     assert raised["reference_output"] == pytest.approx(before["reference_output"] - 1.0, abs=1e-6)
@@ -170,13 +172,13 @@ def test_fixing_an_error_makes_the_target_correct_when_the_edited_model_runs(set
     deltas = []
     for e in setting["errors"].tolist():
         table = edit.sweep(
-            model, comps, attr, [e], correct, data=data, ks=range(16),
+            attr, model, comps, data, targets=[e], references=correct, ks=range(16),
             until=lambda row: row["target_acc"] == 1.0,
         )  # fmt: skip
         k = edit.smallest_k(table, "target_acc", at_least=1.0)
         assert k is not None and 1 <= k <= 8  # measured: every error fixed with k <= 5
         assert table[-1]["k"] == k  # the sweep stopped there
-        made = edit.make(model, comps, attr, [e], correct, k=k)
+        made = edit.make(attr, model, comps, targets=[e], references=correct, k=k)
         edited = made.apply_to(model, comps)  # zeroed weights, no hooks
         with torch.inference_mode():
             assert int(edited(data[0][e : e + 1]).argmax(1)) == int(data[1][e])
@@ -199,8 +201,8 @@ def test_forgetting_a_class_drops_it_and_keeps_the_others(setting):
         "held_reference_acc": lambda m: accuracy(m, (hx[hy != label], hy[hy != label])),
     }
     table = edit.sweep(
-        model, comps, attr, targets, data=data, ks=(0, 1, 2, 3, 4, 6, 8, 12), direction="lower",
-        metrics=metrics,
+        attr, model, comps, data, targets=targets, ks=(0, 1, 2, 3, 4, 6, 8, 12),
+        direction="lower", metrics=metrics,
     )  # fmt: skip
     k = edit.smallest_k(table, "target_acc", at_most=0.05)
     assert k is not None and k <= 8  # measured: 6
@@ -216,12 +218,13 @@ def test_sweep_by_hooks_matches_running_weight_zeroed_copies(setting):
     targets = errors[:3]
     metric = {"held_acc": lambda m: accuracy(m, setting["held"])}
     table = edit.sweep(
-        model, comps, attr, targets, correct, data=data, ks=(0, 1, 3, 8), metrics=metric
-    )
+        attr, model, comps, data, targets=targets, references=correct, ks=(0, 1, 3, 8),
+        metrics=metric,
+    )  # fmt: skip
     order = edit.select(edit.scores(attr, targets, correct), 8)
     for row in table:
         edited = edit.apply(model, comps, order[: row["k"]])
-        plain = edit.measure(edited, data, targets, correct, metrics=metric)
+        plain = edit.measure(edited, data, targets=targets, references=correct, metrics=metric)
         for col in ("target_output", "reference_output"):
             assert row[col] == pytest.approx(plain[col], abs=1e-5)
         for col in ("target_acc", "reference_acc", "held_acc"):
@@ -232,8 +235,10 @@ def test_sweep_by_hooks_matches_running_weight_zeroed_copies(setting):
 def test_sweep_runs_several_edits_per_pass_with_the_same_results(setting):
     model, comps, data = setting["model"], setting["comps"], setting["data"]
     attr, errors = setting["attrs"]["gradient"], setting["errors"]
-    one = edit.sweep(model, comps, attr, errors, data=data, ks=(0, 2, 4, 6))
-    packed = edit.sweep(model, comps, attr, errors, data=data, ks=(6, 4, 2, 0, 4), batch_size=4096)
+    one = edit.sweep(attr, model, comps, data, targets=errors, ks=(0, 2, 4, 6))
+    packed = edit.sweep(
+        attr, model, comps, data, targets=errors, ks=(6, 4, 2, 0, 4), batch_size=4096
+    )
     assert [r["k"] for r in packed] == [0, 2, 4, 6]
     for a, b in zip(one, packed, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
@@ -244,11 +249,37 @@ def test_sweep_leaves_the_model_as_it_was(setting, snapshot, assert_unchanged):
     saved = snapshot(model)
     model.train()
     try:
-        edit.sweep(model, comps, setting["attrs"]["coar"], [0], data=data, ks=(0, 3))
+        edit.sweep(setting["attrs"]["coar"], model, comps, data, targets=[0], ks=(0, 3))
         assert model.training
     finally:
         model.eval()
     assert_unchanged(model, saved)
+
+
+# -- one argument order -------------------------------------------------------------------------
+
+
+def _parameters(fn) -> tuple[list[str], list[str]]:
+    """(positional parameter names, keyword-only parameter names) of ``fn``."""
+    params = inspect.signature(fn).parameters.values()
+    keyword = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return [p.name for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY], keyword
+
+
+def test_entry_points_that_run_the_model_share_one_argument_order():
+    for fn in (coar.evaluate, edit.sweep, edit.make):
+        positional, keyword = _parameters(fn)
+        assert positional == ["attributions", "model", "components", "data"], fn.__name__
+        assert "progress" in keyword and "output" in keyword, fn.__name__
+    for fn in (edit.sweep, edit.make):
+        assert {"targets", "references"} <= set(_parameters(fn)[1]), fn.__name__
+    for fn in (baselines.leave_one_out, baselines.gradient):  # they make attributions
+        positional, keyword = _parameters(fn)
+        assert positional == ["model", "components", "data"] and "progress" in keyword
+    positional, keyword = _parameters(edit.measure)  # runs a model as it is
+    assert positional == ["model", "data"]
+    assert {"targets", "references", "progress"} <= set(keyword)
+    assert "progress" in _parameters(edit.edit_run)[1]
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -288,9 +319,9 @@ def test_bad_k_and_direction_are_refused(setting):
     with pytest.raises(EditError, match="direction must be 'raise'"):
         edit.select(s, 1, direction="up")
     with pytest.raises(EditError, match="cannot be ablated"):
-        edit.make(model, comps, attr, [0], [1], k=n + 1)
+        edit.make(attr, model, comps, targets=[0], references=[1], k=n + 1)
     with pytest.raises(EditError, match="cannot be ablated"):
-        edit.sweep(model, comps, attr, [0], [1], data=setting["data"], ks=(0, n + 1))
+        edit.sweep(attr, model, comps, setting["data"], targets=[0], references=[1], ks=(0, n + 1))
     with pytest.raises(EditError, match="NaN"):
         edit.select(torch.tensor([0.0, float("nan")]), 1)
     with pytest.raises(EditError, match="outside the"):
@@ -304,23 +335,23 @@ def test_attributions_of_another_model_are_refused(setting):
         weights=attr.weights[:, :-1], bias=attr.bias, names=attr.names[:-1], meta=attr.meta
     )
     with pytest.raises(EditError, match=f"cover {len(comps) - 1} components"):
-        edit.make(model, comps, renamed, [0], [1], k=1)
+        edit.make(renamed, model, comps, targets=[0], references=[1], k=1)
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.classifier[1].weight[0, 0] += 1.0
     for method in ("coar", "leave_one_out", "gradient"):  # fit records it in meta["source"]
         with pytest.raises(EditError, match="fitted on a model with other weights"):
-            edit.make(other, comps, setting["attrs"][method], [0], [1], k=1)
+            edit.make(setting["attrs"][method], other, comps, targets=[0], references=[1], k=1)
     mean_mode = coar.Attributions(
         weights=attr.weights, bias=attr.bias, names=attr.names, meta={"mode": "mean"}
     )
     with pytest.raises(EditError, match="mode='mean'"):
-        edit.make(model, comps, mean_mode, [0], [1], k=1)
+        edit.make(mean_mode, model, comps, targets=[0], references=[1], k=1)
     with pytest.raises(EditError, match="data holds 10 examples"):
-        edit.sweep(model, comps, attr, [0], [1], data=(data[0][:10], data[1][:10]))
+        edit.sweep(attr, model, comps, (data[0][:10], data[1][:10]), targets=[0], references=[1])
     flipped = (data[0].flip(0), data[1].flip(0))
     with pytest.raises(EditError, match="data differs from the examples"):
-        edit.sweep(model, comps, attr, [0], [1], data=flipped)
+        edit.sweep(attr, model, comps, flipped, targets=[0], references=[1])
 
 
 # -- stop rules ---------------------------------------------------------------------------------
@@ -360,7 +391,7 @@ def test_stop_rules_pick_the_right_rows():
 def test_an_edit_saves_and_loads_with_a_plain_state_dict(setting, tmp_path):
     model, comps, data = setting["model"], setting["comps"], setting["data"]
     attr, errors = setting["attrs"]["coar"], setting["errors"]
-    made = edit.make(model, comps, attr, errors[:2], k=4, data=data, ks=(1, 2))
+    made = edit.make(attr, model, comps, data, targets=errors[:2], k=4, ks=(1, 2))
     assert made.k == 4 and len(made.names) == 4
     assert [r["k"] for r in made.curve] == [0, 1, 2, 4]
     assert made.before["target_acc"] == 0.0 and made.after == {
@@ -399,7 +430,7 @@ def test_the_report_draws_a_saved_edit_curve(setting, tmp_path):
 
     model, comps, data = setting["model"], setting["comps"], setting["data"]
     made = edit.make(
-        model, comps, setting["attrs"]["coar"], setting["errors"], k=4, data=data, ks=(1, 2)
+        setting["attrs"]["coar"], model, comps, data, targets=setting["errors"], k=4, ks=(1, 2)
     )
     fig = plot_edit_curve(list(made.curve))
     assert {line.get_label() for line in fig.axes[0].lines} == {

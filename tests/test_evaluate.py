@@ -118,7 +118,7 @@ def test_exact_attributions_of_an_additive_model_have_correlation_one(additive):
         exact_attributions(X, comps.names), net, comps, X, output=readout,
         alphas=(0.2, 0.5), n_masks=25,
     )  # fmt: skip
-    assert res.methods == ("coar",) and res.alphas == (0.2, 0.5) and res.n_masks == 25
+    assert res.attribution_names == ("coar",) and res.alphas == (0.2, 0.5) and res.n_masks == 25
     assert res.pearson.shape == res.spearman.shape == (1, 2, len(X))
     torch.testing.assert_close(res.pearson, torch.ones_like(res.pearson), rtol=0, atol=1e-6)
     torch.testing.assert_close(res.spearman, torch.ones_like(res.spearman), rtol=0, atol=1e-6)
@@ -154,13 +154,13 @@ def test_each_alpha_gets_the_same_masks_alone_or_with_others(additive):
     assert torch.equal(both.per_example(alpha=0.4).pearson, alone.per_example().pearson)
 
 
-def test_methods_are_compared_on_the_same_masks(additive):
+def test_several_attributions_are_compared_on_the_same_masks(additive):
     net, comps = additive
     exact = exact_attributions(X, comps.names)
     rough = noisy(exact, 3.0, seed=2)
     res = evaluate({"rough": rough, "exact": exact}, net, comps, X, output=readout, n_masks=30)
     alone = evaluate(rough, net, comps, X, output=readout, n_masks=30)
-    assert res.methods == ("rough", "exact")
+    assert res.attribution_names == ("rough", "exact")
     assert torch.equal(res.per_example("rough").pearson, alone.per_example("coar").pearson)
     assert (res.per_example("exact").pearson > res.per_example("rough").pearson).all()
 
@@ -199,11 +199,11 @@ def held_out_store(path, net, comps, x, *, alpha, n_masks, seed):
 def test_evaluating_a_store_equals_evaluating_the_model_on_the_same_masks(additive, tmp_path):
     net, comps = additive
     exact = exact_attributions(X, comps.names)
-    methods = {"rough": noisy(exact, 3.0, seed=4), "rougher": noisy(exact, 9.0, seed=5)}
+    named = {"rough": noisy(exact, 3.0, seed=4), "rougher": noisy(exact, 9.0, seed=5)}
     ds = held_out_store(tmp_path / "held", net, comps, X, alpha=0.3, n_masks=30, seed=2)
-    from_store = evaluate_store(methods, ds)
-    from_model = evaluate(methods, net, comps, X, output=readout, alphas=(0.3,), n_masks=30, seed=2)
-    assert from_store.methods == from_model.methods
+    from_store = evaluate_store(named, ds)
+    from_model = evaluate(named, net, comps, X, output=readout, alphas=(0.3,), n_masks=30, seed=2)
+    assert from_store.attribution_names == from_model.attribution_names
     assert from_store.alphas == (0.3,) and from_store.n_masks == 30
     torch.testing.assert_close(from_store.pearson, from_model.pearson)
     torch.testing.assert_close(from_store.spearman, from_model.spearman)
@@ -237,13 +237,29 @@ def test_evaluation_saves_as_json_and_loads_back_equal(additive, tmp_path):
     doc = json.loads(path.read_text())  # strict JSON: NaN is written as null
     assert doc["pearson"][len(x) - 1] is None and len(doc["summary"]) == 4
     back = Evaluation.load(path)
-    assert (back.methods, back.alphas, back.n_masks) == (res.methods, res.alphas, res.n_masks)
+    assert (back.attribution_names, back.alphas, back.n_masks) == (
+        res.attribution_names, res.alphas, res.n_masks
+    )  # fmt: skip
     assert back.n_constant == res.n_constant and back.meta == res.meta
     torch.testing.assert_close(back.pearson, res.pearson, equal_nan=True)
     torch.testing.assert_close(back.spearman, res.spearman, equal_nan=True)
 
 
-def test_rows_and_summary_report_quartiles_per_method_and_alpha(additive):
+def test_an_evaluation_saved_as_version_1_loads_with_its_names(additive, tmp_path):
+    # Version 1 called the names of the attributions "methods"; "method" now means only
+    # how attributions were made (attr.meta["method"]).
+    net, comps = additive
+    res = evaluate(exact_attributions(X, comps.names), net, comps, X, output=readout, n_masks=5)
+    path = res.save(tmp_path / "eval.json")
+    doc = json.loads(path.read_text())
+    doc["methods"], doc["version"] = doc.pop("attribution_names"), 1
+    path.write_text(json.dumps(doc))
+    back = Evaluation.load(path)
+    assert back.attribution_names == ("coar",)
+    torch.testing.assert_close(back.pearson, res.pearson, equal_nan=True)
+
+
+def test_rows_and_summary_report_quartiles_per_attribution_and_alpha(additive):
     net, comps = additive
     exact = exact_attributions(X, comps.names)
     res = evaluate(
@@ -251,7 +267,7 @@ def test_rows_and_summary_report_quartiles_per_method_and_alpha(additive):
         alphas=(0.2, 0.4), n_masks=15,
     )  # fmt: skip
     rows = res.to_rows()
-    assert [(r["method"], r["alpha"]) for r in rows] == [
+    assert [(r["attribution"], r["alpha"]) for r in rows] == [
         ("exact", 0.2), ("exact", 0.4), ("rough", 0.2), ("rough", 0.4)
     ]  # fmt: skip
     r = res.per_example("rough", 0.4).spearman.numpy()
@@ -261,18 +277,18 @@ def test_rows_and_summary_report_quartiles_per_method_and_alpha(additive):
     assert last["spearman_q25"] == pytest.approx(np.quantile(r, 0.25))
     assert last["spearman_q75"] == pytest.approx(np.quantile(r, 0.75))
     lines = res.summary().splitlines()
-    assert lines[2].split()[:4] == ["method", "alpha", "n", "p_mean"]
+    assert lines[2].split()[:4] == ["attribution", "alpha", "n", "p_mean"]
     assert lines[6].split()[:5] == ["rough", "0.4", "5", f"{last['pearson_mean']:.3f}",
                                     f"{last['pearson_median']:.3f}"]  # fmt: skip
 
 
-def test_per_example_names_the_methods_and_alphas_it_has(additive):
+def test_per_example_names_the_attributions_and_alphas_it_has(additive):
     net, comps = additive
     res = evaluate(
         exact_attributions(X, comps.names), net, comps, X, output=readout,
         alphas=(0.2, 0.4), n_masks=5,
     )  # fmt: skip
-    with pytest.raises(EvaluationError, match=r"No method 'loo'.*\['coar'\]"):
+    with pytest.raises(EvaluationError, match=r"No attributions named 'loo'.*\['coar'\]"):
         res.per_example("loo", 0.2)
     with pytest.raises(EvaluationError, match=r"No alpha 0.3.*\[0.2, 0.4\]"):
         res.per_example("coar", 0.3)
@@ -348,12 +364,14 @@ def test_a_store_with_fewer_than_three_rows_is_refused(additive, tmp_path):
         evaluate_store(exact_attributions(X, comps.names), ds)
 
 
-def test_methods_must_be_named_attributions(additive):
+def test_attributions_must_be_named_attributions(additive):
     net, comps = additive
     with pytest.raises(EvaluationError, match="empty mapping"):
         evaluate({}, net, comps, X, output=readout)
     with pytest.raises(EvaluationError, match=r"attributions\['w'\] is a Tensor"):
         evaluate({"w": torch.zeros(5, 6)}, net, comps, X, output=readout)
+    with pytest.raises(EvaluationError, match="names of the attributions must be non-empty"):
+        evaluate({"": exact_attributions(X, comps.names)}, net, comps, X, output=readout)
 
 
 # -- real data: COAR against the baselines ---------------------------------------------------
@@ -377,18 +395,18 @@ def test_coar_predicts_held_out_ablations_better_than_the_baselines(trained_cnn,
             trained_cnn, comps, data, path=tmp_path / "train", n_masks=1500, alpha=0.2,
             seed=0, batch_size=2000, progress=False,
         )  # fmt: skip
-        methods = {
+        named = {
             "coar": fit(ds, progress=False),
             "loo": leave_one_out(trained_cnn, comps, data, batch_size=2000, progress=False),
             "grad": gradient(trained_cnn, comps, data),
         }
         res = evaluate(
-            methods, trained_cnn, comps, data, alphas=(0.2,), n_masks=200, batch_size=2000,
+            named, trained_cnn, comps, data, alphas=(0.2,), n_masks=200, batch_size=2000,
             progress=False,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    mean = {row["method"]: row["pearson_mean"] for row in res.to_rows()}
+    mean = {row["attribution"]: row["pearson_mean"] for row in res.to_rows()}
     assert mean["coar"] > mean["loo"] + 0.03, res.summary()
     assert mean["coar"] > mean["grad"] + 0.15, res.summary()
     assert mean["coar"] > 0.85, res.summary()

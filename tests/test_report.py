@@ -173,7 +173,7 @@ def test_correlation_histograms_give_each_methods_mean_and_count_per_alpha():
     values = torch.rand(2, 3, 10, generator=g, dtype=torch.float64) * 2 - 1  # (M, A, E)
     values[1, 2, :4] = torch.nan
     ev = Evaluation(
-        methods=("coar", "loo"), alphas=(0.05, 0.1, 0.2), n_masks=50, pearson=values,
+        attribution_names=("coar", "loo"), alphas=(0.05, 0.1, 0.2), n_masks=50, pearson=values,
         spearman=values, n_constant=(0, 0, 4),
     )  # fmt: skip
     fig = report.plot_correlations(ev)

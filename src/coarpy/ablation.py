@@ -4,7 +4,8 @@
 runs; it reproduces the paper's weight zeroing exactly (a conv channel or linear unit
 becomes its bias, a head or neuron becomes zero) without copying or rewriting the
 model. ``mode="mean"`` replaces a unit by its mean over a reference set instead.
-``apply_ablation`` makes the same edit permanent, in the weights of a copy.
+``apply_ablation(model, components, keep)`` makes the same edit permanent, in the
+weights of a copy: it is the one function that zeroes weights for good.
 
 keep: bool tensor of shape (n_components,) shared by the batch, or (batch,
 n_components) with one mask per batch row. True keeps the component. A floating
@@ -15,7 +16,7 @@ gradient baseline uses it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -119,8 +120,7 @@ def _weight_slot(model: nn.Module, group: Group, mode: str) -> tuple[nn.Paramete
         return None
     if sum(p is weight for _, p in model.named_parameters(remove_duplicate=False)) != 1:
         return None
-    axis = 0 if group.site == "output" else 1  # (out, in, ...) layout
-    return weight, (1 - axis if conv1d else axis)  # Conv1D stores (in, out)
+    return weight, _weight_axis(module, group.site)
 
 
 class Ablator:
@@ -495,48 +495,127 @@ def _refuse_mean_on_head_axis(g: Group) -> None:
         )
 
 
-def zero_weights_(model: nn.Module, components: Components, ablated: Tensor) -> nn.Module:
+def _ablated_indices(components: Components, keep: Tensor | Sequence[str]) -> Tensor:
+    """Flat indices (int64, on the CPU) of the components ``keep`` ablates.
+
+    ``keep`` is a bool keep-mask of shape (N,) (False ablates) or a list of the names of
+    the components to ablate. Anything else is refused: an int tensor of indices taken
+    for a mask would ablate the wrong components without a word.
+    """
+    n = len(components)
+    how = (
+        f"Pass a bool keep-mask of shape ({n},) (True keeps a component, as for ablate) or "
+        "a list of the names of the components to ablate"
+    )
+    if isinstance(keep, Tensor):
+        if keep.dtype != torch.bool:
+            fix = (
+                f"; to ablate components by index, build keep = torch.ones({n}, "
+                "dtype=torch.bool) and set keep[indices] = False"
+                if not keep.is_floating_point()
+                else "; a soft (float) mask has no persistent form, use keep >= 0.5 or ablate()"
+            )
+            raise MaskError(
+                f"apply_ablation got a {keep.dtype} tensor of shape {tuple(keep.shape)}. "
+                f"{how}{fix}."
+            )
+        if keep.shape != (n,):
+            raise MaskError(
+                f"apply_ablation needs keep of shape ({n},) for these {n} components, got "
+                f"{tuple(keep.shape)}. Zeroed weights are shared by every example, so a "
+                "persistent edit takes one mask, not one per batch row. Build the mask for the "
+                "same Components."
+            )
+        return (~keep).nonzero().flatten().cpu()
+    if isinstance(keep, (list, tuple)) and all(isinstance(name, str) for name in keep):
+        indices = [components.index(name) for name in keep]  # ComponentError if unknown
+        if len(set(indices)) != len(indices):
+            twice = next(name for name in keep if keep.count(name) > 1)
+            raise ComponentError(
+                f"apply_ablation got the name {twice!r} more than once; list each component "
+                "to ablate once."
+            )
+        return torch.tensor(indices, dtype=torch.long)
+    got = type(keep).__name__
+    if isinstance(keep, (list, tuple)) and keep:
+        got = f"a {got} of {type(next(k for k in keep if not isinstance(k, str))).__name__}"
+    raise MaskError(f"apply_ablation got {got}. {how}, e.g. [{components.names[0]!r}].")
+
+
+def _weight_axis(module: nn.Module, site: str) -> int:
+    """The axis of ``module.weight`` whose slices are the units at ``site``.
+
+    Rows (axis 0) hold output units and columns (axis 1) input features, in torch's
+    (out, in, ...) layout; transformers' Conv1D stores (in, out), so the axes swap.
+    """
+    axis = 0 if site == "output" else 1
+    return 1 - axis if _is_hf_conv1d(module) else axis
+
+
+def _zero_weights_(model: nn.Module, components: Components, ablated: Tensor) -> None:
     """Zero, in place, the weights of the components with flat indices ``ablated``.
 
     This is the paper's definition of ablation; ``ablate(..., mode="zero")`` matches it.
+    Indices must be valid (``_ablated_indices`` makes them).
     """
-    ablated = torch.as_tensor(ablated, dtype=torch.long).flatten().cpu()
-    if ablated.numel() and (ablated.min() < 0 or ablated.max() >= len(components)):
-        raise ComponentError(
-            f"ablated indices must lie in [0, {len(components)}), got "
-            f"[{int(ablated.min())}, {int(ablated.max())}]."
-        )
     groups, units = components.locate(ablated)
     with torch.no_grad():
         for gi, g in enumerate(components.groups):
             sel = units[groups == gi]
             if sel.numel() == 0:
                 continue
-            feats = _feature_index(sel, g.unit_size)
             module = model.get_submodule(g.hook)
-            if g.site == "param":
-                module.out_proj.weight[:, feats] = 0
-                continue
             if families.is_hook_point(module):  # TransformerLens hook_z / hook_post
-                families.hook_point_weight(model, g.hook)[sel] = 0
+                weight = families.hook_point_weight(model, g.hook)  # one row per unit
+                weight[sel.to(weight.device)] = 0
                 continue
-            weight = module.weight
-            conv1d = _is_hf_conv1d(module)  # weight stored (in, out)
-            if g.site == "output":
-                if conv1d:
-                    weight[:, feats] = 0
-                else:
-                    weight[feats] = 0
-            elif conv1d:
-                weight[feats, :] = 0
+            if g.site == "param":  # nn.MultiheadAttention: heads are out_proj's columns
+                weight, axis = module.out_proj.weight, 1
             else:
-                weight[:, feats] = 0
-    return model
+                weight, axis = module.weight, _weight_axis(module, g.site)
+            weight.index_fill_(axis, _feature_index(sel, g.unit_size).to(weight.device), 0)
 
 
-def apply_ablation(model: nn.Module, components: Components, ablated: Tensor) -> nn.Module:
+def apply_ablation(
+    model: nn.Module, components: Components, keep: Tensor | Sequence[str]
+) -> nn.Module:
     """A copy of ``model`` whose ablated components have zeroed weights.
 
-    The copy runs without coarpy (no hooks); the original is untouched.
+    The persistent form of ``ablate(model, components, keep)`` (zero mode): a conv
+    filter's or linear unit's weights become zero (its bias stays), a head's or
+    neuron's output weights become zero. The copy is a plain module that runs, saves
+    and loads without coarpy; the original is untouched. This is the one function in
+    coarpy that zeroes weights for good; ``coarpy.edit`` applies edits with it.
+
+    Parameters
+    ----------
+    model : the model to copy.
+    components : its components.
+    keep : a bool tensor of shape (n_components,), True keeps a component (as for
+        :func:`ablate`); or a list of the names of the components to ablate.
+
+    Returns
+    -------
+    nn.Module, the edited copy.
+
+    Raises
+    ------
+    MaskError
+        ``keep`` is not a bool tensor of shape (n_components,) or a list of names (int
+        indices are refused: build a keep-mask from them).
+    ComponentError
+        A name is not a component of ``components``, or is given twice.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(2, 3))
+    >>> comps = Components.from_spec(net, {"0": "linear"})  # names "0:0", "0:1", "0:2"
+    >>> apply_ablation(net, comps, torch.tensor([True, False, True]))[0].weight[1].tolist()
+    [0.0, 0.0]
+    >>> apply_ablation(net, comps, ["0:2"])[0].weight[2].tolist()
+    [0.0, 0.0]
     """
-    return zero_weights_(copy.deepcopy(model), components, ablated)
+    ablated = _ablated_indices(components, keep)
+    edited = copy.deepcopy(model)
+    _zero_weights_(edited, components, ablated)
+    return edited

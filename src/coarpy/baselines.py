@@ -16,6 +16,7 @@ true weights and bias.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import closing
 
 import torch
 from torch import Tensor, nn
@@ -124,6 +125,7 @@ def gradient(
     device: torch.device | str | None = None,
     mode: str = "zero",
     means: dict[str, Tensor] | None = None,
+    progress: bool | None = None,
 ) -> Attributions:
     """Gradient attributions (attribution patching): d f_z / d v_j at the full model.
 
@@ -137,6 +139,7 @@ def gradient(
     model, components, data, output, batch_size, device, mode, means : as for
         ``collect``. Examples must not interact within a batch (the model is run in
         eval mode, so BatchNorm uses its running statistics).
+    progress : show a progress bar (one step per batch); None shows it on a terminal.
 
     Returns
     -------
@@ -175,7 +178,8 @@ def gradient(
     weights = torch.empty(examples.n_examples, n)  # (E, N)
     full = torch.empty(examples.n_examples)  # (E,)
     ablator = Ablator(model, components, mode=mode, means=means)
-    with eval_mode(model, "gradient"), ablator, torch.enable_grad():
+    bar = progress_bar(len(examples.batches), progress, desc="gradient", unit="batch")
+    with eval_mode(model, "gradient"), ablator, torch.enable_grad(), closing(bar):
         row = 0
         for batch in examples.batches:
             size = B.batch_size(batch)
@@ -193,6 +197,7 @@ def gradient(
             weights[row : row + size] = grad.detach().float().cpu()  # (b, N)
             full[row : row + size] = values.detach().cpu()
             row += size
+            bar.update(1)
         ablator.set(None)
     bias = full - weights.sum(1)
     return Attributions(

@@ -1,18 +1,20 @@
 """Evaluation: how well attributions predict the model under fresh ablations.
 
 For held-out keep-masks v_1 ... v_n at an ablation fraction alpha, the true outputs
-f_z(v_i) of the ablated model are compared with each method's predictions
-g_z(v_i) = b_z + w_z . v_i. Per example z, Pearson's and Spearman's correlation over
-the n masks measure the fit; the paper reports their mean over examples.
+f_z(v_i) of the ablated model are compared with the predictions g_z(v_i) = b_z +
+w_z . v_i of each Attributions evaluated. Per example z, Pearson's and Spearman's
+correlation over the n masks measure the fit; the paper reports their mean over
+examples.
 
 Held-out masks never coincide in distribution with training masks: collection draws
 stream 0 of its seed, evaluation at alpha draws stream ``heldout_stream(alpha)``
 (1 + round(alpha * 10**6)), so different alphas get different masks too.
 
-Methods are named: ``evaluate(attr, ...)`` calls one Attributions ``"coar"``;
-``evaluate({"coar": attr, "loo": loo, "grad": grad}, ...)`` compares several on the
-same masks, in the mapping's order. ``evaluate`` runs the model; ``evaluate_store``
-reads held-out masks already collected into a ComponentDataset.
+Each Attributions evaluated has a name: ``evaluate(attr, ...)`` calls a lone one
+``"coar"``; ``evaluate({"coar": attr, "loo": loo, "grad": grad}, ...)`` compares
+several on the same masks, in the mapping's order (``method`` is kept for how
+attributions were made, ``attr.meta["method"]``). ``evaluate`` runs the model;
+``evaluate_store`` reads held-out masks already collected into a ComponentDataset.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def spearman(pred: Tensor, true: Tensor) -> Tensor:
 
 
 class Correlations(NamedTuple):
-    """One method's per-example correlations at one alpha, each (n_examples,)."""
+    """One Attributions' per-example correlations at one alpha, each (n_examples,)."""
 
     pearson: Tensor
     spearman: Tensor
@@ -179,21 +181,22 @@ def _nan_to_none(x: Tensor) -> list:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Evaluation:
-    """Held-out correlations of one or more attribution methods at one or more alphas.
+    """Held-out correlations of one or more Attributions at one or more alphas.
 
     Attributes
     ----------
-    methods : names of the methods, in the order given.
+    attribution_names : the name of each Attributions evaluated, in the order given
+        (the keys of the mapping passed to ``evaluate``; ``"coar"`` for a lone one).
     alphas : ablation fractions of the held-out masks.
     n_masks : held-out masks per alpha.
-    pearson : (n_methods, n_alphas, n_examples) float64; NaN where undefined.
+    pearson : (n_attributions, n_alphas, n_examples) float64; NaN where undefined.
     spearman : same shape, Spearman's rho (average ranks for ties).
     n_constant : per alpha, the number of examples whose true output did not vary over
         the masks. Their correlation is undefined (NaN) and summaries leave them out.
     meta : how the masks were made (seed, sampler, output, mode, source).
     """
 
-    methods: tuple[str, ...]
+    attribution_names: tuple[str, ...]
     alphas: tuple[float, ...]
     n_masks: int
     pearson: Tensor
@@ -205,43 +208,49 @@ class Evaluation:
     def n_examples(self) -> int:
         return self.pearson.shape[-1]
 
-    def _where(self, method: str, alpha: float | None) -> tuple[int, int]:
-        if method not in self.methods:
+    def _where(self, attribution: str, alpha: float | None) -> tuple[int, int]:
+        names = self.attribution_names
+        if attribution not in names:
             raise EvaluationError(
-                f"No method {method!r} in this evaluation; it has {list(self.methods)}."
+                f"No attributions named {attribution!r} in this evaluation; it has "
+                f"{list(names)}. Pass one of those names."
             )
         if alpha is None:
             if len(self.alphas) != 1:
                 raise EvaluationError(
                     f"This evaluation has several alphas {list(self.alphas)}; pass alpha=."
                 )
-            return self.methods.index(method), 0
+            return names.index(attribution), 0
         for a, value in enumerate(self.alphas):
             if math.isclose(value, alpha, rel_tol=1e-9, abs_tol=1e-12):
-                return self.methods.index(method), a
+                return names.index(attribution), a
         raise EvaluationError(f"No alpha {alpha} in this evaluation; it has {list(self.alphas)}.")
 
-    def per_example(self, method: str = DEFAULT_NAME, alpha: float | None = None) -> Correlations:
-        """Per-example Pearson and Spearman of ``method`` at ``alpha`` (each (n_examples,)).
+    def per_example(
+        self, attribution: str = DEFAULT_NAME, alpha: float | None = None
+    ) -> Correlations:
+        """Per-example Pearson and Spearman (:class:`Correlations`, each (n_examples,)) of
+        the attributions named ``attribution`` at ``alpha``.
 
         ``alpha`` may be left out when the evaluation has one alpha.
         """
-        m, a = self._where(method, alpha)
+        m, a = self._where(attribution, alpha)
         return Correlations(self.pearson[m, a], self.spearman[m, a])
 
     def to_rows(self) -> list[dict[str, Any]]:
-        """One dict per (method, alpha): counts and mean/median/quartiles of both correlations.
+        """One dict per (attribution, alpha): counts and mean/median/quartiles of both
+        correlations; ``row["attribution"]`` is the name.
 
         ``n_defined`` examples enter the statistics; the others (constant true output,
-        or a method predicting a constant) are NaN and left out. Statistics over no
+        or attributions predicting a constant) are NaN and left out. Statistics over no
         example are None.
         """
         rows = []
-        for m, method in enumerate(self.methods):
+        for m, name in enumerate(self.attribution_names):
             for a, alpha in enumerate(self.alphas):
                 defined = ~torch.isnan(self.pearson[m, a])
                 row: dict[str, Any] = {
-                    "method": method,
+                    "attribution": name,
                     "alpha": alpha,
                     "n_masks": self.n_masks,
                     "n_examples": self.n_examples,
@@ -255,18 +264,19 @@ class Evaluation:
         return rows
 
     def summary(self) -> str:
-        """A plain-text table: per method and alpha, mean/median/quartiles of both correlations."""
+        """A plain-text table: per attribution and alpha, mean/median/quartiles of both
+        correlations."""
         head = (
             f"Held-out correlation per example over {self.n_masks} masks, "
             f"{self.n_examples} examples"
         )
-        columns = ["method", "alpha", "n"] + [
+        columns = ["attribution", "alpha", "n"] + [
             f"{metric[0]}_{stat}" for metric in ("pearson", "spearman") for stat in _STATS
         ]
         rows = self.to_rows()
         cells = [
             [
-                r["method"],
+                r["attribution"],
                 f"{r['alpha']:g}",
                 str(r["n_defined"]),
                 *(
@@ -305,8 +315,8 @@ class Evaluation:
         path = Path(path)
         doc = {
             "format": "coarpy.evaluation",
-            "version": 1,
-            "methods": list(self.methods),
+            "version": 2,  # 1 named the attributions "methods"
+            "attribution_names": list(self.attribution_names),
             "alphas": list(self.alphas),
             "n_masks": self.n_masks,
             "n_examples": self.n_examples,
@@ -321,7 +331,7 @@ class Evaluation:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Evaluation:
-        """Read an evaluation written by :meth:`save`."""
+        """Read an evaluation written by :meth:`save` (version 2, or 1 with "methods")."""
         path = Path(path)
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict) or doc.get("format") != "coarpy.evaluation":
@@ -329,14 +339,15 @@ class Evaluation:
                 f"{path} is not a saved coarpy evaluation (no 'format': 'coarpy.evaluation'). "
                 "Write one with Evaluation.save."
             )
-        shape = (len(doc["methods"]), len(doc["alphas"]), doc["n_examples"])
+        names = doc["attribution_names"] if "attribution_names" in doc else doc["methods"]
+        shape = (len(names), len(doc["alphas"]), doc["n_examples"])
 
         def tensor(values: list) -> Tensor:
             flat = [math.nan if v is None else v for v in values]
             return torch.tensor(flat, dtype=torch.float64).reshape(shape)
 
         return cls(
-            methods=tuple(doc["methods"]),
+            attribution_names=tuple(names),
             alphas=tuple(float(a) for a in doc["alphas"]),
             n_masks=int(doc["n_masks"]),
             pearson=tensor(doc["pearson"]),
@@ -347,7 +358,8 @@ class Evaluation:
 
     def __repr__(self) -> str:
         return (
-            f"Evaluation(methods={list(self.methods)}, alphas={list(self.alphas)}, "
+            f"Evaluation(attribution_names={list(self.attribution_names)}, "
+            f"alphas={list(self.alphas)}, "
             f"n_masks={self.n_masks}, n_examples={self.n_examples})"
         )
 
@@ -355,7 +367,7 @@ class Evaluation:
 # -- checks ------------------------------------------------------------------------------
 
 
-def _methods(attributions: Attributions | Mapping[str, Attributions]) -> dict[str, Attributions]:
+def _named(attributions: Attributions | Mapping[str, Attributions]) -> dict[str, Attributions]:
     if isinstance(attributions, Attributions):
         return {DEFAULT_NAME: attributions}
     if not isinstance(attributions, Mapping):
@@ -364,10 +376,13 @@ def _methods(attributions: Attributions | Mapping[str, Attributions]) -> dict[st
             f"(e.g. {{'coar': attr, 'loo': loo}}), got {type(attributions).__name__}."
         )
     if not attributions:
-        raise EvaluationError("attributions is an empty mapping; give at least one method.")
+        raise EvaluationError("attributions is an empty mapping; give one, e.g. {'coar': attr}.")
     for name, attr in attributions.items():
         if not isinstance(name, str) or not name:
-            raise EvaluationError(f"Method names must be non-empty strings, got {name!r}.")
+            raise EvaluationError(
+                f"The names of the attributions must be non-empty strings, got {name!r}. "
+                "Name each, e.g. {'coar': attr, 'loo': loo}."
+            )
         if not isinstance(attr, Attributions):
             raise EvaluationError(
                 f"attributions[{name!r}] is a {type(attr).__name__}, not an Attributions. "
@@ -376,9 +391,9 @@ def _methods(attributions: Attributions | Mapping[str, Attributions]) -> dict[st
     return dict(attributions)
 
 
-def _check_names(methods: dict[str, Attributions], names: Sequence[str], what: str) -> None:
+def _check_names(named: dict[str, Attributions], names: Sequence[str], what: str) -> None:
     names = list(names)
-    for method, attr in methods.items():
+    for name, attr in named.items():
         theirs = list(attr.names)
         if theirs == names:
             continue
@@ -388,16 +403,16 @@ def _check_names(methods: dict[str, Attributions], names: Sequence[str], what: s
             i = next(i for i, (a, b) in enumerate(zip(theirs, names, strict=True)) if a != b)
             detail = f"component {i} is {theirs[i]!r} there and {names[i]!r} in {what}"
         raise ComponentError(
-            f"Attributions {method!r} were fitted for other components than {what}: "
+            f"Attributions {name!r} were fitted for other components than {what}: "
             f"{detail}. Evaluate with the Components (and model) the attributions were fitted on."
         )
 
 
-def _check_examples(methods: dict[str, Attributions], n_examples: int, what: str) -> None:
-    for method, attr in methods.items():
+def _check_examples(named: dict[str, Attributions], n_examples: int, what: str) -> None:
+    for name, attr in named.items():
         if attr.weights.shape[0] != n_examples:
             raise EvaluationError(
-                f"Attributions {method!r} cover {attr.weights.shape[0]} examples, but {what} "
+                f"Attributions {name!r} cover {attr.weights.shape[0]} examples, but {what} "
                 f"has {n_examples}. Evaluate on the example set the attributions were fitted on."
             )
 
@@ -430,10 +445,10 @@ def _check_n_masks(n_masks: int) -> int:
     return n_masks
 
 
-def _warn_if_training_masks(methods: dict[str, Attributions], ds: ComponentDataset) -> None:
+def _warn_if_training_masks(named: dict[str, Attributions], ds: ComponentDataset) -> None:
     # fit records the training store's meta under meta["source"]; a store with the same
     # seed, sampler and alpha holds the same mask rows (both draw stream 0).
-    for name, attr in methods.items():
+    for name, attr in named.items():
         source = attr.meta.get("source")
         if isinstance(source, dict) and all(
             source.get(key) == ds.meta.get(key) for key in ("seed", "sampler", "alpha")
@@ -448,12 +463,13 @@ def _warn_if_training_masks(methods: dict[str, Attributions], ds: ComponentDatas
 
 
 def _correlate(
-    methods: dict[str, Attributions], keep: Tensor, true: Tensor
+    named: dict[str, Attributions], keep: Tensor, true: Tensor
 ) -> tuple[Tensor, Tensor, int]:
-    """(pearson (M, E), spearman (M, E), n_constant) for masks keep (n, N) and true (n, E)."""
+    """(pearson (A, E), spearman (A, E), n_constant) for masks keep (n, N) and true (n, E),
+    over the A attributions."""
     true = true.double().cpu()
     pearsons, spearmans = [], []
-    for attr in methods.values():
+    for attr in named.values():
         pred = attr.predict(keep).double().cpu()  # (n, E)
         pearsons.append(pearson(pred, true))
         spearmans.append(spearman(pred, true))
@@ -462,17 +478,17 @@ def _correlate(
 
 
 def _build(
-    methods: dict[str, Attributions],
+    named: dict[str, Attributions],
     alphas: tuple[float, ...],
     n_masks: int,
     per_alpha: list[tuple[Tensor, Tensor, int]],
     meta: dict,
 ) -> Evaluation:
     return Evaluation(
-        methods=tuple(methods),
+        attribution_names=tuple(named),
         alphas=alphas,
         n_masks=n_masks,
-        pearson=torch.stack([p for p, _, _ in per_alpha], dim=1),  # (M, A, E)
+        pearson=torch.stack([p for p, _, _ in per_alpha], dim=1),  # (attributions, alphas, E)
         spearman=torch.stack([s for _, s, _ in per_alpha], dim=1),
         n_constant=tuple(c for _, _, c in per_alpha),
         meta=meta,
@@ -502,14 +518,14 @@ def evaluate(
     """Correlate predicted and true outputs on fresh masks, per example and alpha.
 
     For each alpha, ``n_masks`` held-out masks (:func:`heldout_masks`) are run through
-    the model over ``data`` as ``collect`` runs them, and every method's predictions
-    ``attr.predict(masks)`` are correlated with the true outputs, per example, over
-    the masks. All methods see the same masks.
+    the model over ``data`` as ``collect`` runs them, and the predictions
+    ``attr.predict(masks)`` of every Attributions given are correlated with the true
+    outputs, per example, over the masks. All see the same masks.
 
     Parameters
     ----------
-    attributions : an Attributions (named ``"coar"``), or a mapping of method names
-        to Attributions, e.g. ``{"coar": attr, "loo": loo, "grad": grad}``.
+    attributions : an Attributions (named ``"coar"``), or a mapping of names to
+        Attributions, e.g. ``{"coar": attr, "loo": loo, "grad": grad}``.
     model, components, data : the model, the components the attributions are over,
         and the same example set they were fitted on (same examples, same order).
     output : the output function the attributions predict.
@@ -544,18 +560,18 @@ def evaluate(
     >>> res.per_example("coar").pearson.round(decimals=6)
     tensor([1., 1., 1., 1., 1.], dtype=torch.float64)
     """
-    methods = _methods(attributions)
+    named = _named(attributions)
     alphas = _check_alphas(alphas)
     n_masks = _check_n_masks(n_masks)
     if sampler not in SAMPLERS:
         raise EvaluationError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
-    _check_names(methods, components.names, "these components")
+    _check_names(named, components.names, "these components")
     output_fn = _outputs.resolve(output)
     if device is not None:
         model.to(device)
     device = model_device(model)
     examples = ExampleSet(data, device, batch_size)
-    _check_examples(methods, examples.n_examples, "data")
+    _check_examples(named, examples.n_examples, "data")
 
     step = examples.pack * -(-_CHUNK // examples.pack)
     per_alpha = []
@@ -574,7 +590,7 @@ def evaluate(
                         model, ablator, examples, rows, output_fn
                     ).cpu()
                     bar.update(1)
-                per_alpha.append(_correlate(methods, keep, true))
+                per_alpha.append(_correlate(named, keep, true))
     finally:
         bar.close()
     meta = {
@@ -585,7 +601,7 @@ def evaluate(
         "output": _outputs.name_of(output_fn),
         "mode": mode,
     }
-    return _build(methods, alphas, n_masks, per_alpha, meta)
+    return _build(named, alphas, n_masks, per_alpha, meta)
 
 
 def evaluate_store(
@@ -607,9 +623,9 @@ def evaluate_store(
     ComponentError : the store's components differ from the attributions'.
     EvaluationError : fewer than 3 finished rows, or another number of examples.
     """
-    methods = _methods(attributions)
-    _check_names(methods, ds.names, f"the store {ds.path}")
-    _check_examples(methods, ds.n_examples, f"the store {ds.path}")
+    named = _named(attributions)
+    _check_names(named, ds.names, f"the store {ds.path}")
+    _check_examples(named, ds.n_examples, f"the store {ds.path}")
     n_done = len(ds)
     if n_done < 3:
         raise EvaluationError(
@@ -622,7 +638,7 @@ def evaluate_store(
             f"The store {ds.path} was collected at alpha={alpha}: every mask is the same, "
             "so no correlation is defined. Collect the held-out store at 0 < alpha < 1."
         )
-    _warn_if_training_masks(methods, ds)
+    _warn_if_training_masks(named, ds)
     keep = ds.masks()  # (n_done, N) bool
     true = ds.outputs()  # (n_done, E) float32
     meta = {
@@ -632,4 +648,4 @@ def evaluate_store(
         "output": ds.meta["output"],
         "mode": ds.meta["mode"],
     }
-    return _build(methods, (alpha,), n_done, [_correlate(methods, keep, true)], meta)
+    return _build(named, (alpha,), n_done, [_correlate(named, keep, true)], meta)

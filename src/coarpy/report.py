@@ -173,9 +173,9 @@ def plot_correlations(evaluation: Evaluation, *, metric: str = "pearson") -> Fig
     fig = _figure(4.2 * n_alpha + 0.4, 3.6)
     axes = fig.subplots(1, n_alpha, squeeze=False, sharey=True).ravel()
     bins = np.linspace(-1.0, 1.0, 41)
-    colors = _method_colors(evaluation.methods)
+    colors = _method_colors(evaluation.attribution_names)
     for a, (ax, alpha) in enumerate(zip(axes, evaluation.alphas, strict=True)):
-        for m, method in enumerate(evaluation.methods):
+        for m, method in enumerate(evaluation.attribution_names):
             r = values[m, a].numpy()
             r = r[~np.isnan(r)]
             label = f"{method} (mean {r.mean():.2f}, n={r.size})" if r.size else f"{method} (n=0)"
@@ -680,7 +680,7 @@ def _evaluation_row(row: Mapping[str, Any]) -> dict[str, str]:
         return "n/a" if value is None else f"{value:.3f}"
 
     return {
-        "method": row["method"],
+        "attribution": row["attribution"],
         "alpha": f"{row['alpha']:g}",
         "n": f"{row['n_defined']} of {row['n_examples']}",
         "Pearson mean": f("pearson_mean"),
