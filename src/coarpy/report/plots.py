@@ -31,12 +31,15 @@ _POSITIVE, _NEGATIVE = "#2166ac", "#b2182b"  # blue raises the output when kept,
 
 
 def literal(text: Any) -> str:
-    """``text`` as matplotlib draws it literally: every ``$`` escaped (no mathtext).
+    r"""``text`` as matplotlib draws it literally: every ``$`` escaped (no mathtext).
+
+    A component named ``blocks.$i$:3`` would otherwise be parsed as mathtext, and a
+    name that is not valid mathtext would make drawing the figure fail.
 
     Examples
     --------
-    >>> literal("blocks.$i$:3")
-    'blocks.\\$i\\$:3'
+    >>> print(literal("blocks.$i$:3"))
+    blocks.\$i\$:3
     """
     return str(text).replace("$", r"\$")
 
@@ -149,7 +152,9 @@ def plot_correlations(evaluation: Evaluation, *, metric: str = "pearson") -> Fig
         number of examples with a defined correlation.
     """
     if metric not in ("pearson", "spearman"):
-        raise ReportError(f"metric must be 'pearson' or 'spearman', got {metric!r}.")
+        raise ReportError(
+            f"metric must be 'pearson' or 'spearman', got {metric!r}. Pick one of the two."
+        )
     values = getattr(evaluation, metric)  # (M, A, E)
     n_alpha = len(evaluation.alphas)
     fig = _figure(4.2 * n_alpha + 0.4, 3.6)
@@ -319,7 +324,7 @@ def plot_top_components(
     """
     (example,) = check_examples(attributions, [example])
     if k < 1:
-        raise ReportError(f"k must be >= 1, got {k}.")
+        raise ReportError(f"k must be >= 1, got {k}. Pass e.g. k=15.")
     top = attributions.top(example, k=k)
     names = [literal(n) for n, _ in top][::-1]
     weights = [w for _, w in top][::-1]
