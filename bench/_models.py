@@ -1,6 +1,8 @@
 """Models for the collection benchmarks, in plain torch (no torchvision, no timm).
 
-- ``digits_cnn``: the small CNN for scikit-learn's 8x8 digits used across the docs.
+The digits CNN is not here: benchmarks use ``coarpy.demo.small_digits_cnn``, the model
+of the test suite, and ``coarpy.demo.DigitsCNN``, the demo's.
+
 - ``cifar_resnet``: a ResNet-18-shaped CIFAR network (4 stages of 2 basic blocks) at
   half width, 2,400 conv filters, written as an ``nn.Sequential`` of stages so that a
   prefix split applies.
@@ -13,27 +15,8 @@ Weights are random (seeded): the benchmarks measure speed, not accuracy.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import Tensor, nn
-
-
-def digits_cnn(seed: int = 0) -> nn.Sequential:
-    """The tests' tiny digits CNN: conv 1->8, pool, conv 8->16, pool, MLP 64->32->10."""
-    torch.manual_seed(seed)
-    features = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-    )
-    classifier = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    return nn.Sequential(OrderedDict(features=features, classifier=classifier)).eval()
 
 
 class BasicBlock(nn.Module):

@@ -44,9 +44,10 @@ from _refpipeline import (  # noqa: E402
 )
 
 import coarpy as coar  # noqa: E402
-from coarpy import datasets, outputs  # noqa: E402
+from coarpy import outputs  # noqa: E402
 from coarpy.ablation import Ablator  # noqa: E402
 from coarpy.collect import ExampleSet, run_masks  # noqa: E402
+from coarpy.demo import digits, small_digits_cnn  # noqa: E402
 from coarpy.masks import sample_masks  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -60,8 +61,9 @@ def _rand_images(n: int, size: int, seed: int, classes: int = 10):
 
 def setups(quick: bool) -> list[dict]:
     """(name, model, components, x, y, batch size, masks per timing) of each model."""
-    x, y = datasets.digits(split="test")  # 450 real 8x8 digits
-    cnn = _models.digits_cnn()
+    x, y = digits(split="test")  # 450 real 8x8 digits
+    torch.manual_seed(0)
+    cnn = small_digits_cnn().eval()
     resnet = _models.cifar_resnet(width=8 if quick else 16)
     vit = _models.vit(image=32, patch=4, dim=96 if quick else 192, depth=2 if quick else 4,
                       num_heads=3, mlp=384 if quick else 768, n_classes=10)  # fmt: skip
@@ -171,9 +173,10 @@ def section_paths(cfgs: list[dict], repeat: int) -> str:
 
 
 def section_pack(repeat: int, quick: bool) -> str:
-    x, y = datasets.digits(split="test")
+    x, y = digits(split="test")
     x, y = x[:100], y[:100]
-    cnn = _models.digits_cnn()
+    torch.manual_seed(0)
+    cnn = small_digits_cnn().eval()
     comps = coar.Components.discover(cnn, kinds=("conv", "linear"))
     n = 100 if quick else 400
     rows = []

@@ -68,13 +68,13 @@ def setup(name: str):
     cache = OUT / "models"
     n_examples = MODELS[name]["n_examples"]
     if name in ("digits", "fashion"):
-        from coarpy.models import pretrained_digits_cnn, pretrained_fashion_cnn
+        from coarpy.demo import pretrained_digits_cnn, pretrained_fashion_cnn
 
         load = pretrained_digits_cnn if name == "digits" else pretrained_fashion_cnn
         model, (x, y) = load(cache)
         comps = Components.discover(model, kinds=("conv", "neurons"))
         return model, comps, (x[:n_examples], y[:n_examples])
-    from coarpy.models import minilm_sentiment
+    from coarpy.demo import minilm_sentiment
 
     model, batches = minilm_sentiment(n_train=100, batch_size=100)
     batch = batches[0]

@@ -49,7 +49,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
 ALPHA = 0.05
@@ -58,58 +57,23 @@ ALPHA = 0.05
 # -- the two setups (factories for RunConfig: "scaling:digits_setup") -----------------
 
 
-def _models():
-    try:
-        from coarpy.models import DigitsCNN, FashionCNN
-    except ImportError:  # coarpy.models not there: same shapes, defined here
-        DigitsCNN, FashionCNN = _digits_cnn, _fashion_cnn  # noqa: N806
-    return DigitsCNN, FashionCNN
-
-
-def _block(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
-
-
-def _digits_cnn(width: int = 16, hidden: int = 64) -> nn.Module:
-    w = width
-    features = nn.Sequential(
-        *_block(1, w), *_block(w, 2 * w), nn.MaxPool2d(2), *_block(2 * w, 2 * w)
-    )
-    classifier = nn.Sequential(
-        nn.Flatten(), nn.Linear(32 * w, hidden), nn.ReLU(), nn.Linear(hidden, 10)
-    )
-    return nn.Sequential(features, classifier)  # fmt: skip
-
-
-def _fashion_cnn(width: int = 16, hidden: int = 128) -> nn.Module:
-    w = width
-    features = nn.Sequential(
-        *_block(1, w), nn.MaxPool2d(2), *_block(w, 2 * w), nn.MaxPool2d(2),
-        *_block(2 * w, 4 * w), nn.MaxPool2d(2),
-    )  # fmt: skip
-    classifier = nn.Sequential(
-        nn.Flatten(), nn.Linear(36 * w, hidden), nn.ReLU(), nn.Linear(hidden, 10)
-    )
-    return nn.Sequential(features, classifier)  # fmt: skip
-
-
 def digits_setup(seed: int = 0) -> dict:
-    from coarpy import datasets
     from coarpy.components import Components
+    from coarpy.demo import DigitsCNN, digits
 
     torch.manual_seed(seed)
-    model = _models()[0]().eval()
-    data = datasets.digits(split="test")  # 450 digits
+    model = DigitsCNN().eval()
+    data = digits(split="test")  # 450 digits
     return {"model": model, "data": data, "components": _components(model, Components)}
 
 
 def fashion_setup(seed: int = 0, n_examples: int = 1000) -> dict:
-    from coarpy import datasets
     from coarpy.components import Components
+    from coarpy.demo import FashionCNN, fashion_mnist
 
     torch.manual_seed(seed)
-    model = _models()[1]().eval()
-    data = datasets.fashion_mnist(split="test", limit=n_examples)
+    model = FashionCNN().eval()
+    data = fashion_mnist(split="test", limit=n_examples)
     return {"model": model, "data": data, "components": _components(model, Components)}
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 import coarpy as coar
 from coarpy import baselines, edit
 from coarpy._fingerprint import model_fingerprint
-from coarpy.models import FashionCNN, accuracy, train_classifier
+from coarpy.demo import FashionCNN, accuracy, train_classifier
 
 WIDTH, HIDDEN = 8, 64  # FashionCNN(width=8, hidden=64): 56 conv channels + 64 neurons
 METHODS = ("coar", "leave_one_out", "gradient")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from coarpy import edit  # noqa: E402
-from coarpy.datasets import fashion_mnist  # noqa: E402
+from coarpy.demo import fashion_mnist  # noqa: E402
 
 ATTACK_CLASS = 0  # T-shirt/top
 POISON_RATE = 0.05

@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from coarpy import edit  # noqa: E402
-from coarpy.datasets import fashion_mnist  # noqa: E402
-from coarpy.models import accuracy  # noqa: E402
+from coarpy.demo import accuracy, fashion_mnist  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

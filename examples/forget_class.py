@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from coarpy import edit  # noqa: E402
-from coarpy.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
+from coarpy.demo.data import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 from coarpy.report import plot_edit_curve  # noqa: E402
 
 DELTA = 0.05  # largest drop of reference accuracy (attributed images) allowed

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from coarpy import edit  # noqa: E402
-from coarpy.datasets import fashion_mnist  # noqa: E402
+from coarpy.demo import fashion_mnist  # noqa: E402
 
 CLASSES = (0, 3)  # T-shirt/top -> label 0, Dress -> label 1
 PATCH_RATE = (0.05, 0.95)  # P(patch | label) in training

@@ -1,6 +1,9 @@
 """Shared fixtures: real data (scikit-learn's digits), a small trained CNN with BatchNorm,
 a two-hidden-layer MLP, and the all-MiniLM-L6-v2 encoder (skipped without transformers).
 
+The digits and the CNN come from ``coarpy.demo``, the models the demo and the benchmarks
+use too, so there is one digits CNN in the project.
+
 Session-scoped models are shared: tests that change weights take a ``copy.deepcopy``.
 """
 
@@ -8,11 +11,12 @@ from __future__ import annotations
 
 import copy
 import os
-from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
+
+from coarpy import demo
 
 if "OMP_NUM_THREADS" not in os.environ:
     # Measured on the 2-core CI box with other jobs running: torch's default of one
@@ -29,30 +33,15 @@ SENTENCES = (
 )
 
 
-def make_digits_cnn() -> nn.Sequential:
-    """Conv-BN-ReLU-pool twice, then a two-layer classifier; 8x8 inputs, 10 classes."""
-    features = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-    )
-    classifier = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    return nn.Sequential(OrderedDict(features=features, classifier=classifier))
-
-
 @pytest.fixture(scope="session")
 def digits():
-    """(x_train, y_train, x_test, y_test): float32 (n, 1, 8, 8) in [0, 1], int64 labels."""
-    from sklearn.datasets import load_digits
+    """(x_train, y_train, x_test, y_test): float32 (n, 1, 8, 8) in [0, 1], int64 labels.
 
-    raw = load_digits()
-    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(raw.target, dtype=torch.long)
+    scikit-learn's 1,797 digits (``coarpy.demo.digits``), split 1,297 / 500 by a seeded
+    permutation.
+    """
+    pytest.importorskip("sklearn")
+    x, y = demo.digits(split="all")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     train, test = perm[:1297], perm[1297:]
     return x[train], y[train], x[test], y[test]
@@ -60,8 +49,10 @@ def digits():
 
 @pytest.fixture(scope="session")
 def trained_cnn(digits):
-    """The digits CNN trained for four epochs (about 97% test accuracy), in eval mode.
+    """``coarpy.demo.small_digits_cnn`` trained for four epochs (about 97% test accuracy).
 
+    Conv 1 -> 8 (``features.0``), pool, conv 8 -> 16 (``features.4``), pool, then
+    ``classifier.1`` (64 -> 32) and ``classifier.3`` (32 -> 10); in eval mode.
     Shared by the session: never modify it; use the ``cnn`` fixture for a private copy.
     """
     x, y, _, _ = digits
@@ -71,20 +62,10 @@ def trained_cnn(digits):
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        net = make_digits_cnn()
-        gen = torch.Generator().manual_seed(0)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-        for _ in range(4):
-            order = torch.randperm(len(x), generator=gen)
-            for i in range(0, len(x), 64):
-                rows = order[i : i + 64]
-                loss = nn.functional.cross_entropy(net(x[rows]), y[rows])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        net = demo.small_digits_cnn()
+        demo.train_classifier(net, (x, y), epochs=4, lr=1e-2, batch_size=64, seed=0)
     finally:
         torch.set_num_threads(threads)
-    net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
     return net

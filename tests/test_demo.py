@@ -1,18 +1,42 @@
-"""`coar demo` end to end, with small settings, into a temporary folder."""
+"""Tests of coarpy/demo/run.py: `coar demo` end to end, with small settings, into a
+temporary folder; and the demo's place in the package (out of the top-level API)."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
+import coarpy
+from coarpy._imports import import_object
 from coarpy.cli import main
-from coarpy.demo import run_demo
+from coarpy.demo import digits_setup, run_demo
 
 
 def _rows(path) -> list[dict]:
     return list(csv.DictReader(path.read_text().splitlines()))
+
+
+def test_run_configs_still_name_the_factory_coarpy_demo_digits_setup():
+    assert import_object("coarpy.demo:digits_setup") is digits_setup
+
+
+def test_demo_models_and_data_are_not_top_level_api():
+    assert "models" not in coarpy.__all__ and "datasets" not in coarpy.__all__
+    assert importlib.util.find_spec("coarpy.models") is None
+    assert importlib.util.find_spec("coarpy.datasets") is None
+    code = (
+        "import sys, coarpy; "
+        "print(sorted(m for m in ('coarpy.demo', 'coarpy.report', 'matplotlib', "
+        "'sklearn', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"  # `import coarpy` stays light
 
 
 @pytest.mark.slow

@@ -23,8 +23,8 @@ from torch import nn
 
 import coarpy as coar
 from coarpy import baselines, edit
+from coarpy.demo.train import accuracy
 from coarpy.errors import EditError
-from coarpy.models import accuracy
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -483,7 +483,7 @@ def _load_example(name: str):
 
 
 def _needs_fashion_mnist():
-    from coarpy.datasets import FASHION_MNIST_ROOT
+    from coarpy.demo.data import FASHION_MNIST_ROOT
 
     if not (FASHION_MNIST_ROOT / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST (Debian package dataset-fashion-mnist) is not installed")

@@ -13,7 +13,7 @@ from torch import nn
 
 from coarpy import Components, outputs
 from coarpy.collect import collect
-from coarpy.datasets import minilm, pang_lee_sentences
+from coarpy.demo.data import minilm, pang_lee_sentences
 from coarpy.errors import DatasetError
 from coarpy.evaluate import evaluate
 from coarpy.regression import fit

@@ -31,8 +31,9 @@ from coarpy import report, runs  # noqa: E402
 from coarpy.attributions import Attributions  # noqa: E402
 from coarpy.collect import collect  # noqa: E402
 from coarpy.components import Components  # noqa: E402
-from coarpy.errors import ReportError  # noqa: E402
-from coarpy.evaluate import Evaluation, evaluate_store, pearson  # noqa: E402
+from coarpy.errors import MissingExtraError, ReportError  # noqa: E402
+from coarpy.evaluate import Evaluation, evaluate_store  # noqa: E402
+from coarpy.learning_curve import learning_curve, store_learning_curve  # noqa: E402
 from coarpy.regression import fit  # noqa: E402
 from coarpy.store import ComponentDataset  # noqa: E402
 
@@ -87,7 +88,7 @@ def html_report(run, tmp_path_factory):
         examples=[3],
         edits={HOSTILE: {"note": HOSTILE, "curve": EDIT_ROWS}},
         heldout=run.heldout,
-        curve_sizes=(60, 300),
+        curve=store_learning_curve(run.ds, heldout=run.heldout, sizes=(60, 300)),
     )
     return path
 
@@ -142,7 +143,7 @@ def test_figures_draw_on_an_agg_canvas_outside_pyplot(run):
 
 def test_plots_without_matplotlib_say_which_extra_to_install(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
-    with pytest.raises(report.MissingExtraError, match=r"pip install 'coarpy\[report\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'coarpy\[report\]'"):
         report.plot_top_components(run.attr, 0)
 
 
@@ -186,23 +187,9 @@ def test_correlation_histograms_give_each_methods_mean_and_count_per_alpha():
     assert "n=6" in fig.axes[2].get_legend().get_texts()[1].get_text()
 
 
-def test_learning_curve_equals_separate_fits_on_the_first_rows():
-    g = torch.Generator().manual_seed(0)
-    V = torch.rand(400, 12, generator=g) > 0.2  # (n, N) keep-masks
-    w = torch.randn(12, 3, generator=g)
-    Y = V.float() @ w + 0.5 * torch.randn(400, 3, generator=g)  # (n, E) noisy linear outputs
-    train, keep, true = (V[:300], Y[:300]), V[300:], Y[300:]
-    curve = report.learning_curve(train, keep, true, sizes=(200, 30), method="ols")
-    assert curve.sizes == (30, 200) and curve.n_heldout == 100
-    for i, n in enumerate(curve.sizes):
-        attr = fit((V[:n], Y[:n]), method="ols", progress=False)
-        torch.testing.assert_close(curve.pearson[i], pearson(attr.predict(keep), true))
-    assert bool((curve.pearson[1] > curve.pearson[0]).all())  # more masks, better fit
-
-
 def test_learning_curve_of_the_digits_store_rises_and_is_drawn(run):
     keep, true = run.heldout.masks(), run.heldout.outputs()
-    curve = report.learning_curve(run.ds, keep, true, sizes=(40, 300))
+    curve = learning_curve(run.ds, keep, true, sizes=(40, 300))
     assert curve.pearson.shape == (2, 24)
     assert curve.mean_pearson[1] > curve.mean_pearson[0] + 0.05
     fig = report.plot_learning_curve(curve)
@@ -210,12 +197,6 @@ def test_learning_curve_of_the_digits_store_rises_and_is_drawn(run):
     assert list(line.get_xdata()) == [40, 300]
     np.testing.assert_allclose(line.get_ydata(), curve.mean_pearson.numpy())
     assert [r["n_masks"] for r in curve.to_rows()] == [40, 300]
-
-
-def test_learning_curve_refuses_more_rows_than_the_store_has(run):
-    keep, true = run.heldout.masks(), run.heldout.outputs()
-    with pytest.raises(ReportError, match="between 2 and the 300 training rows"):
-        report.learning_curve(run.ds, keep, true, sizes=(50, 301))
 
 
 def _hand_attributions() -> Attributions:
@@ -370,6 +351,59 @@ def test_write_report_refuses_attributions_of_another_store(run, tmp_path):
     )
     with pytest.raises(ReportError, match="Pass the store the attributions were fitted on"):
         report.write_report(tmp_path, attributions=other, store=run.ds)
+
+
+def test_write_report_draws_what_it_is_given_and_never_fits(run, tmp_path, monkeypatch):
+    import coarpy.learning_curve
+    import coarpy.regression
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the report fitted attributions")
+
+    monkeypatch.setattr(coarpy.regression, "fit", no_fit)
+    monkeypatch.setattr(coarpy.learning_curve, "fit", no_fit)
+    path = report.write_report(tmp_path, attributions=run.attr, store=run.ds, examples=[0])
+    sections = _parse(path).sections
+    assert "learning-curve" not in sections and "predictions" not in sections
+    assert "attributions" in sections
+
+
+def test_report_run_leaves_the_curve_out_when_asked(run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(run.root / "run", folder)
+    page = _parse(report.report_run(folder, curve_sizes=()))
+    assert "learning-curve" not in page.sections and "predictions" not in page.sections
+
+
+MATHTEXT = ["blk$\\frac{$:0", "blk$\\frac{$:1", "a$x_$:0", "odd$:0"]  # invalid mathtext
+
+
+def test_names_with_dollar_signs_are_drawn_literally_not_as_mathtext(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    attr = Attributions(
+        weights=torch.tensor([[1.0, -2.0, 0.5, 3.0]]), bias=torch.zeros(1), names=MATHTEXT
+    )
+    fig = report.plot_top_components(attr, 0, k=4)
+    FigureCanvasAgg(fig).draw()  # mathtext would fail to parse these names here
+    shown = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert [t.replace("\\$", "$") for t in shown] == [n for n, _ in attr.top(0, k=4)][::-1]
+    fig = report.plot_attribution_map(attr, examples=0)
+    FigureCanvasAgg(fig).draw()
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
+        "blk\\$\\frac{\\$",
+        "a\\$x_\\$",
+        "odd\\$",
+    ]
+    fig = report.plot_edit_curve([{"k": 0, "target $x_$": 0.5}, {"k": 1, "target $x_$": 0.7}])
+    FigureCanvasAgg(fig).draw()
+    ev = Evaluation(
+        methods=("$\\beta_$",), alphas=(0.1,), n_masks=5, pearson=torch.zeros(1, 1, 3),
+        spearman=torch.zeros(1, 1, 3), n_constant=(0,),
+    )  # fmt: skip
+    FigureCanvasAgg(report.plot_correlations(ev)).draw()
+    path = report.write_report(tmp_path, attributions=attr, examples=[0], title="run $x_$")
+    assert len(_parse(path).images) == 3  # the mean map, example 0's bars and map
 
 
 _PROBE = """<script>

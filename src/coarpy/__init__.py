@@ -4,7 +4,7 @@ Decompose a model's predictions into the effects of its components (conv filters
 attention heads, MLP neurons), evaluate the decomposition, and edit the model with it.
 """
 
-from . import baselines, datasets, edit, families, models, outputs
+from . import baselines, edit, families, outputs
 from .ablation import ablate, apply_ablation
 from .attributions import Attributions
 from .collect import collect
@@ -25,10 +25,8 @@ __all__ = [
     "ablate",
     "apply_ablation",
     "baselines",
-    "datasets",
     "edit",
     "families",
-    "models",
     "collect",
     "evaluate",
     "evaluate_store",

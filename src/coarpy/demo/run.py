@@ -1,4 +1,4 @@
-"""The demo: all of COAR on real data (scikit-learn's digits) in a few minutes on a CPU.
+"""The demo run: all of COAR on real data (scikit-learn's digits) in a few minutes on a CPU.
 
 ``coar demo`` trains (once, cached) a small CNN with BatchNorm on the digits, collects
 a component dataset over its conv channels and hidden dense units, fits attributions,
@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from .components import Components
-from .runs import write_csv
+from ..components import Components
+from ..runs import write_csv
+from .train import pretrained_digits_cnn
 
 ALPHA = 0.1
 N_MASKS = 2000
@@ -23,13 +24,24 @@ EVAL_MASKS = 100
 BATCH_SIZE = 4096
 
 
-def digits_setup(*, cache_dir: str = "runs/cache", seed: int = 0, n_examples: int | None = None):
+def digits_setup(
+    *, cache_dir: str = "runs/cache", seed: int = 0, n_examples: int | None = None
+) -> dict[str, Any]:
     """Factory for run configurations: the demo's model, components and held-out digits.
 
     Usable from a TOML config as ``factory = "coarpy.demo:digits_setup"``.
-    """
-    from .models import pretrained_digits_cnn
 
+    Parameters
+    ----------
+    cache_dir : where the trained CNN's weights are cached.
+    seed : seed of the CNN's initialisation and training.
+    n_examples : keep only the first ``n_examples`` test digits (default: all 450).
+
+    Returns
+    -------
+    ``{"model": DigitsCNN, "data": (images, labels), "components": Components}``: the
+    conv channels and hidden units of the trained CNN, and the held-out digits.
+    """
     model, (x, y) = pretrained_digits_cnn(cache_dir, seed=seed)
     if n_examples is not None:
         x, y = x[:n_examples], y[:n_examples]
@@ -56,11 +68,11 @@ def run_demo(
     ``out/evaluation.json`` and ``.csv``, ``out/top_components.csv`` and, when
     matplotlib is installed, ``out/report.html`` with the plots.
     """
-    from . import outputs
-    from .baselines import gradient, leave_one_out
-    from .collect import collect
-    from .evaluate import evaluate
-    from .regression import fit
+    from .. import outputs
+    from ..baselines import gradient, leave_one_out
+    from ..collect import collect
+    from ..evaluate import evaluate
+    from ..regression import fit
 
     n_masks = N_MASKS if n_masks is None else n_masks
     eval_masks = EVAL_MASKS if eval_masks is None else eval_masks
@@ -83,7 +95,7 @@ def run_demo(
 
     store = out / "store"
     if (store / "meta.json").exists():
-        from .store import ComponentDataset
+        from ..store import ComponentDataset
 
         done = len(ComponentDataset(store))
         if done:
@@ -135,7 +147,7 @@ def run_demo(
     for name, weight in top:
         _say(f"    {name:<16} {weight:+.3f}")
 
-    report = _maybe_report(out, result, attr, ds, example)
+    report = _maybe_report(out, example)
     elapsed = time.perf_counter() - started
     files = "store/, attributions/, evaluation.json, evaluation.csv, top_components.csv"
     files += ", report.html" if report else ""
@@ -157,16 +169,12 @@ def _count_kinds(comps: Components) -> str:
     return ", ".join(f"{n} {k}" for k, n in counts.items())
 
 
-def _maybe_report(out: Path, result, attr, ds, example: int) -> Path | None:
-    try:
-        from .report import write_report
-    except ImportError:
-        return None
+def _maybe_report(out: Path, example: int) -> Path | None:
+    """``out/report.html`` as ``coar report`` writes it, if matplotlib is installed."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return None
-    return write_report(
-        out, evaluation=result, attributions=attr, store=ds, examples=[example],
-        title="coar demo: digits CNN",
-    )  # fmt: skip
+    from ..report import report_run
+
+    return report_run(out, examples=[example], title="coar demo: digits CNN")
