@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from coarpy.config import RunConfig
 
 from coarpy import runs
 from coarpy.cli import main
-from coarpy.config import RunConfig
 from coarpy.errors import ConfigError
 from coarpy.store import ComponentDataset
 
