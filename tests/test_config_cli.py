@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -203,7 +205,8 @@ def test_edit_command_saves_an_edit_the_report_can_read(config_file, tmp_path, c
 def test_local_launcher_from_the_command_line_equals_one_process(
     config_file, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the worker processes import the factory
+    # the worker processes import the factory, and this coarpy
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
     cfg = RunConfig.load(config_file)
     assert main(["collect", str(config_file), "--launcher", "local", "--devices", "cpu:2"]) == 0
     whole = runs.collect_run(

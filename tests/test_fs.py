@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from coarpy import _fs
+from coarpy.errors import ArgumentError
 
 fsspec = pytest.importorskip("fsspec")
 
@@ -40,6 +41,11 @@ def test_a_url_stays_a_url_instead_of_becoming_a_local_folder(memory):
     assert str(where / "blocks" / "b000001.blk") == f"{memory}/run/blocks/b000001.blk"
     assert (where / "meta.json").parent == where and where.name == "run"
     assert _fs.is_url("s3://bucket/run") and not _fs.is_url("s3:/bucket/run")
+
+
+def test_a_url_of_an_unknown_scheme_is_refused_by_name():
+    with pytest.raises(ArgumentError, match="'nosuch://b/run' has a scheme fsspec does not know"):
+        _fs.path("nosuch://b/run")
 
 
 # -- atomic writes -------------------------------------------------------------------------

@@ -118,7 +118,7 @@ class RunConfig:
 
     @classmethod
     def load(cls, source: str | os.PathLike) -> RunConfig:
-        """Read a TOML run configuration, or the one a run directory holds (see :func:`load_config`)."""
+        """Read a TOML file, or the configuration a run directory holds (:func:`load_config`)."""
         return load_config(source)
 
     def to_toml(self) -> str:
