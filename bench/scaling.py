@@ -1,4 +1,4 @@
-"""Benchmark: collection scaled over worker processes on one machine (``launch.local``).
+"""Benchmark: collection scaled over worker processes on one machine (``coarpy.runs.local``).
 
 For the digits CNN (450 test digits) and a Fashion-MNIST CNN (1,000 test images),
 random weights (speed does not depend on training):
@@ -11,7 +11,7 @@ random weights (speed does not depend on training):
 - ``control``: plain passes (no coarpy) in one and in two processes at once, one thread
   each: what a second process gains on this machine at the time, the ceiling for the
   speed-up of collection.
-- ``local cpu:1`` and ``local cpu:2``: ``launch.local`` with one and with two worker
+- ``local cpu:1`` and ``local cpu:2``: ``coarpy.runs.local.launch`` with one and with two worker
   processes, one torch thread each (the speed-up of processes, at most 2 on 2 cores);
   and ``local cpu:1 x2 threads``: one worker using both cores as threads, the other
   way to use a 2-core machine. Reported: wall time (with process start-up) and the
@@ -165,9 +165,8 @@ def control_rate(name: str, n_processes: int, seconds: float) -> float:
 
 
 def measure(name: str, *, target_s: float, repeat: int, work: Path) -> dict:
-    from coarpy import launch
     from coarpy._imports import import_object
-    from coarpy.config import RunConfig
+    from coarpy.runs import RunConfig, collect_run, local
 
     factory = SETUPS[name]
     setup = import_object(factory)()
@@ -184,13 +183,13 @@ def measure(name: str, *, target_s: float, repeat: int, work: Path) -> dict:
 
     probe = work / f"{name}-probe"
     t = time.perf_counter()
-    launch.worker(config(probe, 10, 5), shard=None, progress=False)
+    collect_run(config(probe, 10, 5), progress=False)
     per_mask = (time.perf_counter() - t) / 10
     n_masks = max(40, int(target_s / per_mask) // 20 * 20)
     block_size = n_masks // 20  # 20 blocks: a short tail at the end
     inproc = work / f"{name}-inproc"
     t, cpu = time.perf_counter(), time.process_time()
-    launch.worker(config(inproc, n_masks, block_size), shard=None, progress=False)
+    collect_run(config(inproc, n_masks, block_size), progress=False)
     inproc_s, inproc_cpu = time.perf_counter() - t, time.process_time() - cpu
     settings = {"cpu:1": ("cpu:1", 1), "cpu:2": ("cpu:2", 1), "cpu:1 x2 threads": ("cpu:1", 2)}
     runs: dict[str, list[dict]] = {key: [] for key in settings}
@@ -208,11 +207,11 @@ def measure(name: str, *, target_s: float, repeat: int, work: Path) -> dict:
             cfg = config(path, n_masks, block_size)
             load, cpu = os.getloadavg()[0], _children_cpu_s()
             t = time.perf_counter()
-            launch.local(cfg, devices=devices, threads=threads, poll_s=0.2)
+            local.launch(cfg, devices=devices, threads=threads, poll_s=0.2)
             wall = time.perf_counter() - t
             cpu_run = _children_cpu_s() - cpu
             cpu = _children_cpu_s()
-            launch.local(cfg, devices=devices, threads=threads, poll_s=0.2)  # start-up only
+            local.launch(cfg, devices=devices, threads=threads, poll_s=0.2)  # start-up only
             cpu_startup = _children_cpu_s() - cpu
             runs[key].append(
                 {

@@ -16,9 +16,9 @@ import torch
 
 from coarpy import outputs
 from coarpy.ablation import ablate, mean_values
-from coarpy.collect import collect, shard_from_env
+from coarpy.collect import collect
 from coarpy.components import Components
-from coarpy.errors import CollectError, StoreMismatchError
+from coarpy.errors import ArgumentError, CollectError, StoreMismatchError
 from coarpy.masks import sample_masks
 from coarpy.store import ComponentDataset
 
@@ -137,7 +137,7 @@ def test_two_shards_write_the_same_store_as_one_worker(tmp_path, trained_cnn, co
     kwargs = {"n_masks": 10, "alpha": 0.1, "seed": 2, "block_size": 2, "progress": False}
     first = collect(trained_cnn, comps, examples, path=tmp_path / "two", shard=(0, 2), **kwargs)
     assert first.done_blocks() == [0, 2, 4]
-    collect(trained_cnn, comps, examples, path=tmp_path / "two", shard="1/2", **kwargs)
+    collect(trained_cnn, comps, examples, path=tmp_path / "two", shard=(1, 2), **kwargs)
     collect(trained_cnn, comps, examples, path=tmp_path / "one", **kwargs)
     assert block_bytes(tmp_path / "two") == block_bytes(tmp_path / "one")
     assert len(block_bytes(tmp_path / "one")) == 5
@@ -147,59 +147,19 @@ def test_two_shards_write_the_same_store_as_one_worker(tmp_path, trained_cnn, co
     assert metas[0] == metas[1]
 
 
-@pytest.fixture
-def clean_env(monkeypatch):
-    for var in (
-        "SLURM_ARRAY_TASK_ID",
-        "SLURM_ARRAY_TASK_COUNT",
-        "SLURM_ARRAY_TASK_MIN",
-        "RANK",
-        "WORLD_SIZE",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    return monkeypatch
-
-
-def test_shard_from_torchrun_variables(clean_env, tmp_path, trained_cnn, comps, examples):
-    assert shard_from_env() is None
-    clean_env.setenv("RANK", "1")
-    clean_env.setenv("WORLD_SIZE", "3")
-    assert shard_from_env() == (1, 3)
-    ds = collect(
-        trained_cnn,
-        comps,
-        examples,
-        path=tmp_path / "r",
-        n_masks=10,
-        alpha=0.1,
-        block_size=2,
-        shard="env",
-        progress=False,
-    )
-    assert ds.done_blocks() == [1, 4]
-
-
-def test_shard_from_slurm_array_variables(clean_env):
-    clean_env.setenv("SLURM_ARRAY_TASK_ID", "5")
-    clean_env.setenv("SLURM_ARRAY_TASK_COUNT", "2")
-    clean_env.setenv("SLURM_ARRAY_TASK_MIN", "4")
-    clean_env.setenv("RANK", "0")  # SLURM's array variables come first
-    clean_env.setenv("WORLD_SIZE", "8")
-    assert shard_from_env() == (1, 2)
-
-
 @pytest.mark.parametrize(
     ("shard", "match"),
     [
         ((2, 2), r"shard must be \(k, K\) with 0 <= k < K, got \(2, 2\)"),
         ((-1, 2), r"got \(-1, 2\)"),
-        ("1/0", r"0 <= k < K, got \(1, 0\)"),
-        ("first/2", r"shard must be 'k/K'.*got 'first/2'"),
-        ("3", r"shard must be 'k/K'.*got '3'"),
+        ((1, 0), r"0 <= k < K, got \(1, 0\)"),
+        ((1.0, 2), r"shard must be a tuple \(k, K\).*got \(1.0, 2\)"),
+        ("1/2", r"shard must be a tuple \(k, K\).*got '1/2'.*coarpy.runs.collect_run"),
+        ("env", r"got 'env'.*SLURM/torchrun variables use coarpy.runs.collect_run"),
     ],
 )
 def test_bad_shards_are_refused(tmp_path, trained_cnn, comps, examples, shard, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ArgumentError, match=match):
         collect(
             trained_cnn,
             comps,
@@ -210,6 +170,26 @@ def test_bad_shards_are_refused(tmp_path, trained_cnn, comps, examples, shard, m
             shard=shard,
             progress=False,
         )
+
+
+def test_blocks_from_an_iterator_are_asked_for_one_at_a_time(
+    tmp_path, trained_cnn, comps, examples
+):
+    """A lazy iterable (a lease claimer) is asked for a block only when collect is
+    ready for it, and blocks it hands out that are done by then are skipped."""
+    path, seen = tmp_path / "r", []
+
+    def hand_out():
+        for b in (3, 1, 3):
+            seen.append(sorted(p.name for p in (path / "blocks").glob("*.blk")))
+            yield b
+
+    kwargs = {"n_masks": 8, "alpha": 0.1, "block_size": 2, "progress": False}
+    ds = collect(trained_cnn, comps, examples, path=path, blocks=hand_out(), **kwargs)
+    assert ds.done_blocks() == [1, 3]
+    assert seen[0] == [] and "b000003.blk" in seen[2]  # block 3 was written before the ask
+    with pytest.raises(ArgumentError, match=r"block indices in 0\.\.3.*got \[4\]"):
+        collect(trained_cnn, comps, examples, path=path, blocks=iter([0, 4]), **kwargs)
 
 
 # -- failures ---------------------------------------------------------------------

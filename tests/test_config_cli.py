@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -11,8 +13,8 @@ import torch
 
 from coarpy import runs
 from coarpy.cli import main
-from coarpy.config import RunConfig
 from coarpy.errors import ConfigError
+from coarpy.runs import RunConfig
 from coarpy.store import ComponentDataset
 
 FACTORY = textwrap.dedent(
@@ -118,6 +120,41 @@ def test_cli_reports_library_errors_without_a_traceback(tmp_path, capsys):
     assert "No component dataset" in capsys.readouterr().err
 
 
+def test_a_factory_that_cannot_be_imported_is_a_config_error_not_a_traceback(config_file, capsys):
+    config_file.write_text(config_file.read_text().replace("cfgfactory:build", "nomodule:build"))
+    assert main(["collect", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("coar collect: factory = 'nomodule:build': Cannot import module")
+
+
+def test_collect_keeps_a_url_path_on_its_filesystem(config_file, tmp_path, monkeypatch):
+    """Regression: `coar collect` once made ``memory://b/run`` a local folder ``memory:/b/run``."""
+    fsspec = pytest.importorskip("fsspec")
+    url = f"memory://coar-cli-{tmp_path.name}/run"
+    text = config_file.read_text().replace(f'path = "{tmp_path / "run"}"', f'path = "{url}"')
+    config_file.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert main(["collect", str(config_file)]) == 0
+        assert not (tmp_path / "memory:").exists()
+        assert ComponentDataset(url).missing_blocks() == []
+        assert runs.load_config(url) == RunConfig.load(config_file)  # saved next to the store
+        assert main(["status", url]) == 0
+    finally:
+        fsspec.filesystem("memory").rm(f"/coar-cli-{tmp_path.name}", recursive=True)
+
+
+def test_worker_command_keeps_the_configurations_prefix(config_file, tmp_path, capsys):
+    """Regression: `coar worker` once dropped ``prefix`` and ``compile_model``."""
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, shard=(0, 3), progress=False)
+    saved = tmp_path / "run" / "config.toml"
+    saved.write_text(saved.read_text().replace("kinds =", 'prefix = "7"\nkinds ='))
+    assert main(["worker", cfg.path, "--shard", "1/3"]) == 2  # checks the cut: no module 7
+    assert "Cannot cut the model at '7'" in capsys.readouterr().err
+    assert ComponentDataset(cfg.path).done_blocks() == [0]
+
+
 def test_fit_then_evaluate_from_the_command_line(config_file, tmp_path, capsys):
     cfg = RunConfig.load(config_file)
     assert main(["collect", str(config_file)]) == 0
@@ -168,7 +205,8 @@ def test_edit_command_saves_an_edit_the_report_can_read(config_file, tmp_path, c
 def test_local_launcher_from_the_command_line_equals_one_process(
     config_file, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the worker processes import the factory
+    # the worker processes import the factory, and this coarpy
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
     cfg = RunConfig.load(config_file)
     assert main(["collect", str(config_file), "--launcher", "local", "--devices", "cpu:2"]) == 0
     whole = runs.collect_run(

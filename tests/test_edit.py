@@ -447,7 +447,7 @@ def test_the_report_draws_a_saved_edit_curve(setting, tmp_path):
 @pytest.mark.slow
 def test_edit_run_saves_an_edit_and_the_edited_weights(tmp_path):
     from coarpy import runs
-    from coarpy.config import RunConfig
+    from coarpy.runs import RunConfig
 
     run = tmp_path / "run"
     cfg = RunConfig(

@@ -1,4 +1,4 @@
-"""Tests of coarpy.report (plots, HTML report) and of the status lines it shares with runs.
+"""Tests of coarpy.report (plots, HTML report).
 
 The real data: a store of 300 masks (alpha 0.1) over the 56 conv channels and hidden
 units of the digits CNN, on 24 held-out digits, and a held-out store of 60 masks
@@ -11,12 +11,10 @@ import base64
 import copy
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,7 +33,6 @@ from coarpy.errors import MissingExtraError, ReportError  # noqa: E402
 from coarpy.evaluate import Evaluation, evaluate_store  # noqa: E402
 from coarpy.learning_curve import learning_curve, store_learning_curve  # noqa: E402
 from coarpy.regression import fit  # noqa: E402
-from coarpy.store import ComponentDataset  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 SPEC = {"features.0": "conv", "features.4": "conv", "classifier.1": "linear"}
@@ -441,50 +438,3 @@ def test_report_renders_in_headless_chromium_with_every_image_decoded(html_repor
     assert found, done.stdout[-2000:]
     images, decoded, errors = map(int, found.groups())
     assert (images, decoded, errors) == (7, 7, 0)
-
-
-# -- status (runs.status / format_status) ------------------------------------------------
-
-
-def _store_copy(run, tmp_path) -> Path:
-    folder = tmp_path / "store"
-    shutil.copytree(run.root / "run", folder)
-    return folder
-
-
-def test_status_speed_counts_recent_blocks_only_after_a_pause(run, tmp_path):
-    folder = _store_copy(run, tmp_path)
-    ds = ComponentDataset(folder)
-    now = time.time()
-    # Block 0 a day ago, then blocks 1..5 ten seconds apart ending now (50 rows each).
-    stamps = [now - 86400] + [now - 10 * (5 - b) for b in range(1, 6)]
-    for b, t in enumerate(stamps):
-        os.utime(ds.block_path(b), (t, t))
-    info = runs.status(folder)
-    # Blocks 2..5 finished in the 40 s after block 1: 200 rows / 40 s.
-    assert info["masks_per_s"] == pytest.approx(5.0, rel=1e-6)
-    assert info["eta_s"] == 0.0
-    assert "speed      5.00 masks/s, ETA done" in runs.format_status(info)
-
-
-def test_status_lists_workers_whose_heartbeat_is_recent(run, tmp_path):
-    folder = _store_copy(run, tmp_path)
-    beats = folder / runs.WORKERS
-    shutil.rmtree(beats, ignore_errors=True)  # collect's own heartbeat: start from none
-    assert runs.status(folder)["workers_recent"] is None  # no worker wrote a heartbeat
-    assert "\nworkers " not in runs.format_status(runs.status(folder))
-    beats.mkdir()
-    now = time.time()
-    (beats / "gpu1-11.json").write_text(
-        json.dumps({"host": "gpu1", "pid": 11, "shard": [0, 2], "time": now - 5})
-    )
-    (beats / "gpu2-12.json").write_text(
-        json.dumps({"host": "gpu2", "pid": 12, "shard": [1, 2], "time": now - 3600})
-    )
-    (beats / "partial.json").write_text('{"host": "gp')
-    info = runs.status(folder)
-    assert [(w["host"], w["pid"], w["shard"]) for w in info["workers_recent"]] == [
-        ("gpu1", 11, [0, 2])
-    ]
-    assert "workers    1 seen in the last 5 min: gpu1:11 (shard 0/2)" in runs.format_status(info)
-    json.dumps(info)  # `coar status --json` prints it

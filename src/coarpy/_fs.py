@@ -20,6 +20,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from .errors import ArgumentError, MissingExtraError
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
@@ -103,12 +105,24 @@ class RemotePath:
             try:
                 import fsspec
             except ImportError as err:
-                raise ImportError(
+                raise MissingExtraError(
                     f"The store location {url!r} is a URL, which needs fsspec (and the "
                     "package for its scheme, e.g. s3fs). Install it with "
                     "`pip install coarpy[fsspec]`, or use a local directory."
                 ) from err
-            fs, _ = fsspec.core.url_to_fs(url)
+            try:
+                fs, _ = fsspec.core.url_to_fs(url)
+            except ImportError as err:  # fsspec knows the scheme; its package is missing
+                raise MissingExtraError(
+                    f"The store location {url!r} needs a filesystem package that is not "
+                    f"installed: {err}. Install it (e.g. `pip install s3fs` for s3://), or "
+                    "use a local directory."
+                ) from err
+            except ValueError as err:
+                raise ArgumentError(
+                    f"The store location {url!r} has a scheme fsspec does not know ({err}). "
+                    "Check the URL (s3://, gs://, ...), or use a local directory."
+                ) from err
         self.fs = fs
         self.url = url.rstrip("/")
         self._fs_path = fs._strip_protocol(self.url)

@@ -1,4 +1,8 @@
-"""The ``coar`` command: parses arguments and calls the library, nothing more."""
+"""The ``coar`` command: parses arguments and calls the library, nothing more.
+
+Each subcommand calls one function of ``coarpy.runs`` (or ``demo``, ``edit``,
+``report``). Every ``CoarError`` is printed as one line on stderr, exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,12 @@ from .errors import CoarError
 
 
 def _shard(text: str) -> tuple[int, int]:
-    k, sep, n = text.partition("/")
+    from .runs import parse_shard
+
     try:
-        if not sep:
-            raise ValueError
-        return int(k), int(n)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected k/K such as 0/4, got {text!r}") from None
+        return parse_shard(text)
+    except CoarError as err:
+        raise argparse.ArgumentTypeError(f"expected k/K such as 0/4, got {text!r}") from err
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,14 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
 
     c = sub.add_parser("collect", help="collect (or resume) a component dataset from CONFIG")
-    c.add_argument("config", help="TOML run configuration (see coarpy.config)")
+    c.add_argument("config", help="TOML run configuration (see coarpy.runs.config)")
     c.add_argument("--shard", type=_shard, default=None, help="k/K: only blocks b%%K==k")
     c.add_argument(
         "--launcher", choices=("local", "slurm", "ray"), default=None,
         help="run many workers: local processes, a SLURM job array (submitit), or Ray actors",
     )  # fmt: skip
     c.add_argument(
-        "--devices", default="cpu:1",
+        "--devices", default=None,
         help="local launcher: cuda:0,cuda:1 or cpu:N (one process each; default cpu:1)",
     )  # fmt: skip
     c.add_argument("--workers", type=int, default=None, help="slurm tasks / ray actors")
@@ -118,10 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         return _dispatch(args)
-    except CoarError as err:
-        print(f"coar {args.command}: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
+    except (CoarError, FileNotFoundError) as err:  # a message for the user, not a traceback
         print(f"coar {args.command}: {err}", file=sys.stderr)
         return 2
 
@@ -143,23 +143,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.launcher is None:
             ds = runs.collect_run(args.config, shard=args.shard)
         else:
-            from . import launch
-
-            if args.launcher == "local":
-                ds = launch.local(args.config, devices=args.devices, restarts=args.restarts)
-            elif args.launcher == "slurm":
-                from .config import RunConfig
-                from .store import ComponentDataset
-
-                launch.slurm(args.config, n_workers=args.workers or 1, restarts=args.restarts)
-                ds = ComponentDataset(RunConfig.load(args.config).path)
-            else:
-                ds = launch.ray(args.config, n_actors=args.workers, restarts=args.restarts)
+            ds = runs.launch(
+                args.config, args.launcher, devices=args.devices, n_workers=args.workers,
+                restarts=args.restarts,
+            )  # fmt: skip
         print(ds)
     elif args.command == "worker":
-        from . import launch
-
-        print(launch.worker(args.run, shard=args.shard or "env", claim=args.claim))
+        print(runs.collect_run(args.run, shard=args.shard or "env", claim=args.claim))
     elif args.command == "status":
         info = runs.status(args.run)
         print(json.dumps(info, indent=1) if args.json else runs.format_status(info))

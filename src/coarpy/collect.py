@@ -4,24 +4,24 @@ For every mask row of every unfinished block, the model runs over the whole (fix
 example set with that mask's components ablated, and the output function gives one
 number per example. The examples are moved to the device once. When the example set
 is smaller than a batch, several masks share one forward pass (per-row masks).
+
+Which blocks to compute is the caller's business: all of them, a shard ``(k, K)``,
+or any iterable of block indices, which may hand them out lazily. ``coarpy.runs``
+uses that for run directories: workers, lease claiming, heartbeats and launchers.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
-from . import _fs, _leases
 from . import outputs as _outputs
 from . import prefix as _prefix
 from ._engine import (
@@ -35,44 +35,11 @@ from ._engine import (
 from ._fingerprint import model_fingerprint, tensors_fingerprint
 from .ablation import Ablator
 from .components import Components
-from .errors import CoarError, CollectError
+from .errors import ArgumentError, CoarError, CollectError
 from .masks import sample_masks
 from .store import ComponentDataset
 
 log = logging.getLogger(__name__)
-
-WORKERS = "workers"  # RUN/workers/<host>-<pid>.json: heartbeats read by `coar status`
-_HEARTBEAT_S = 1.0  # at most one heartbeat write per second (tiny blocks finish faster)
-
-
-def shard_from_env() -> tuple[int, int] | None:
-    """``(k, K)`` from SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE, else None."""
-    for idx, count in (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("RANK", "WORLD_SIZE")):
-        if idx in os.environ and count in os.environ:
-            k, n = int(os.environ[idx]), int(os.environ[count])
-            if idx.startswith("SLURM"):
-                k -= int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-            return k, n
-    return None
-
-
-def _check_shard(shard: tuple[int, int] | str | None) -> tuple[int, int] | None:
-    if shard == "env":
-        shard = shard_from_env()
-    if shard is None:
-        return None
-    if isinstance(shard, str):
-        k, sep, n = shard.partition("/")
-        if not (sep and k.strip().isdigit() and n.strip().isdigit()):
-            raise ValueError(
-                f"shard must be 'k/K' (this worker's index k of K workers, e.g. '0/4'), "
-                f"a tuple (k, K) or 'env', got {shard!r}."
-            )
-        shard = (int(k), int(n))
-    k, n = shard
-    if not (n >= 1 and 0 <= k < n):
-        raise ValueError(f"shard must be (k, K) with 0 <= k < K, got {shard}.")
-    return int(k), int(n)
 
 
 def collect(
@@ -91,10 +58,8 @@ def collect(
     device: torch.device | str | None = None,
     mode: str = "zero",
     means: dict[str, Tensor] | None = None,
-    shard: tuple[int, int] | str | None = None,
+    shard: tuple[int, int] | None = None,
     blocks: Iterable[int] | None = None,
-    claim: bool = False,
-    lease_s: float = _leases.LEASE_S,
     autocast: str | None = None,
     dtype: str = "float32",
     allow_nonfinite: bool = False,
@@ -117,14 +82,13 @@ def collect(
     block_size : masks per block file (the unit of work and of commit).
     batch_size : examples per forward pass (default: the data's own batches).
     device : where to run (default: where the model is).
-    shard : ``(k, K)`` or ``"k/K"`` to do only blocks b with b % K == k; ``"env"``
-        reads SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE.
-    blocks : only these block indices (default: all); finished ones are skipped.
-    claim : take blocks dynamically through lease files (``RUN/leases``): this
-        worker's shard first, then any unfinished block no live worker holds, and
-        return only when every block is done. Fast workers then take more blocks,
-        and the blocks of a dead worker are taken over once its lease is stale.
-    lease_s : seconds after which an untouched lease counts as dead (claim mode).
+    shard : ``(k, K)`` to do only blocks b with b % K == k (worker k of K). To read
+        it from SLURM's or torchrun's variables, or to claim blocks through lease
+        files, collect a run directory with ``coarpy.runs.collect_run``.
+    blocks : only these block indices (default: all); finished ones are skipped. A
+        collection (list, range) is checked whole before any work; any other
+        iterable is read one block at a time, each asked for only when the previous
+        one is computed, so it may decide lazily (``coarpy.runs.leases.Claims``).
     autocast : ``"bf16"`` or ``"fp16"`` to run under torch.autocast (GPU).
     dtype : ``"float32"`` or ``"float16"`` for the stored outputs.
     allow_nonfinite : store NaN/inf outputs instead of stopping at the first one.
@@ -182,18 +146,13 @@ def collect(
         ),
         overwrite=overwrite,
     )
-    n_blocks = -(-n_masks // block_size)
-    candidates = range(n_blocks) if blocks is None else _check_blocks(blocks, n_blocks)
-    todo = [
-        b for b in candidates if (shard is None or b % shard[1] == shard[0]) and not ds.is_done(b)
-    ]
-    if claim:  # own shard first, then every other unfinished block: fast workers take more
-        mine = set(todo)
-        todo += [b for b in candidates if b not in mine and not ds.is_done(b)]
-    done_before = n_blocks - len([b for b in range(n_blocks) if not ds.is_done(b)])
+    n_blocks = ds.n_blocks
+    done_before = len(ds.done_blocks())
     if done_before:
         log.info("%s: resuming, %d of %d blocks already done", ds.path, done_before, n_blocks)
-    if not todo:
+    order, total = _plan(ds, blocks, shard)
+    first = next(order, None)
+    if first is None:
         return ComponentDataset(ds.path)
 
     # Shared masks go into the weights where that is exact: no hook runs per forward.
@@ -201,15 +160,12 @@ def collect(
     # No autocast weight cache: weights change between masks (it is off under
     # inference_mode already; saying so keeps it off whatever torch decides).
     cast = autocast_context(device, autocast)
-    bar = progress_bar(len(todo), progress, desc=f"collect {ds.path.name}")
-    claims = _leases.Claims(ds, todo, lease_s=lease_s) if claim else nullcontext(todo)
-    beat = _Heartbeat(ds, shard, device)
+    bar = progress_bar(total, progress, desc=f"collect {ds.path.name}")
     pending: list[Future] = []
     started = time.perf_counter()
     try:
         with (
             eval_mode(model, "collect"),
-            claims as order,
             ThreadPoolExecutor(max_workers=1) as writer,
             ablator,
             torch.inference_mode(),
@@ -222,7 +178,7 @@ def collect(
                 )
             if compile_model:
                 run_model = torch.compile(run_model)
-            for count, b in enumerate(order, 1):
+            for count, b in enumerate(_chain(first, order), 1):
                 start, stop = ds.block_rows(b)
                 keep = sample_masks(
                     start, stop, len(components), alpha=alpha, seed=seed, sampler=sampler
@@ -245,13 +201,57 @@ def collect(
                 bar.update(1)
                 rate = count * (stop - start) / (time.perf_counter() - started)
                 bar.set_postfix(masks_per_s=f"{rate:.1f}", refresh=False)
-                beat.write("collecting")
             while pending:
                 pending.pop().result()
-        beat.write("finished", force=True)
     finally:
         bar.close()
     return ComponentDataset(ds.path)
+
+
+def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    if isinstance(shard, str) or not (
+        isinstance(shard, (tuple, list))
+        and len(shard) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in shard)
+    ):
+        raise ArgumentError(
+            f"shard must be a tuple (k, K): this worker's index k of K workers, e.g. (0, 4); "
+            f"got {shard!r}. For 'k/K' text or SLURM/torchrun variables use "
+            "coarpy.runs.collect_run(config, shard='k/K' or 'env')."
+        )
+    k, n = shard
+    if not (n >= 1 and 0 <= k < n):
+        raise ArgumentError(f"shard must be (k, K) with 0 <= k < K, got {tuple(shard)}.")
+    return k, n
+
+
+def _plan(
+    ds: ComponentDataset, blocks: Iterable[int] | None, shard: tuple[int, int] | None
+) -> tuple[Iterator[int], int]:
+    """The unfinished blocks to compute, in order, and how many at most (for the bar)."""
+
+    def wanted(b: int) -> bool:
+        return (shard is None or b % shard[1] == shard[0]) and not ds.is_done(b)
+
+    if blocks is None or isinstance(blocks, Collection):  # checked whole, before any work
+        candidates = range(ds.n_blocks) if blocks is None else blocks
+        todo = [b for b in _check_blocks(candidates, ds.n_blocks) if wanted(b)]
+        return iter(todo), len(todo)
+
+    def lazily() -> Iterator[int]:  # each checked when it comes
+        for b in blocks:
+            _check_blocks((b,), ds.n_blocks)
+            if wanted(b):
+                yield b
+
+    return lazily(), sum(1 for b in range(ds.n_blocks) if wanted(b))
+
+
+def _chain(first: int, rest: Iterator[int]) -> Iterator[int]:
+    yield first
+    yield from rest
 
 
 def _check_blocks(blocks: Iterable[int], n_blocks: int) -> list[int]:
@@ -260,44 +260,11 @@ def _check_blocks(blocks: Iterable[int], n_blocks: int) -> list[int]:
         b for b in chosen if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < n_blocks
     ]
     if bad:
-        raise ValueError(
+        raise ArgumentError(
             f"blocks must be block indices in 0..{n_blocks - 1} (this run has {n_blocks} "
             f"blocks), got {bad[:5]}. Pass blocks=None for all of them."
         )
     return chosen
-
-
-class _Heartbeat:
-    """``RUN/workers/<host>-<pid>.json``: who is collecting, where, and when last seen.
-
-    ``{"host", "pid", "shard", "device", "time", "state"}``, replaced atomically;
-    ``coar status`` lists the recent ones. Written when the block loop starts, after
-    blocks (at most once a second) and when the worker finishes. A failed write is
-    logged and never stops the collection.
-    """
-
-    def __init__(self, ds: ComponentDataset, shard: tuple[int, int] | None, device):
-        self.host, self.pid = platform.node(), os.getpid()
-        self.path = ds.path / WORKERS / f"{self.host}-{self.pid}.json"
-        self.shard = list(shard) if shard else None
-        self.device = str(device)
-        self.last = float("-inf")
-        self.write("collecting", force=True)
-
-    def write(self, state: str, *, force: bool = False) -> None:
-        now = time.time()
-        if not force and now - self.last < _HEARTBEAT_S:
-            return
-        beat = {
-            "host": self.host, "pid": self.pid, "shard": self.shard,
-            "device": self.device, "time": now, "state": state,
-        }  # fmt: skip
-        try:
-            self.path.parent.mkdir(exist_ok=True)
-            _fs.atomic_write(self.path, json.dumps(beat).encode())
-            self.last = now
-        except OSError as err:
-            log.warning("could not write the heartbeat %s: %s", self.path, err)
 
 
 def _check_finite(values: Tensor, first_row: int) -> None:

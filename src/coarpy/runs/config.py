@@ -1,10 +1,16 @@
 """Run configuration: a TOML file that names a factory for the model and data.
 
+This module owns the one way a configuration is read (:func:`load_config`: a
+``RunConfig``, a TOML file, or a run directory, local or on an fsspec URL), the one way
+it becomes ``coarpy.collect`` arguments (:func:`collect_settings`), and the copy kept
+next to the run (:func:`save_config`).
+
 Nothing is ``exec``'d: the factory is imported by name (``"package.module:function"``)
 and called with the ``[factory_args]`` table. It returns a mapping with ``model`` and
 ``data`` (the fixed examples), and optionally ``output`` (a callable or built-in
 name), ``components`` (a ``Components`` or a ``{module: kind}`` spec) and
-``heldout`` (other examples, e.g. for editing).
+``heldout`` (other examples, e.g. for editing). Importing a factory runs its module's
+code: trust a configuration as you would a pickle.
 
 Example ``run.toml``::
 
@@ -20,10 +26,10 @@ Example ``run.toml``::
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -31,9 +37,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ._imports import import_object
-from .components import Components
-from .errors import ConfigError
+from .. import _fs
+from .._imports import import_object
+from ..components import Components
+from ..errors import ArgumentError, ConfigError
+from . import layout
 
 
 @dataclass(frozen=True)
@@ -100,16 +108,18 @@ class RunConfig:
         return cls(**values)
 
     @classmethod
-    def load(cls, path: str | Path) -> RunConfig:
-        """Read a TOML run configuration."""
-        path = Path(path)
+    def from_text(cls, text: str, *, where: str = "config") -> RunConfig:
+        """Parse TOML text (``where`` names its origin in error messages)."""
         try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"No configuration file at {path}.") from None
+            raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path} is not valid TOML: {err}") from err
-        return cls.from_dict(raw, where=str(path))
+            raise ConfigError(f"{where} is not valid TOML: {err}") from err
+        return cls.from_dict(raw, where=where)
+
+    @classmethod
+    def load(cls, source: str | os.PathLike) -> RunConfig:
+        """Read a TOML file, or the configuration a run directory holds (:func:`load_config`)."""
+        return load_config(source)
 
     def to_toml(self) -> str:
         """The configuration as TOML text (saved next to the run)."""
@@ -130,7 +140,10 @@ class RunConfig:
 
     def build(self) -> Setup:
         """Call the factory and resolve components and the output function."""
-        factory = import_object(self.factory)
+        try:
+            factory = import_object(self.factory)
+        except ArgumentError as err:
+            raise ConfigError(f"factory = {self.factory!r}: {err}") from err
         made = factory(**self.factory_args)
         if not isinstance(made, Mapping) or "model" not in made or "data" not in made:
             keys = f" with keys {list(made)}" if isinstance(made, Mapping) else ""
@@ -166,6 +179,86 @@ class Setup:
     data: Any
     output: Any
     extra: Mapping[str, Any]
+
+
+def load_config(source: RunConfig | str | os.PathLike) -> RunConfig:
+    """The run configuration ``source`` names: itself, a TOML file, or a run directory.
+
+    A run directory holds its configuration as ``config.toml``; a URL such as
+    ``s3://bucket/run/config.toml`` is read with fsspec. This is the only place a
+    configuration is read.
+
+    Raises
+    ------
+    ConfigError
+        There is no configuration there, or it is not valid TOML, or a field is
+        unknown, missing or of the wrong type.
+    """
+    if isinstance(source, RunConfig):
+        return source
+    where = layout.where(source)
+    is_run = where.is_dir()
+    file = where / layout.CONFIG if is_run else where
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        if is_run:
+            raise ConfigError(
+                f"{source} has no {layout.CONFIG}. Runs started from Python have none: use "
+                "the Python API for them, or start the run with `coar collect CONFIG`."
+            ) from None
+        raise ConfigError(
+            f"No run configuration at {file}. Pass a TOML configuration file, a run "
+            "directory made by `coar collect CONFIG`, or a coarpy.runs.RunConfig."
+        ) from None
+    return RunConfig.from_text(text, where=str(file))
+
+
+def build(run: RunConfig | str | os.PathLike) -> Setup:
+    """Rebuild the model, components and data of a run from its configuration."""
+    return load_config(run).build()
+
+
+def collect_settings(cfg: RunConfig, output: Any) -> dict[str, Any]:
+    """The ``coarpy.collect`` arguments a configuration fixes; the only such mapping.
+
+    Every field of :class:`RunConfig` that is an argument of ``collect`` is passed
+    (a test checks this), so every way of collecting a run computes the same store.
+    """
+    return {
+        "output": output,
+        "path": cfg.path,
+        "n_masks": cfg.n_masks,
+        "alpha": cfg.alpha,
+        "seed": cfg.seed,
+        "sampler": cfg.sampler,
+        "block_size": cfg.block_size,
+        "batch_size": cfg.batch_size,
+        "device": cfg.device,
+        "mode": cfg.mode,
+        "autocast": cfg.autocast,
+        "dtype": cfg.dtype,
+        "prefix": cfg.prefix,
+        "compile_model": cfg.compile_model,
+    }
+
+
+def save_config(cfg: RunConfig) -> None:
+    """Keep the configuration next to the run, as ``RUN/config.toml``.
+
+    Workers finishing together write the same text; each write is atomic, and an
+    unchanged file is not rewritten.
+    """
+    run = layout.where(cfg.path)
+    run.mkdir(parents=True, exist_ok=True)
+    target = run / layout.CONFIG
+    text = cfg.to_toml()
+    try:
+        if target.read_text() == text:
+            return
+    except FileNotFoundError:
+        pass
+    _fs.atomic_write(target, text.encode())
 
 
 def _toml_key(key: str) -> str:

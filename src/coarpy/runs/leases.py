@@ -30,16 +30,18 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from . import _fs
-from .store import ComponentDataset
+from .. import _fs
+from ..errors import ArgumentError
+from ..store import ComponentDataset
+from .layout import LEASES
 
 log = logging.getLogger(__name__)
 
-LEASES = "leases"
 LEASE_S = 120.0  # a lease untouched this long is stale; holders touch it every LEASE_S / 4
 
 
 def lease_path(run: Path, block: int) -> Path:
+    """The lease file of ``block`` in the run directory ``run``."""
     return run / LEASES / f"b{block:06d}.lease"
 
 
@@ -67,31 +69,48 @@ def _read(path: Path) -> dict:
 
 
 class Claims:
-    """Claim blocks of a store one at a time, until every given block is done.
+    """Claim blocks of a store one at a time, until every candidate block is done.
 
-    Use as a context manager; iterating yields the blocks this worker now holds, in
-    the given order, skipping finished ones and waiting for blocks leased by live
-    workers (taking them over if their holder dies). On exit every lease still held
-    is released, so other workers can take those blocks at once.
+    Use as a context manager and pass it to ``coarpy.collect`` as ``blocks=``:
+    iterating yields the blocks this worker now holds, in order, skipping finished
+    ones and waiting for blocks leased by live workers (taking them over if their
+    holder dies). On exit every lease still held is released, so other workers can
+    take those blocks at once.
 
     Parameters
     ----------
-    ds : the store (on a local or shared POSIX filesystem).
-    blocks : the candidate blocks, in the order to try them.
+    run : the store, or its directory on a local or shared POSIX filesystem. The
+        store may not exist yet: it is opened when the iteration starts (``collect``
+        creates it first).
+    blocks : the candidate blocks, in the order to try them (default: every block of
+        the store, those of ``shard`` first, so that workers start apart).
+    shard : ``(k, K)``: this worker's share, tried first when ``blocks`` is None.
     lease_s : seconds after which an untouched lease is stale.
     """
 
-    def __init__(self, ds: ComponentDataset, blocks: Iterable[int], *, lease_s: float = LEASE_S):
-        if _fs.is_remote(ds.path):
-            raise ValueError(
-                f"claim=True needs the store on a POSIX filesystem for its lease files, but "
-                f"{ds.path} is on a remote filesystem. Use static shards (shard='k/K') or "
-                "coarpy.launch.ray, which hands out blocks without lease files."
+    def __init__(
+        self,
+        run: ComponentDataset | str | os.PathLike,
+        blocks: Iterable[int] | None = None,
+        *,
+        shard: tuple[int, int] | None = None,
+        lease_s: float = LEASE_S,
+    ):
+        self._ds = run if isinstance(run, ComponentDataset) else None
+        self.run = _fs.path(run.path if isinstance(run, ComponentDataset) else run)
+        if _fs.is_remote(self.run):
+            raise ArgumentError(
+                f"Claiming blocks needs the store on a POSIX filesystem for its lease files, "
+                f"but {self.run} is on a remote filesystem. Use static shards (shard='k/K') "
+                "or coarpy.runs.ray, which hands out blocks without lease files."
             )
-        if not lease_s > 0:
-            raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s!r}.")
-        self.ds = ds
-        self.blocks = list(blocks)
+        if isinstance(lease_s, bool) or not (isinstance(lease_s, (int, float)) and lease_s > 0):
+            raise ArgumentError(
+                f"lease_s must be a positive number of seconds, got {lease_s!r}. Pass e.g. "
+                f"lease_s={LEASE_S:g}."
+            )
+        self.blocks = None if blocks is None else list(blocks)
+        self.shard = shard
         self.lease_s = float(lease_s)
         self.poll_s = min(1.0, self.lease_s / 4)
         self.token = uuid.uuid4().hex
@@ -100,7 +119,22 @@ class Claims:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
-        (Path(ds.path) / LEASES).mkdir(exist_ok=True)
+
+    @property
+    def ds(self) -> ComponentDataset:
+        """The store, opened at first use (it must exist by then)."""
+        if self._ds is None:
+            self._ds = ComponentDataset(self.run)
+        return self._ds
+
+    def _order(self) -> list[int]:
+        if self.blocks is not None:
+            return self.blocks
+        every = range(self.ds.n_blocks)
+        if self.shard is None:
+            return list(every)
+        k, n = self.shard
+        return [b for b in every if b % n == k] + [b for b in every if b % n != k]
 
     # -- context ----------------------------------------------------------------------
     def __enter__(self) -> Claims:
@@ -126,7 +160,7 @@ class Claims:
 
     # -- claiming ---------------------------------------------------------------------
     def __iter__(self) -> Iterator[int]:
-        remaining = self.blocks
+        remaining = self._order()
         while remaining:
             waiting = []
             for block in remaining:
@@ -148,7 +182,7 @@ class Claims:
 
     def _sweep(self) -> None:
         """Delete leases of finished blocks that dead workers left behind (harmless, untidy)."""
-        for path in (Path(self.ds.path) / LEASES).glob("b*.lease"):
+        for path in (self.run / LEASES).glob("b*.lease"):
             block = int(path.stem[1:])
             if block < self.ds.n_blocks and self.ds.is_done(block):
                 with contextlib.suppress(FileNotFoundError):
@@ -161,7 +195,8 @@ class Claims:
         return self._take_over(block)
 
     def _create(self, block: int) -> bool:
-        path = lease_path(Path(self.ds.path), block)
+        path = lease_path(self.run, block)
+        path.parent.mkdir(exist_ok=True)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -187,7 +222,7 @@ class Claims:
         )
 
     def _take_over(self, block: int) -> bool:
-        path = lease_path(Path(self.ds.path), block)
+        path = lease_path(self.run, block)
         try:
             seen = os.stat(path)
         except FileNotFoundError:

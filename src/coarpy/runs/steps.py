@@ -1,0 +1,106 @@
+"""The steps after collection, on a run directory: fit, evaluate, and their saved tables.
+
+``fit_run`` fits the run's store and saves ``RUN/attributions``; ``evaluate_run``
+rebuilds the run's model from its configuration, evaluates the attributions (and
+baselines) on fresh masks and saves ``RUN/evaluation.json`` and ``.csv``. Both write
+next to the store, so the run must be a local directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..store import ComponentDataset
+from .config import load_config
+from .layout import ATTRIBUTIONS, EVALUATION, is_local
+
+BASELINES = ("leave_one_out", "gradient")
+
+
+def _local(run: str | os.PathLike, step: str) -> Path:
+    if not is_local(run):
+        raise ConfigError(
+            f"coar {step} saves its results next to the store, which needs a local "
+            f"directory, but the run is at {run}. Copy the run to a local directory first."
+        )
+    return Path(run)
+
+
+def fit_run(run: str | os.PathLike, *, method: str = "ridge", progress: bool = True):
+    """Fit attributions to a run's store and save them in ``RUN/attributions``.
+
+    Returns the ``Attributions`` (``method`` as for ``coarpy.fit``).
+    """
+    from ..regression import fit
+
+    run = _local(run, "fit")
+    attr = fit(ComponentDataset(run), method=method, progress=progress)
+    attr.save(run / ATTRIBUTIONS)
+    return attr
+
+
+def evaluate_run(
+    run: str | os.PathLike,
+    *,
+    alphas: tuple[float, ...] | None = None,
+    n_masks: int = 100,
+    seed: int = 1,
+    baselines: tuple[str, ...] = BASELINES,
+    progress: bool | None = None,
+):
+    """Evaluate a run's attributions (and baselines) on fresh masks; save the table.
+
+    Writes ``RUN/evaluation.json`` and ``RUN/evaluation.csv`` and returns the
+    ``Evaluation``. ``alphas`` defaults to the run's alpha; baselines are computed on
+    the same model and examples.
+
+    Raises
+    ------
+    ConfigError
+        The run has no fitted attributions or configuration, or a baseline is unknown.
+    """
+    from .. import baselines as _baselines
+    from ..attributions import Attributions
+    from ..evaluate import evaluate
+
+    run = _local(run, "evaluate")
+    ds = ComponentDataset(run)
+    if not (run / ATTRIBUTIONS).exists():
+        raise ConfigError(f"{run} has no fitted attributions yet. Run `coar fit {run}` first.")
+    known = {"leave_one_out": _baselines.leave_one_out, "gradient": _baselines.gradient}
+    unknown = [name for name in baselines if name not in known]
+    if unknown:
+        raise ConfigError(
+            f"Unknown baseline(s) {', '.join(map(repr, unknown))}. Choose from "
+            f"{', '.join(known)}."
+        )
+    cfg = load_config(run)
+    setup = cfg.build()
+    methods = {"coar": Attributions.load(run / ATTRIBUTIONS)}
+    for name in baselines:
+        methods[name] = known[name](
+            setup.model, setup.components, setup.data, output=setup.output,
+            batch_size=cfg.batch_size, device=cfg.device, mode=cfg.mode,
+        )  # fmt: skip
+    result = evaluate(
+        methods, setup.model, setup.components, setup.data, output=setup.output,
+        alphas=tuple(alphas) if alphas else (ds.alpha,), n_masks=n_masks, seed=seed,
+        batch_size=cfg.batch_size, device=cfg.device, mode=cfg.mode, progress=progress,
+    )  # fmt: skip
+    result.save(run / f"{EVALUATION}.json")
+    write_csv(run / f"{EVALUATION}.csv", result.to_rows())
+    return result
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Rows of plain values as a CSV file (nothing written for no rows)."""
+    import csv
+
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

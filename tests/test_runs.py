@@ -1,0 +1,272 @@
+"""Run directories (coarpy.runs): the one config loader, the one config -> collect path,
+shards from the environment, heartbeats and status."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from coarpy import runs
+from coarpy.collect import collect
+from coarpy.errors import ArgumentError, ConfigError, SplitError
+from coarpy.runs import RunConfig, heartbeat
+from coarpy.store import ComponentDataset
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+from _launch_setup import config  # noqa: E402
+
+sys.path.remove(str(TESTS))
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in (
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_ARRAY_TASK_COUNT",
+        "SLURM_ARRAY_TASK_MIN",
+        "RANK",
+        "WORLD_SIZE",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished run of 6 blocks of 50 masks, collected in this process."""
+    run = tmp_path_factory.mktemp("status") / "run"
+    runs.collect_run(dataclasses.replace(config(run, n_masks=300), block_size=50), progress=False)
+    return run
+
+
+def memory_url(tmp_path: Path, name: str) -> str:
+    return f"memory://coar-runs-{tmp_path.name}/{name}"
+
+
+@pytest.fixture
+def memory(tmp_path):
+    """Removes this test's folder of fsspec's in-memory filesystem afterwards."""
+    fsspec = pytest.importorskip("fsspec")
+    yield
+    fsspec.filesystem("memory").rm(f"/coar-runs-{tmp_path.name}", recursive=True)
+
+
+# -- the one config loader ----------------------------------------------------------------
+
+
+def test_load_config_reads_a_file_a_run_directory_or_a_config_itself(tmp_path):
+    cfg = config(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text(cfg.to_toml())
+    (tmp_path / "run.toml").write_text(cfg.to_toml())
+    assert runs.load_config(tmp_path / "run.toml") == cfg
+    assert runs.load_config(tmp_path / "run") == cfg
+    assert runs.load_config(str(tmp_path / "run")) == cfg
+    assert runs.load_config(cfg) is cfg
+    assert RunConfig.load(tmp_path / "run") == cfg
+
+
+def test_load_config_reads_a_run_on_an_fsspec_filesystem(tmp_path, memory):
+    url = memory_url(tmp_path, "run")
+    cfg = config(url)
+    runs.save_config(cfg)
+    assert runs.load_config(url) == cfg
+    assert runs.load_config(f"{url}/config.toml") == cfg
+    assert not (Path.cwd() / "memory:").exists()
+
+
+def test_load_config_says_what_is_missing(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ConfigError, match=r"has no config.toml\. Runs started from Python"):
+        runs.load_config(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"No run configuration at .*nowhere.toml\. Pass a TOML"):
+        runs.load_config(tmp_path / "nowhere.toml")
+    (tmp_path / "bad.toml").write_text("factory = \n")
+    with pytest.raises(ConfigError, match=r"bad.toml is not valid TOML"):
+        runs.load_config(tmp_path / "bad.toml")
+
+
+def test_save_config_writes_once_and_leaves_an_identical_file_alone(tmp_path):
+    cfg = config(tmp_path / "run")
+    runs.save_config(cfg)
+    saved = tmp_path / "run" / "config.toml"
+    then = time.time() - 100
+    os.utime(saved, (then, then))
+    runs.save_config(cfg)
+    assert saved.stat().st_mtime == pytest.approx(then)
+    runs.save_config(dataclasses.replace(cfg, seed=9))
+    assert runs.load_config(tmp_path / "run").seed == 9
+
+
+# -- the one config -> collect path ------------------------------------------------------
+
+
+def test_every_config_field_that_collect_takes_is_passed_to_it():
+    """Regression: the launchers' copy of this mapping dropped prefix and compile_model."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    takes = set(inspect.signature(collect).parameters)
+    settings = runs.collect_settings(config("x"), "margin")
+    built = {"components"}  # a spec that RunConfig.build turns into the positional argument
+    assert (fields & takes) - built - set(settings) == set()
+    assert set(settings) <= takes
+
+
+def test_collect_run_compiles_the_model_when_the_config_says_so(tmp_path, monkeypatch):
+    import torch
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    cfg = dataclasses.replace(config(tmp_path / "run", n_masks=3), compile_model=True)
+    runs.collect_run(cfg, progress=False)
+    assert len(compiled) == 1
+
+
+def test_collect_run_uses_the_configurations_prefix(tmp_path):
+    cfg = dataclasses.replace(config(tmp_path / "run", n_masks=3), prefix="9")
+    with pytest.raises(SplitError, match="Cannot cut the model at '9'"):
+        runs.collect_run(cfg, progress=False)
+
+
+def test_collect_run_on_a_url_fills_the_store_there(tmp_path, memory, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = memory_url(tmp_path, "run")
+    ds = runs.collect_run(config(url), progress=False)
+    assert str(ds.path) == url and ds.missing_blocks() == []
+    assert runs.load_config(url) == config(url)
+    assert runs.status(url)["done_blocks"] == 8
+    assert not (tmp_path / "memory:").exists()
+
+
+def test_fit_on_a_url_says_it_needs_a_local_directory(tmp_path):
+    with pytest.raises(ConfigError, match="needs a local directory"):
+        runs.fit_run(memory_url(tmp_path, "run"))
+
+
+# -- shards from the environment -----------------------------------------------------------
+
+
+def test_shard_from_torchrun_variables(clean_env, tmp_path):
+    assert runs.shard_from_env() is None
+    clean_env.setenv("RANK", "1")
+    clean_env.setenv("WORLD_SIZE", "3")
+    assert runs.shard_from_env() == (1, 3)
+    ds = runs.collect_run(config(tmp_path / "run"), shard="env", progress=False)
+    assert ds.done_blocks() == [1, 4, 7]
+
+
+def test_shard_from_slurm_array_variables(clean_env):
+    clean_env.setenv("SLURM_ARRAY_TASK_ID", "5")
+    clean_env.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    clean_env.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    clean_env.setenv("RANK", "0")  # SLURM's array variables come first
+    clean_env.setenv("WORLD_SIZE", "8")
+    assert runs.shard_from_env() == (1, 2)
+
+
+def test_shard_env_without_variables_means_every_block(clean_env):
+    assert runs.parse_shard("env") is None
+
+
+@pytest.mark.parametrize(
+    ("shard", "match"),
+    [
+        ((2, 2), r"shard must be \(k, K\) with 0 <= k < K, got \(2, 2\)"),
+        ("1/0", r"0 <= k < K, got \(1, 0\)"),
+        ("first/2", r"shard must be 'k/K'.*got 'first/2'"),
+        ("3", r"shard must be 'k/K'.*got '3'"),
+    ],
+)
+def test_bad_shards_are_refused(shard, match):
+    with pytest.raises(ArgumentError, match=match):
+        runs.parse_shard(shard)
+
+
+# -- heartbeats ----------------------------------------------------------------------------
+
+
+def test_a_heartbeat_says_collecting_until_the_blocks_run_out(tmp_path):
+    beat = heartbeat.Heartbeat(tmp_path, shard=(1, 4), device="cuda:0")
+    states = []
+    for _ in beat.around([5, 9]):
+        states.append(json.loads(beat.path.read_text())["state"])
+    final = json.loads(beat.path.read_text())
+    assert beat.path.name == f"{platform.node()}-{os.getpid()}.json"
+    assert states == ["collecting", "collecting"] and final["state"] == "finished"
+    assert (final["shard"], final["device"]) == ([1, 4], "cuda:0")
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "store"
+    shutil.copytree(run, folder)
+    return folder
+
+
+def test_status_speed_counts_recent_blocks_only_after_a_pause(finished, tmp_path):
+    folder = _copy(finished, tmp_path)
+    ds = ComponentDataset(folder)
+    now = time.time()
+    # Block 0 a day ago, then blocks 1..5 ten seconds apart ending now (50 rows each).
+    stamps = [now - 86400] + [now - 10 * (5 - b) for b in range(1, 6)]
+    for b, t in enumerate(stamps):
+        os.utime(ds.block_path(b), (t, t))
+    info = runs.status(folder)
+    # Blocks 2..5 finished in the 40 s after block 1: 200 rows / 40 s.
+    assert info["masks_per_s"] == pytest.approx(5.0, rel=1e-6)
+    assert info["eta_s"] == 0.0
+    assert "speed      5.00 masks/s, ETA done" in runs.format_status(info)
+
+
+def test_status_lists_workers_whose_heartbeat_is_recent(finished, tmp_path):
+    folder = _copy(finished, tmp_path)
+    beats = folder / runs.WORKERS
+    shutil.rmtree(beats)  # the collecting worker's own heartbeat: start from none
+    assert runs.status(folder)["workers_recent"] is None  # no worker wrote a heartbeat
+    assert "\nworkers " not in runs.format_status(runs.status(folder))
+    beats.mkdir()
+    now = time.time()
+    (beats / "gpu1-11.json").write_text(
+        json.dumps({"host": "gpu1", "pid": 11, "shard": [0, 2], "time": now - 5})
+    )
+    (beats / "gpu2-12.json").write_text(
+        json.dumps({"host": "gpu2", "pid": 12, "shard": [1, 2], "time": now - 3600})
+    )
+    (beats / "partial.json").write_text('{"host": "gp')
+    info = runs.status(folder)
+    assert [(w["host"], w["pid"], w["shard"]) for w in info["workers_recent"]] == [
+        ("gpu1", 11, [0, 2])
+    ]
+    assert "workers    1 seen in the last 5 min: gpu1:11 (shard 0/2)" in runs.format_status(info)
+    json.dumps(info)  # `coar status --json` prints it
+
+
+def test_status_of_a_finished_run_says_what_exists(finished):
+    info = runs.status(finished)
+    assert (info["done_blocks"], info["n_blocks"], info["fraction"]) == (6, 6, 1.0)
+    assert (info["fitted"], info["evaluated"]) == (False, False)
+    assert info["settings"]["n_components"] == 14
+
+
+# -- launching ------------------------------------------------------------------------------
+
+
+def test_launch_names_the_options_of_each_launcher(tmp_path):
+    cfg = config(tmp_path / "run")
+    with pytest.raises(ArgumentError, match="launcher must be one of local, slurm, ray"):
+        runs.launch(cfg, "k8s")
+    with pytest.raises(ArgumentError, match="one worker per device"):
+        runs.launch(cfg, "local", n_workers=2)
+    with pytest.raises(ArgumentError, match="devices='cuda:0' is for the local launcher"):
+        runs.launch(cfg, "ray", devices="cuda:0")
