@@ -6,13 +6,18 @@ VENV ?= .venv
 
 .PHONY: setup demo test test-fast lint bench
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
-	PY=$(PY) VENV=$(VENV) bash scripts/setup.sh
+# The demo needs coarpy alone (matplotlib draws its report); the tests need the dev set.
+$(VENV)/.installed-report: pyproject.toml scripts/setup.sh
+	PY=$(PY) VENV=$(VENV) EXTRAS=report bash scripts/setup.sh
 	touch $@
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	PY=$(PY) VENV=$(VENV) EXTRAS=dev bash scripts/setup.sh
+	touch $@ $(VENV)/.installed-report
 
 setup: $(VENV)/.installed
 
-demo: setup
+demo: $(VENV)/.installed-report
 	$(VENV)/bin/coar demo
 
 lint: setup
