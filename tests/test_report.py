@@ -395,7 +395,7 @@ def test_names_with_dollar_signs_are_drawn_literally_not_as_mathtext(tmp_path):
     fig = report.plot_edit_curve([{"k": 0, "target $x_$": 0.5}, {"k": 1, "target $x_$": 0.7}])
     FigureCanvasAgg(fig).draw()
     ev = Evaluation(
-        methods=("$\\beta_$",), alphas=(0.1,), n_masks=5, pearson=torch.zeros(1, 1, 3),
+        attribution_names=("$\\beta_$",), alphas=(0.1,), n_masks=5, pearson=torch.zeros(1, 1, 3),
         spearman=torch.zeros(1, 1, 3), n_constant=(0,),
     )  # fmt: skip
     FigureCanvasAgg(report.plot_correlations(ev)).draw()
