@@ -69,8 +69,9 @@ def test_minilm_has_72_heads_and_6_by_1536_neurons(minilm):
     assert heads[0].module == "encoder.layer.0.attention"
     assert heads[0].hook == "encoder.layer.0.attention.output.dense"
     assert heads[0].unit_size == 32
-    assert neurons[0].module == "encoder.layer.0.output.dense"
-    assert comps.names[12] == "encoder.layer.0.output.dense:0"
+    assert neurons[0].module == "encoder.layer.0.output"  # BertOutput: the MLP's second half
+    assert neurons[0].hook == "encoder.layer.0.output.dense"
+    assert comps.names[12] == "encoder.layer.0.output:0"
     assert [comps.index(n) for n in comps.names] == list(range(len(comps)))
 
 
@@ -78,7 +79,7 @@ def test_include_and_exclude_globs_select_layers(minilm):
     first = Components.discover(minilm, kinds=("heads", "neurons"), include="encoder.layer.0.*")
     assert [g.module for g in first.groups] == [
         "encoder.layer.0.attention",
-        "encoder.layer.0.output.dense",
+        "encoder.layer.0.output",
     ]
     rest = Components.discover(
         minilm, kinds=("heads",), exclude=["encoder.layer.0.*", "encoder.layer.5.*"]
@@ -96,10 +97,11 @@ def test_mlp_kinds_linear_neurons_inputs(mlp):
     comps = Components.from_spec(mlp, {"0": "linear", "2": "neurons", "4": "inputs"})
     assert [(g.module, g.kind, g.n_units, g.site) for g in comps.groups] == [
         ("0", "linear", 16, "output"),
-        ("2.2", "neurons", 32, "input"),
+        ("2", "neurons", 32, "input"),
         ("4", "inputs", 16, "input"),
     ]
-    assert Components.discover(mlp, kinds=("neurons",)).groups[0].module == "2.2"
+    assert comps.groups[1].hook == "2.2"
+    assert Components.discover(mlp, kinds=("neurons",)).groups[0].module == "2"
 
 
 def test_multihead_attention_heads_are_a_param_site(attention_net):
@@ -142,7 +144,9 @@ def test_empty_selection_is_an_error(cnn):
 
 def test_the_same_module_site_twice_is_refused(mlp):
     # "neurons" of the block and "inputs" of its down projection mask the same input
-    with pytest.raises(ComponentError, match=r"input of module '2.2' is selected twice"):
+    with pytest.raises(
+        ComponentError, match=r"Groups '2' \(neurons\) and '2.2' \(inputs\) both ablate '2.2.weight'"
+    ):
         Components.from_spec(mlp, {"2": "neurons", "2.2": "inputs"})
 
 
