@@ -138,10 +138,9 @@ def test_weights_are_restored_bit_for_bit_also_after_an_error(snapshot, assert_u
     comps = Components.from_spec(rnn, {"": "neurons"})
     saved = snapshot(rnn)
     keep = torch.zeros(len(comps), dtype=torch.bool)
-    with pytest.raises(RuntimeError, match="inside"):
-        with ablate(rnn, comps, keep):
-            assert rnn.weight_hh_l1.abs().sum() == 0
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), ablate(rnn, comps, keep):
+        assert rnn.weight_hh_l1.abs().sum() == 0
+        raise RuntimeError("inside")
     assert_unchanged(rnn, saved)
     ablator = Ablator(rnn, comps)
     with ablator:
@@ -157,9 +156,9 @@ def test_per_row_and_soft_masks_are_refused_with_the_fix():
     comps = Components.from_spec(rnn, {"": "neurons"})
     assert not Ablator(rnn, comps).supports_rows
     rows = torch.ones(4, len(comps), dtype=torch.bool)
-    with pytest.raises(MaskError, match=r"recurrent layer \(GRU\).*one mask must share"):
-        with ablate(rnn, comps, rows):
-            pass
+    match = r"recurrent layer \(GRU\).*one mask must share"
+    with pytest.raises(MaskError, match=match), ablate(rnn, comps, rows):
+        pass
     with pytest.raises(ComponentError, match=r"mode='mean' is not supported.*recurrent layer"):
         Ablator(rnn, comps, mode="mean", means={"": torch.zeros(len(comps))})
 

@@ -284,8 +284,12 @@ def is_shuffled(data: Any) -> bool:
     ``shuffle=True`` such as ``DistributedSampler``), directly or inside the batch
     sampler; False for anything that is not a DataLoader.
     """
-    from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler
-    from torch.utils.data import WeightedRandomSampler
+    from torch.utils.data import (
+        DataLoader,
+        RandomSampler,
+        SubsetRandomSampler,
+        WeightedRandomSampler,
+    )
 
     if not isinstance(data, DataLoader):
         return False

@@ -545,9 +545,7 @@ def _zero_weights_(model: nn.Module, components: Components, ablated: Tensor) ->
                     param.index_fill_(axis, idx, 0)
 
 
-def apply_ablation(
-    model: Any, components: Components, keep: Tensor | Sequence[str]
-) -> nn.Module:
+def apply_ablation(model: Any, components: Components, keep: Tensor | Sequence[str]) -> nn.Module:
     """A copy of ``model`` whose ablated components have zeroed weights.
 
     The persistent form of ``ablate(model, components, keep)`` (zero mode): a conv
