@@ -262,3 +262,11 @@ def test_a_module_discover_cannot_use_is_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Components.discover(net, kinds="conv", exclude="1")  # excluded: nothing to say
+
+
+def test_the_flat_order_does_not_depend_on_how_a_group_is_spelled(mlp):
+    by_projection = Components.from_spec(mlp, {"2.0": "linear", "2.2": "neurons"})
+    by_block = Components.from_spec(mlp, {"2": "neurons", "2.0": "linear"})
+    found = Components.discover(mlp, kinds=("linear", "neurons"), include=["2", "2.0"])
+    assert by_projection.names == by_block.names == found.names
+    assert by_block.names[0] == "2:0"

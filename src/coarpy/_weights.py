@@ -16,7 +16,7 @@ A slice is ``(parameter, axis, index)``: zeroing ``parameter.index_fill_(axis, i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -57,37 +57,53 @@ def _recurrent_parameters(module: nn.Module, layer_direction: int) -> Iterator[T
 
 
 def _recurrent_slices(module: nn.Module, units: Tensor) -> list[Slice]:
-    """Every gate's row of each unit, in weight_ih, weight_hh and both biases."""
+    """Every gate's row of each unit, in weight_ih, weight_hh and both biases.
+
+    Units are grouped by layer and direction where they are (the CPU, for sampled
+    masks); only the final indices move to the weights' device.
+    """
     hidden = module.hidden_size
+    layer_direction = units.div(hidden, rounding_mode="floor")
     slices = []
-    for ld in units.div(hidden, rounding_mode="floor").unique().tolist():
-        rows = units[units.div(hidden, rounding_mode="floor") == ld] % hidden
+    for ld in layer_direction.unique().tolist():
+        rows = units[layer_direction == ld] % hidden
         for param in _recurrent_parameters(module, ld):
             gates = param.shape[0] // hidden  # LSTM 4 (i, f, g, o), GRU 3, RNN 1
             index = (torch.arange(gates, device=rows.device)[:, None] * hidden + rows).reshape(-1)
-            slices.append((param, 0, index))
+            slices.append((param, 0, index.to(param.device, non_blocking=True)))
     return slices
 
 
-def slices(model: nn.Module, group, units: Tensor) -> list[Slice]:
-    """The weight slices whose zeroing ablates ``units`` of ``group`` (a components.Group).
+def slicer(model: nn.Module, group) -> Callable[[Tensor], list[Slice]]:
+    """A function from unit numbers of ``group`` (a components.Group) to its weight slices.
 
-    ``units`` are unit numbers within the group (int64). Output units keep their bias
-    (the paper's convention: a zeroed filter becomes its bias); recurrent units lose
-    their biases too, which is what makes their hidden state exactly zero.
+    The modules and weights are looked up once, here, so an ablator can call the
+    result for every mask. ``units`` are unit numbers within the group (int64). Output
+    units keep their bias (the paper's convention: a zeroed filter becomes its bias);
+    recurrent units lose their biases too, which is what makes their hidden state
+    exactly zero.
     """
     module = model.get_submodule(group.hook)
-    if group.site == "param":
-        if isinstance(module, nn.MultiheadAttention):  # heads are out_proj's input columns
-            weight = module.out_proj.weight
-            return [(weight, 1, feature_index(units, group.unit_size).to(weight.device))]
-        return _recurrent_slices(module, units.to(next(module.parameters()).device))
-    if families.is_hook_point(module):  # TransformerLens hook_z / hook_post: rows of W_O / W_out
-        weight = families.hook_point_weight(model, group.hook)
-        return [(weight, 0, units.to(weight.device))]
-    weight = module.weight
-    index = feature_index(units, group.unit_size).to(weight.device)
-    return [(weight, weight_axis(module, group.site), index)]
+    size = group.unit_size
+    if group.site == "param" and isinstance(module, families.RECURRENT):
+        return lambda units: _recurrent_slices(module, units)
+    if group.site == "param":  # nn.MultiheadAttention: heads are out_proj's input columns
+        weight, axis = module.out_proj.weight, 1
+    elif families.is_hook_point(module):  # TransformerLens hook_z / hook_post: W_O / W_out rows
+        weight, axis = families.hook_point_weight(model, group.hook), 0
+    else:
+        weight, axis = module.weight, weight_axis(module, group.site)
+
+    def units_to_slices(units: Tensor) -> list[Slice]:
+        index = feature_index(units, size).to(weight.device, non_blocking=True)
+        return [(weight, axis, index)]
+
+    return units_to_slices
+
+
+def slices(model: nn.Module, group, units: Tensor) -> list[Slice]:
+    """The weight slices whose zeroing ablates ``units`` of ``group`` (see :func:`slicer`)."""
+    return slicer(model, group)(units)
 
 
 def parameters(model: nn.Module, group) -> list[Tensor]:

@@ -190,11 +190,11 @@ class Ablator:
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         # Groups a shared mask ablates by zeroing weight slices: always the param
         # sites, and with edit_weights every group where that equals the hook.
-        self._weighted = [
-            gi
+        self._weighted = {
+            gi: _weights.slicer(model, g)
             for gi, g in enumerate(components.groups)
             if g.site == "param" or (edit_weights and _by_weights(model, g, mode))
-        ]
+        }
         self._zeroed: list[tuple[Tensor, int, Tensor, Tensor]] = []  # (param, axis, idx, saved)
         self._weight_units: list[Tensor] | None = None  # of the shared mask now set
         self._entered = False
@@ -225,7 +225,6 @@ class Ablator:
         # would wait for the work queued before it.
         keep_dev = keep.to(self.device, non_blocking=True) if not shared else keep
         units = _ablated_units(keep, self.components.groups) if shared else None
-        weighted = set(self._weighted)
         state: list[tuple[str, Tensor, Tensor] | None] = []
         for gi, (g, value) in enumerate(zip(self.components.groups, self.values, strict=True)):
             keep_g = keep_dev[..., g.offset : g.stop] if not shared else None
@@ -237,7 +236,7 @@ class Ablator:
                     f"bool keep of shape ({len(self.components)},), not "
                     f"{tuple(keep.shape)} {keep.dtype}."
                 )
-            if shared and gi in weighted:
+            if shared and gi in self._weighted:
                 state.append(None)  # written into the weights by _write_weights
             elif soft:
                 state.append(("soft", _feature_mask(keep_g, g.unit_size), value))
@@ -269,12 +268,11 @@ class Ablator:
                 param.index_copy_(axis, idx, saved)
             if self._weight_units is None:
                 return
-            for gi in self._weighted:
+            for gi, units_to_slices in self._weighted.items():
                 units = self._weight_units[gi]
                 if units.numel() == 0:
                     continue
-                group = self.components.groups[gi]
-                for param, axis, idx in _weights.slices(self.model, group, units):
+                for param, axis, idx in units_to_slices(units):
                     self._zeroed.append((param, axis, idx, param.index_select(axis, idx)))
                     param.index_fill_(axis, idx, 0)
 

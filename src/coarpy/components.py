@@ -129,6 +129,15 @@ class _Paths:
         """The shortest path of the module at ``path`` (which may be an alias)."""
         return self.path.get(id(self.model.get_submodule(path)), path)
 
+    def in_model_order(self, groups: list[Group]) -> list[Group]:
+        """Groups sorted by where the module of their names is registered (then kind)."""
+
+        def key(g: Group) -> tuple[int, int]:
+            module = self.model.get_submodule(g.module)
+            return self.order.get(id(module), len(self.order)), KINDS.index(g.kind)
+
+        return sorted(groups, key=key)
+
     def parameter_name(self, param: torch.Tensor) -> str:
         if self._parameter_names is None:
             self._parameter_names = {}
@@ -299,15 +308,12 @@ class Components:
         model = as_module(model)
         check_weights_in_memory(model, shapes_only=True)
         paths = _Paths(model)
-        placed = []
         for path, kind in spec.items():
-            module = _submodule(model, path)
-            if module is None:
+            if _submodule(model, path) is None:
                 raise _unknown_path(model, path)
             _check_kinds([kind])
-            placed.append((paths.order.get(id(module), len(paths.order)), path, kind))
-        groups = [_explicit_group(model, paths, path, kind) for _, path, kind in sorted(placed)]
-        return cls(_with_offsets(groups))
+        groups = [_explicit_group(model, paths, path, kind) for path, kind in spec.items()]
+        return cls(_with_offsets(paths.in_model_order(groups)))
 
     @classmethod
     def discover(
@@ -390,9 +396,7 @@ class Components:
                 + (f" and exclude={exclude}" if exclude else "")
                 + ". Check the kinds, or pick modules with Components.from_spec."
             )
-        order = {paths.path[id(m)]: i for i, (_, m) in enumerate(model.named_modules())}
-        groups = sorted(found.values(), key=lambda g: order.get(g.module, order.get(g.hook)))
-        return cls(_with_offsets(groups))
+        return cls(_with_offsets(paths.in_model_order(list(found.values()))))
 
     # -- indexing -----------------------------------------------------------------
     def __len__(self) -> int:
