@@ -142,3 +142,8 @@ def test_a_model_under_collect_sees_padded_rows_with_their_mask(tmp_path):
     comps = Components.discover(model, kinds="linear")
     collect(model, comps, rows, path=tmp_path / "r", n_masks=1, alpha=0.5, progress=False)
     assert torch.equal(seen["mask"], _expected_tokens()[1])
+
+
+def test_a_batch_with_a_scalar_option_is_still_a_batch():
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "output_hidden_states": False}
+    assert not is_row(batch)

@@ -182,3 +182,27 @@ def test_an_lstm_with_projections_is_reported_not_skipped():
     assert [g.module for g in comps.groups] == ["readout"]
     with pytest.raises(ComponentError, match=r"'rnn' \(LSTM\) cannot be ablated as 'neurons'"):
         Components.from_spec(model, {"rnn": "neurons"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
+def test_cudnn_layers_are_ablated_exactly_and_restored(arch):
+    # cuDNN runs from one flat weight buffer: in-place edits of the parameters (views
+    # into it) must reach the kernel, and the buffer must come back bit for bit.
+    build, gates, directions = LAYERS[arch]
+    rnn = build().cuda()
+    rnn.flatten_parameters()
+    before = {k: v.clone() for k, v in rnn.state_dict().items()}
+    comps = Components.from_spec(rnn, {"": "neurons"})
+    keep = torch.ones(len(comps), dtype=torch.bool)
+    keep[[1, HID + 4, 2 * directions * HID - 1]] = False
+    x = _x().cuda()
+    with torch.no_grad():
+        with ablate(rnn, comps, keep):
+            out, _ = rnn(x)
+        edited = apply_ablation(rnn, comps, keep)
+        edited.flatten_parameters()
+        out_ref, _ = edited(x)
+    assert torch.equal(out, out_ref)
+    assert all(torch.equal(v, rnn.state_dict()[k]) for k, v in before.items())

@@ -188,6 +188,8 @@ def is_row(item: Any) -> bool:
     ``(x, y)`` pairs of a ``TensorDataset``. Batches have a batch axis everywhere.
     """
     if _is_mapping(item):
+        if any(k in TOKEN_KEYS and _ndim(v) >= 2 for k, v in item.items()):
+            return False  # batched token fields: a batch, whatever else it holds
         return any(
             _is_scalar(v) or isinstance(v, str) or (k in TOKEN_KEYS and _ndim(v) == 1)
             for k, v in item.items()

@@ -349,18 +349,20 @@ class Components:
         found: dict[tuple[str, str], Group] = {}  # by (hook, site): the outermost block
         heads_at: list[str] = []
         unrecognised: list[str] = []
-        skipped: dict[str, str] = {}
+        skipped: dict[int, str] = {}  # by the module (or wrapped layer) skipped
         for path, module in paths.modules():
             for kind in kinds:
                 site = _site_for(model, path, module, kind, explicit=False)
                 if site is None:
                     if kind == "heads" and families.looks_like_attention(module):
                         unrecognised.append(path)
-                    reason = families.unusable_reason(module, kind)
-                    if kind in ("linear", "inputs") and families.wrapped_linear(module):
-                        reason = families.idle_reason(model, path)
-                    if reason is not None and wanted(path):
-                        skipped.setdefault(path, f"{path!r} ({type(module).__name__}): {reason}")
+                    reason, layer = families.unusable_reason(module, kind), module
+                    wrapped = families.wrapped_linear(module)
+                    if kind in ("linear", "inputs") and wrapped is not None:
+                        reason, layer = families.idle_reason(model, path), wrapped[1]
+                    if reason is not None and wanted(path):  # a wrapper and its layer: once
+                        described = f"{path!r} ({type(module).__name__}): {reason}"
+                        skipped.setdefault(id(layer), described)
                     continue
                 group = _group(paths, site, kind)
                 if wanted(group.module) and (group.hook, group.site) not in found:

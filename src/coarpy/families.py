@@ -160,8 +160,8 @@ def idle_reason(model: nn.Module, path: str) -> str | None:
     split = all(isinstance(getattr(attn, n, None), nn.Module) for n in ("q", "k", "v"))
     if attn is not None and "JointQKV" in type(attn).__name__ and split:
         return (
-            f"TransformerLens runs the split q/k/v copies of {attn_path!r}'s joint qkv "
-            "layer, never the joint layer itself; select "
+            f"TransformerLens runs split q/k/v copies of the joint qkv layer of "
+            f"{attn_path!r}, never the joint layer itself; select "
             f"{_join(attn_path, 'q')!r}, {_join(attn_path, 'k')!r} and "
             f"{_join(attn_path, 'v')!r} instead"
         )
