@@ -68,7 +68,7 @@ class DigitsCNN(nn.Module):
     torch.Size([2, 10])
     >>> comps = Components.discover(net, kinds=("conv", "neurons"))
     >>> len(comps), comps.names[-1]
-    (28, 'classifier:7')
+    (28, 'classifier.3:7')
     """
 
     def __init__(self, n_classes: int = 10, width: int = 16, *, hidden: int = 64):
