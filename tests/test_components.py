@@ -234,10 +234,13 @@ def test_discover_refuses_kinds_that_overlap_and_says_how_to_exclude(mlp):
 
 def test_the_same_group_twice_and_gaps_are_refused(mlp):
     (g,) = Components.from_spec(mlp, {"0": "linear"}).groups
-    with pytest.raises(ComponentError, match=r"starts at flat index 0, expected 16"):
+    with pytest.raises(ComponentError, match=r"Two groups are named '0' \(linear and linear\)"):
         Components([g, g])
-    with pytest.raises(ComponentError, match=r"Two groups are named '0'"):
-        Components([g, dataclasses.replace(g, offset=16)])
+    other = dataclasses.replace(g, module="first", offset=0)
+    with pytest.raises(ComponentError, match=r"'first' \(linear\) and '0' \(linear\) both"):
+        Components([other, dataclasses.replace(g, offset=16)])
+    with pytest.raises(ComponentError, match=r"starts at flat index 3, expected 0"):
+        Components([dataclasses.replace(g, offset=3)])
 
 
 def test_tied_weights_in_two_groups_are_refused():

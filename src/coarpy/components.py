@@ -457,18 +457,10 @@ def _with_offsets(groups: list[Group]) -> list[Group]:
 
 
 def _check_groups(groups: tuple[Group, ...]) -> None:
-    """Refuse gaps in the flat index, repeated names, and two groups on one weight."""
-    offset = 0
+    """Refuse repeated names, two groups on one weight, and gaps in the flat index."""
     names: dict[str, Group] = {}
     touched: dict[str, Group] = {}
     for g in groups:
-        if g.offset != offset:
-            raise ComponentError(
-                f"Group {_describe(g)} starts at flat index {g.offset}, expected {offset}: "
-                "groups must follow each other without gaps. Build components with "
-                "Components.discover or Components.from_spec."
-            )
-        offset = g.stop
         if g.module in names:
             raise ComponentError(
                 f"Two groups are named {g.module!r} ({names[g.module].kind} and {g.kind}), "
@@ -488,6 +480,15 @@ def _check_groups(groups: tuple[Group, ...]) -> None:
                     f"from discover (e.g. exclude=[{g.module!r}])."
                 )
             touched[key] = g
+    offset = 0
+    for g in groups:
+        if g.offset != offset:
+            raise ComponentError(
+                f"Group {_describe(g)} starts at flat index {g.offset}, expected {offset}: "
+                "groups must follow each other without gaps. Build components with "
+                "Components.discover or Components.from_spec."
+            )
+        offset = g.stop
 
 
 def _nested(inner: str, outer: str) -> bool:
