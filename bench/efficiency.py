@@ -91,7 +91,7 @@ def setup(name: str):
         }
     ]
     comps = Components.discover(
-        model, kinds=("heads", "neurons"), exclude=["encoder.encoder.layer.[0-4].output.dense"]
+        model, kinds=("heads", "neurons"), exclude=["encoder.encoder.layer.[0-4].output"]
     )
     return model, comps, data
 

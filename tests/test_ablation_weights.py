@@ -158,11 +158,11 @@ def test_a_tied_weight_is_masked_by_hooks_not_zeroed():
     hooks = _outputs(net, comps, [keep], x, edit_weights=False)[0]
     weights = _outputs(net, comps, [keep], x, edit_weights=True)[0]
     assert torch.equal(hooks, weights)
-    assert Ablator(net, comps, edit_weights=True)._slots == {}
+    assert Ablator(net, comps, edit_weights=True)._weighted == {}
 
 
 def test_mean_mode_keeps_the_hooks(mlp):
     comps = coar.Components.from_spec(mlp, {"0": "linear"})
     means = {"0": torch.arange(16, dtype=torch.float32)}
     ablator = Ablator(mlp, comps, mode="mean", means=means, edit_weights=True)
-    assert ablator._slots == {}
+    assert ablator._weighted == {}

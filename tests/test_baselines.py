@@ -83,7 +83,7 @@ def test_baselines_of_an_additive_model_predict_held_out_ablations_perfectly(add
 
 
 def test_leave_one_out_is_the_output_lost_by_each_single_ablation(mlp):
-    comps = Components.discover(mlp, kinds=("linear", "neurons"), exclude="4")
+    comps = Components.discover(mlp, kinds=("linear", "neurons"), exclude=["2.2", "4"])
     x = torch.randn(7, 6, generator=torch.Generator().manual_seed(1))
     out = readout
     loo = leave_one_out(mlp, comps, x, output=out, progress=False)

@@ -43,10 +43,10 @@ def test_discover_finds_every_conv_channel_and_hidden_unit_of_digits_cnn():
         ("features.0", "conv", 16),
         ("features.3", "conv", 32),
         ("features.7", "conv", 32),
-        ("classifier.3", "neurons", 64),
+        ("classifier", "neurons", 64),
     ]
     assert len(comps) == 5 * 16 + 64
-    assert comps.names[-1] == "classifier.3:63"
+    assert comps.names[-1] == "classifier:63"
 
 
 def test_discover_finds_every_conv_channel_and_hidden_unit_of_fashion_cnn():
@@ -57,7 +57,7 @@ def test_discover_finds_every_conv_channel_and_hidden_unit_of_fashion_cnn():
         ("features.0", "conv", 8),
         ("features.4", "conv", 16),
         ("features.8", "conv", 32),
-        ("classifier.3", "neurons", 32),
+        ("classifier", "neurons", 32),
     ]
     assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from coarpy import outputs
+from coarpy.errors import ArgumentError, DataError
 from coarpy.outputs import REGISTRY, OutputFn, check_values, name_of, resolve
 
 
@@ -71,15 +72,15 @@ def test_margin_is_float32_for_half_logits():
 
 def test_classifier_outputs_need_labels():
     model = FixedLogits(LOGITS)
-    with pytest.raises(TypeError, match=r"needs labels, but the batch \(Tensor\) has none"):
+    with pytest.raises(DataError, match=r"needs labels, but the batch \(Tensor\) has none"):
         outputs.margin(model, torch.zeros(3, 1))
-    with pytest.raises(TypeError, match=r"needs labels, but the batch \(dict\) has none"):
+    with pytest.raises(DataError, match=r"needs labels, but the batch \(dict\) has none"):
         outputs.loss(model, {"input_ids": torch.zeros(3, 1)})
 
 
 def test_classifier_outputs_refuse_sequence_logits():
     model = FixedLogits(torch.zeros(3, 4, 5))
-    with pytest.raises(ValueError, match=r"\(batch, classes\), got \(3, 4, 5\).*token_margin"):
+    with pytest.raises(ArgumentError, match=r"\(batch, classes\), got \(3, 4, 5\).*token_margin"):
         outputs.margin(model, (torch.zeros(3, 1), LABELS))
 
 
@@ -159,14 +160,14 @@ def test_token_outputs_ignore_non_finite_logits_at_padding():
 
 
 def test_token_outputs_need_a_dict_batch():
-    with pytest.raises(TypeError, match=r"expect a dict batch with 'input_ids', got tuple"):
+    with pytest.raises(DataError, match=r"expect a dict batch with 'input_ids', got tuple"):
         outputs.token_margin(FixedLogits(torch.zeros(1, 3, 4)), (torch.zeros(1, 3),))
 
 
 def test_an_example_without_real_targets_is_named():
     logits, ids, mask = lm_case("right")
     mask[1, 1] = 0  # example 1 is now one real token: nothing to predict
-    with pytest.raises(ValueError, match=r"Example 1 of the batch has no real next-token"):
+    with pytest.raises(DataError, match=r"Example 1 of the batch has no real next-token"):
         outputs.token_margin(FixedLogits(logits), {"input_ids": ids, "attention_mask": mask})
 
 
@@ -195,7 +196,7 @@ def test_name_of_a_custom_function_is_module_and_qualname():
 
 
 def test_resolve_refuses_unknown_names():
-    with pytest.raises(ValueError, match=r"Unknown output function 'marginal'.*margin, logit"):
+    with pytest.raises(ArgumentError, match=r"Unknown output function 'marginal'.*margin, logit"):
         resolve("marginal")
     with pytest.raises(ValueError, match=r"Cannot import module 'no_such_pkg.mod'"):
         resolve("no_such_pkg.mod:fn")
@@ -204,8 +205,8 @@ def test_resolve_refuses_unknown_names():
 
 
 def test_check_values_wants_one_number_per_example():
-    with pytest.raises(ValueError, match=r"my_output returned \(2, 3\), expected shape \(2,\)"):
+    with pytest.raises(ArgumentError, match=r"my_output returned \(2, 3\), expected shape \(2,\)"):
         check_values(torch.zeros(2, 3), 2, my_output)
-    with pytest.raises(ValueError, match=r"returned list"):
+    with pytest.raises(ArgumentError, match=r"returned list"):
         check_values([0.0, 1.0], 2, my_output)
     assert check_values(torch.ones(2, dtype=torch.float64), 2, my_output).dtype == torch.float32

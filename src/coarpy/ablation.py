@@ -18,28 +18,22 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import families
+from . import _weights, families
 from ._batching import batches_on, run_model_input
 from ._engine import eval_mode, model_device
 from .components import Components, Group
 from .errors import ComponentError, MaskError
-from .families import is_hf_conv1d as _is_hf_conv1d
+from .integrations import as_module, check_weights_in_memory
 
 MODES = ("zero", "mean")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _feature_index(units: Tensor, unit_size: int) -> Tensor:
-    """Feature positions of the given units: unit u covers u*size ... u*size+size-1."""
-    if unit_size == 1:
-        return units
-    return (units[:, None] * unit_size + torch.arange(unit_size, device=units.device)).reshape(-1)
 
 
 def _feature_mask(keep_g: Tensor, unit_size: int) -> Tensor:
@@ -100,27 +94,33 @@ def _check_keep(keep: Tensor, n: int, device: torch.device) -> None:
         )
 
 
-def _weight_slot(model: nn.Module, group: Group, mode: str) -> tuple[nn.Parameter, int] | None:
-    """(weight, axis) whose slices hold the group's units, where zeroing them is exact.
+def _by_weights(model: nn.Module, group: Group, mode: str) -> bool:
+    """Whether zeroing the group's weight slices equals its hook exactly.
 
     That is: zero mode, a plain nn.Linear / nn.Conv1d/2d/3d / transformers Conv1D (a
     subclass may use its weight differently), and a weight that is an unshared,
     unparametrized Parameter (a tied weight would be ablated in its other use too).
     """
     if mode != "zero" or group.site not in ("output", "input"):
-        return None
+        return False
     module = model.get_submodule(group.hook)
-    conv1d = _is_hf_conv1d(module)
+    conv1d = families.is_hf_conv1d(module)
     if type(module) not in (nn.Linear, *_CONVS) and not conv1d:
-        return None
+        return False
     if group.site == "input" and type(module) in _CONVS:
-        return None
+        return False
     weight = module._parameters.get("weight")
     if not isinstance(weight, nn.Parameter) or parametrize.is_parametrized(module):
-        return None
-    if sum(p is weight for _, p in model.named_parameters(remove_duplicate=False)) != 1:
-        return None
-    return weight, _weight_axis(module, group.site)
+        return False
+    return sum(p is weight for _, p in model.named_parameters(remove_duplicate=False)) == 1
+
+
+def _param_site_name(model: nn.Module, group: Group) -> tuple[str, str]:
+    """``(what the module is, what its units are)`` of a ``site="param"`` group."""
+    module = model.get_submodule(group.hook)
+    if isinstance(module, nn.MultiheadAttention):
+        return "an nn.MultiheadAttention", "heads"
+    return f"a recurrent layer ({type(module).__name__})", "hidden units"
 
 
 class Ablator:
@@ -129,17 +129,20 @@ class Ablator:
     ``ablate`` is the everyday interface; collection uses an Ablator directly so the
     hooks are registered once for thousands of masks.
 
-    With ``edit_weights=True``, a bool mask shared by the batch (shape (N,)) is applied
-    by zeroing the weight slices of the ablated units in place, where that equals the
-    hook exactly (see ``_weight_slot``: zero mode, plain Linear/Conv modules): the
-    forward pass then runs with no hook at all. The slices are restored exactly by the
-    next ``set`` and on exit. Per-row and soft masks still use hooks. Use it only where
-    no gradient flows through those weights (``collect`` runs under inference_mode).
+    Units no hook can reach (``nn.MultiheadAttention`` heads, recurrent units:
+    ``site="param"``) are ablated by zeroing their weight slices in place; one mask
+    must then be shared by the batch. With ``edit_weights=True``, a bool mask shared by
+    the batch (shape (N,)) is applied the same way to the other groups where that
+    equals the hook exactly (see ``_by_weights``: zero mode, plain Linear/Conv
+    modules): the forward pass then runs with no hook at all. Zeroed slices are
+    restored exactly by the next ``set`` and on exit. Per-row and soft masks still use
+    hooks. Use ``edit_weights`` only where no gradient flows through those weights
+    (``collect`` runs under inference_mode).
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         components: Components,
         *,
         mode: str = "zero",
@@ -153,6 +156,8 @@ class Ablator:
                 "mode='mean' needs means=: compute them once with "
                 "coarpy.ablation.mean_values(model, components, data)."
             )
+        model = as_module(model)
+        check_weights_in_memory(model)
         self.model = model
         self.components = components
         self.mode = mode
@@ -170,10 +175,10 @@ class Ablator:
                 value = means[g.module].to(self.device)
                 _refuse_mean_on_head_axis(g)
                 if g.site == "param":
+                    what, units = _param_site_name(model, g)
                     raise ComponentError(
-                        f"mode='mean' is not supported for {g.module!r} "
-                        "(nn.MultiheadAttention has no hook point for its heads). Use "
-                        "mode='zero' for it."
+                        f"mode='mean' is not supported for {g.module!r} ({what} has no "
+                        f"hook point for its {units}). Use mode='zero' for it."
                     )
             if value.numel() != g.n_features:
                 raise ComponentError(
@@ -183,35 +188,34 @@ class Ablator:
             self.values.append(value)
         self.state: list[tuple[str, Tensor, Tensor] | None] = [None] * len(components.groups)
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
-        self._saved: dict[int, Tensor] = {}  # original MHA weights, while entered
-        self._param_keep: Tensor | None = None
-        # edit_weights: group -> (weight, axis); group -> (index, original slices) zeroed now
-        self._slots = {}
-        if edit_weights:
-            slots = [_weight_slot(model, g, mode) for g in components.groups]
-            self._slots = {gi: s for gi, s in enumerate(slots) if s is not None}
-        self._zeroed: dict[int, tuple[Tensor, Tensor]] = {}
+        # Groups a shared mask ablates by zeroing weight slices: always the param
+        # sites, and with edit_weights every group where that equals the hook.
+        self._weighted = {
+            gi: _weights.slicer(model, g)
+            for gi, g in enumerate(components.groups)
+            if g.site == "param" or (edit_weights and _by_weights(model, g, mode))
+        }
+        self._zeroed: list[tuple[Tensor, int, Tensor, Tensor]] = []  # (param, axis, idx, saved)
         self._weight_units: list[Tensor] | None = None  # of the shared mask now set
         self._entered = False
 
     @property
     def supports_rows(self) -> bool:
-        """Whether per-row masks (batch, N) work: not where heads are ablated by zeroing
-        weights (nn.MultiheadAttention), which one mask must share across the batch."""
+        """Whether per-row masks (batch, N) work: not where units are ablated by zeroing
+        weights (nn.MultiheadAttention heads, recurrent units), which one mask must
+        share across the batch."""
         return all(g.site != "param" for g in self.components.groups)
 
     # -- masks --------------------------------------------------------------------
     def set(self, keep: Tensor | None) -> None:
         """Ablate what ``keep`` says from the next forward pass on (None: ablate nothing).
 
-        May be called before the hooks are on (``ablate`` does); weights of
-        nn.MultiheadAttention groups are then zeroed when the context is entered.
+        May be called before the hooks are on (``ablate`` does); weight slices are then
+        zeroed when the context is entered.
         """
         if keep is None:
             self.state = [None] * len(self.components.groups)
-            self._param_keep = None
             self._weight_units = None
-            self._write_params()
             self._write_weights()
             return
         _check_keep(keep, len(self.components), self.device)
@@ -224,17 +228,16 @@ class Ablator:
         state: list[tuple[str, Tensor, Tensor] | None] = []
         for gi, (g, value) in enumerate(zip(self.components.groups, self.values, strict=True)):
             keep_g = keep_dev[..., g.offset : g.stop] if not shared else None
-            if shared and gi in self._slots:
+            if g.site == "param" and not shared:
+                what, kind = _param_site_name(self.model, g)
+                raise MaskError(
+                    f"{g.module!r} is {what}: its {kind} are ablated by zeroing weights, "
+                    "which one mask must share across the batch. Pass a "
+                    f"bool keep of shape ({len(self.components)},), not "
+                    f"{tuple(keep.shape)} {keep.dtype}."
+                )
+            if shared and gi in self._weighted:
                 state.append(None)  # written into the weights by _write_weights
-            elif g.site == "param":
-                if keep.ndim != 1 or soft:
-                    raise MaskError(
-                        f"{g.module!r} is an nn.MultiheadAttention: its heads are ablated "
-                        "by zeroing weights, which one mask must share across the batch. "
-                        f"Pass a bool keep of shape ({len(self.components)},), not "
-                        f"{tuple(keep.shape)} {keep.dtype}."
-                    )
-                state.append(None)
             elif soft:
                 state.append(("soft", _feature_mask(keep_g, g.unit_size), value))
             elif keep.ndim == 2:
@@ -242,12 +245,11 @@ class Ablator:
             elif units[gi].numel() == 0:
                 state.append(None)
             else:
-                idx = _feature_index(units[gi], g.unit_size).to(self.device, non_blocking=True)
+                idx = _weights.feature_index(units[gi], g.unit_size)
+                idx = idx.to(self.device, non_blocking=True)
                 state.append(("idx", idx, value[idx]))
         self.state = state
-        self._param_keep = keep
         self._weight_units = units
-        self._write_params()
         self._write_weights()
         if self._entered and not shared:  # a shared mask needs no hook beyond __enter__'s
             self._hook_groups()
@@ -255,32 +257,31 @@ class Ablator:
     def _write_weights(self) -> None:
         """Restore the slices zeroed for the previous mask, then zero this mask's.
 
-        Only while the context is entered; a no-op without ``edit_weights``.
+        Only while the context is entered. Restored last-zeroed first, so each slice
+        gets back exactly the values it had.
         """
-        if not self._entered or not (self._zeroed or self._slots):
+        if not self._entered:
             return
-        units = self._weight_units
         with torch.no_grad():
-            for gi, (idx, original) in self._zeroed.items():
-                weight, axis = self._slots[gi]
-                weight.index_copy_(axis, idx, original)
-            self._zeroed.clear()
-            if units is None:
+            while self._zeroed:
+                param, axis, idx, saved = self._zeroed.pop()
+                param.index_copy_(axis, idx, saved)
+            if self._weight_units is None:
                 return
-            for gi, (weight, axis) in self._slots.items():
-                if units[gi].numel() == 0:
+            for gi, units_to_slices in self._weighted.items():
+                units = self._weight_units[gi]
+                if units.numel() == 0:
                     continue
-                unit_size = self.components.groups[gi].unit_size
-                idx = _feature_index(units[gi], unit_size).to(weight.device, non_blocking=True)
-                self._zeroed[gi] = (idx, weight.index_select(axis, idx))
-                weight.index_fill_(axis, idx, 0)
+                for param, axis, idx in units_to_slices(units):
+                    self._zeroed.append((param, axis, idx, param.index_select(axis, idx)))
+                    param.index_fill_(axis, idx, 0)
 
     def _hook_groups(self) -> None:
         """Register the hooks a group needs now (weight-edited groups need none)."""
         for gi, g in enumerate(self.components.groups):
             if gi in self._handles or g.site == "param":
                 continue
-            if gi in self._slots and self.state[gi] is None:
+            if gi in self._weighted and self.state[gi] is None:
                 continue
             module = self.model.get_submodule(g.hook)
             if g.site == "output":
@@ -289,23 +290,6 @@ class Ablator:
                 self._handles[gi] = module.register_forward_pre_hook(
                     self._input_hook(gi), with_kwargs=True
                 )
-
-    def _write_params(self) -> None:
-        """Zero the ablated heads of nn.MultiheadAttention groups, from the saved weights.
-
-        Only while the context is entered (``_saved`` holds the original weights).
-        """
-        keep = self._param_keep
-        with torch.no_grad():
-            for gi, saved in self._saved.items():
-                g = self.components.groups[gi]
-                weight = self.model.get_submodule(g.hook).out_proj.weight
-                weight.copy_(saved)
-                if keep is None:
-                    continue
-                units = torch.nonzero(~keep[g.offset : g.stop]).flatten()
-                if units.numel():
-                    weight[:, _feature_index(units, g.unit_size)] = 0
 
     # -- hooks --------------------------------------------------------------------
     def _apply(self, gi: int, x: Tensor, inplace: bool) -> Tensor:
@@ -346,12 +330,7 @@ class Ablator:
     def __enter__(self) -> Ablator:
         try:
             self._entered = True
-            for gi, g in enumerate(self.components.groups):
-                if g.site == "param":
-                    module = self.model.get_submodule(g.hook)
-                    self._saved[gi] = module.out_proj.weight.detach().clone()
             self._hook_groups()
-            self._write_params()
             self._write_weights()
         except BaseException:
             self.__exit__(None, None, None)
@@ -363,16 +342,10 @@ class Ablator:
             handle.remove()
         self._handles.clear()
         with torch.no_grad():
-            for gi, (idx, original) in self._zeroed.items():
-                weight, axis = self._slots[gi]
-                weight.index_copy_(axis, idx, original)
-        self._zeroed.clear()
+            while self._zeroed:
+                param, axis, idx, saved = self._zeroed.pop()
+                param.index_copy_(axis, idx, saved)
         self._entered = False
-        with torch.no_grad():
-            for gi, saved in self._saved.items():
-                g = self.components.groups[gi]
-                self.model.get_submodule(g.hook).out_proj.weight.copy_(saved)
-        self._saved.clear()
 
     def _output_hook(self, gi: int):
         def hook(module, args, out):
@@ -402,17 +375,27 @@ class Ablator:
 
 @contextmanager
 def ablate(
-    model: nn.Module,
+    model: Any,
     components: Components,
     keep: Tensor,
     *,
     mode: str = "zero",
     means: Mapping[str, Tensor] | None = None,
-) -> Iterator[nn.Module]:
+) -> Iterator[Any]:
     """Run ``model`` with the components where ``keep`` is False ablated.
 
-    Hooks (and, for nn.MultiheadAttention, temporarily zeroed weights) are removed
-    on exit, also when the body raises, leaving the model bit for bit as it was.
+    Hooks (and temporarily zeroed weights, for nn.MultiheadAttention heads and
+    recurrent units) are removed on exit, also when the body raises, leaving the model
+    bit for bit as it was. ``model`` may be an nnsight wrapper: the hooks go on the
+    module it wraps, and the context yields the wrapper.
+
+    With nnsight, a ``trace`` inside the context runs the ablated model: the model's
+    output and every ``.input``/``.output`` downstream of an ablated component show
+    the ablation, and interventions written in the trace compose with it. nnsight
+    reads a module's ``.output`` inside its forward, before coarpy's mask (a hook
+    after the forward) applies, so the ``.output`` of an ablated conv/linear layer
+    itself still shows the unablated value (read the next module's ``.input``), and a
+    value written to it is masked again on its ablated units.
 
     Examples
     --------
@@ -430,7 +413,7 @@ def ablate(
 
 
 def mean_values(
-    model: nn.Module,
+    model: Any,
     components: Components,
     data: Iterable,
     *,
@@ -443,6 +426,8 @@ def mean_values(
     batches in the form the model's forward takes (see ``collect``). The model runs
     in eval mode, as in ``collect``; its mode is restored afterwards.
     """
+    model = as_module(model)
+    check_weights_in_memory(model)
     device = torch.device(device) if device is not None else model_device(model)
     sums = [
         torch.zeros(g.n_features, dtype=torch.float64, device=device) for g in components.groups
@@ -461,9 +446,10 @@ def mean_values(
         module = model.get_submodule(g.hook)
         _refuse_mean_on_head_axis(g)
         if g.site == "param":
+            what, units = _param_site_name(model, g)
             raise ComponentError(
-                f"mean_values cannot observe the heads of {g.module!r} "
-                "(nn.MultiheadAttention has no hook point). Use mode='zero' for it."
+                f"mean_values cannot observe the {units} of {g.module!r} ({what} has no "
+                "hook point for them). Use mode='zero' for it."
             )
         if g.site == "output":
             handles.append(module.register_forward_hook(lambda m, a, o, gi=gi: record(gi, o)))
@@ -542,18 +528,8 @@ def _ablated_indices(components: Components, keep: Tensor | Sequence[str]) -> Te
     raise MaskError(f"apply_ablation got {got}. {how}, e.g. [{components.names[0]!r}].")
 
 
-def _weight_axis(module: nn.Module, site: str) -> int:
-    """The axis of ``module.weight`` whose slices are the units at ``site``.
-
-    Rows (axis 0) hold output units and columns (axis 1) input features, in torch's
-    (out, in, ...) layout; transformers' Conv1D stores (in, out), so the axes swap.
-    """
-    axis = 0 if site == "output" else 1
-    return 1 - axis if _is_hf_conv1d(module) else axis
-
-
 def _zero_weights_(model: nn.Module, components: Components, ablated: Tensor) -> None:
-    """Zero, in place, the weights of the components with flat indices ``ablated``.
+    """Zero, in place, the weight slices of the components with flat indices ``ablated``.
 
     This is the paper's definition of ablation; ``ablate(..., mode="zero")`` matches it.
     Indices must be valid (``_ablated_indices`` makes them).
@@ -562,34 +538,25 @@ def _zero_weights_(model: nn.Module, components: Components, ablated: Tensor) ->
     with torch.no_grad():
         for gi, g in enumerate(components.groups):
             sel = units[groups == gi]
-            if sel.numel() == 0:
-                continue
-            module = model.get_submodule(g.hook)
-            if families.is_hook_point(module):  # TransformerLens hook_z / hook_post
-                weight = families.hook_point_weight(model, g.hook)  # one row per unit
-                weight[sel.to(weight.device)] = 0
-                continue
-            if g.site == "param":  # nn.MultiheadAttention: heads are out_proj's columns
-                weight, axis = module.out_proj.weight, 1
-            else:
-                weight, axis = module.weight, _weight_axis(module, g.site)
-            weight.index_fill_(axis, _feature_index(sel, g.unit_size).to(weight.device), 0)
+            if sel.numel():
+                for param, axis, idx in _weights.slices(model, g, sel):
+                    param.index_fill_(axis, idx, 0)
 
 
-def apply_ablation(
-    model: nn.Module, components: Components, keep: Tensor | Sequence[str]
-) -> nn.Module:
+def apply_ablation(model: Any, components: Components, keep: Tensor | Sequence[str]) -> nn.Module:
     """A copy of ``model`` whose ablated components have zeroed weights.
 
     The persistent form of ``ablate(model, components, keep)`` (zero mode): a conv
     filter's or linear unit's weights become zero (its bias stays), a head's or
-    neuron's output weights become zero. The copy is a plain module that runs, saves
+    neuron's output weights become zero, and a recurrent unit's rows in every gate
+    (weights and biases) become zero. The copy is a plain module that runs, saves
     and loads without coarpy; the original is untouched. This is the one function in
     coarpy that zeroes weights for good; ``coarpy.edit`` applies edits with it.
 
     Parameters
     ----------
-    model : the model to copy.
+    model : the model to copy (an nnsight wrapper's module is copied; the copy is a
+        plain torch module).
     components : its components.
     keep : a bool tensor of shape (n_components,), True keeps a component (as for
         :func:`ablate`); or a list of the names of the components to ablate.
@@ -616,6 +583,8 @@ def apply_ablation(
     [0.0, 0.0]
     """
     ablated = _ablated_indices(components, keep)
+    model = as_module(model)
+    check_weights_in_memory(model)
     edited = copy.deepcopy(model)
     _zero_weights_(edited, components, ablated)
     return edited

@@ -1,36 +1,60 @@
-"""Components: the units of a model that COAR ablates, and their flat index.
+"""Components: the units of a model that COAR ablates, their names and flat index.
 
-A model's components are grouped by module. Each group is one module path, one kind
-("conv", "linear", "heads", "neurons", "inputs") and a number of units; unit ``u`` of
-group ``g`` has flat index ``g.offset + u`` and the printable name ``"path:u"``.
-Groups are ordered by the model's module registration order, so the flat index is
-stable for a given architecture.
+A model's components are grouped by module. Each group is one module, one kind and a
+number of units; unit ``u`` of group ``g`` has flat index ``g.offset + u`` and the
+printable name ``"path:u"``. Groups are ordered by the model's module registration
+order, so the flat index is stable for a given architecture.
+
+Kinds, and the module a name's path points to (one convention for all of them: the
+module the units belong to, whatever module is hooked to ablate them):
+
+- ``conv``: output channels of an ``nn.Conv1d/2d/3d``; named after the conv.
+- ``linear``: output units (weight rows) of a linear layer; named after the layer.
+- ``inputs``: input features (weight columns) of a linear layer; named after the layer.
+- ``heads``: attention heads; named after the attention module
+  (``"transformer.h.0.attn:3"``), also when TransformerLens' ``hook_z`` is selected.
+- ``neurons``: the hidden units of an MLP block, named after the block
+  (``"transformer.h.0.mlp:17"``; a down projection given to ``from_spec`` names the
+  same neurons by its block, and TransformerLens' ``hook_post`` by its MLP), or of a
+  recurrent layer (``nn.RNN``/``LSTM``/``GRU`` and their cells), named after the layer
+  (``"lstm:5"``; see ``families.recurrent_site`` for the order of layers and
+  directions). An MLP that is the whole model names its neurons after its down
+  projection, since a name needs a path.
+
+A module reachable by several paths (a TransformerLens 4 bridge registers each block
+under the bridge and under the model it wraps) is named by its shortest path. Names are
+unique and round-trip: ``comps.index(comps.names[i]) == i``.
 
 Where the ablation happens (the *site*) is decided here too, because it is a fact
 about the architecture: a conv channel or a linear unit is an output feature of its
 module; an attention head is a slice of the input of the attention's output
-projection; an MLP neuron is an input feature of the MLP's down projection.
+projection; an MLP neuron is an input feature of the MLP's down projection; a
+recurrent unit's weights are zeroed in place. Two groups whose ablations zero slices of
+one parameter (``{"mlp": "neurons", "mlp.2": "linear"}``: columns and rows of
+``mlp.2.weight``) are refused, naming both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
+import warnings
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import families
+from . import _weights, families
 from .errors import ComponentError
 from .families import SUPPORTED as _SUPPORTED
-from .families import is_hf_conv1d as _is_hf_conv1d  # noqa: F401  (ablation.py imports it)
-from .families import linear_shape as _linear_in_out
+from .families import Site
+from .integrations import as_module, check_weights_in_memory
 
 KINDS = ("conv", "linear", "heads", "neurons", "inputs")
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -39,17 +63,21 @@ class Group:
 
     Attributes
     ----------
-    module : path of the module the names use (``"features.0"``).
+    module : path of the module the names use (``"features.0"``; see the module
+        docstring for which module that is for each kind).
     kind : one of ``KINDS``.
     n_units : number of components in the group.
     offset : flat index of unit 0.
     hook : path of the module whose input or output is masked.
     site : ``"output"`` (forward hook), ``"input"`` (forward pre-hook) or ``"param"``
-        (weights zeroed in place and restored; torch ``nn.MultiheadAttention``).
+        (weights zeroed in place and restored: ``nn.MultiheadAttention`` heads and
+        recurrent units, which no hook can reach).
     unit_size : features per unit at the site (the head dimension for heads, else 1).
     dim : the dimension that holds the units at the site: 1 for conv outputs, -2 for
         TransformerLens' hook_z (batch, pos, head, d_head), whose trailing d_head
         features all belong to the head; -1 otherwise.
+    weights : names of the parameters whose slices ablating the units zeroes (see
+        ``coarpy._weights``); two groups may not share one.
     """
 
     module: str
@@ -60,6 +88,7 @@ class Group:
     site: str
     unit_size: int = 1
     dim: int = -1
+    weights: tuple[str, ...] = ()
 
     @property
     def n_features(self) -> int:
@@ -70,6 +99,55 @@ class Group:
         return self.offset + self.n_units
 
 
+class _Paths:
+    """Every module of a model by identity: its shortest path and its registration order.
+
+    ``named_modules()`` lists a module registered twice under its first path only, which
+    for a TransformerLens 4 bridge is the long path through the wrapped model
+    (``blocks.0._original_component.attn``); names use the shortest one
+    (``blocks.0.attn``), found breadth-first.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
+        self.path = {id(model): ""}
+        queue = deque([(model, "")])
+        while queue:
+            module, path = queue.popleft()
+            for name, child in module._modules.items():
+                if child is not None and id(child) not in self.path:
+                    self.path[id(child)] = f"{path}.{name}" if path else name
+                    queue.append((child, self.path[id(child)]))
+        self._parameter_names: dict[int, str] | None = None
+
+    def modules(self) -> list[tuple[str, nn.Module]]:
+        """``(shortest path, module)`` of every module, in registration order."""
+        return [(self.path[id(m)], m) for _, m in self.model.named_modules()]
+
+    def of(self, path: str) -> str:
+        """The shortest path of the module at ``path`` (which may be an alias)."""
+        return self.path.get(id(self.model.get_submodule(path)), path)
+
+    def in_model_order(self, groups: list[Group]) -> list[Group]:
+        """Groups sorted by where the module of their names is registered (then kind)."""
+
+        def key(g: Group) -> tuple[int, int]:
+            module = self.model.get_submodule(g.module)
+            return self.order.get(id(module), len(self.order)), KINDS.index(g.kind)
+
+        return sorted(groups, key=key)
+
+    def parameter_name(self, param: torch.Tensor) -> str:
+        if self._parameter_names is None:
+            self._parameter_names = {}
+            for path, module in sorted(self.modules(), key=lambda pm: len(pm[0])):
+                for name, p in module._parameters.items():
+                    if p is not None:
+                        self._parameter_names.setdefault(id(p), f"{path}.{name}" if path else name)
+        return self._parameter_names.get(id(param), f"<tensor {tuple(param.shape)}>")
+
+
 def _submodule(model: nn.Module, path: str) -> nn.Module | None:
     try:
         return model.get_submodule(path) if path else model
@@ -77,46 +155,81 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _group_for(model: nn.Module, path: str, kind: str, offset: int) -> Group:
-    """Build the group of ``kind`` at ``path``; raise ComponentError if unsupported."""
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _site_for(model: nn.Module, path: str, module: nn.Module, kind: str, *, explicit: bool):
+    """Where the components of ``kind`` at ``path`` are masked (a families.Site), or None.
+
+    ``explicit``: the path was named in a spec, where a bare linear layer given as
+    ``neurons`` is a down projection (discovery finds neurons through their blocks).
+    """
+    if kind == "conv":
+        if isinstance(module, families.CONVS):
+            return Site(path, path, "output", module.out_channels, 1, 1)
+        return None
+    if kind in ("linear", "inputs", "neurons"):
+        parent = _submodule(model, path.rpartition(".")[0]) if path else None
+        if isinstance(parent, nn.MultiheadAttention):
+            return None  # its out_proj is never called as a module
+        found = families.wrapped_linear(module)
+        if kind == "neurons" and found is not None and explicit:
+            block = families.mlp_site(model, path.rpartition(".")[0], parent) if path else None
+            if block is not None and model.get_submodule(block.hook) is found[1]:
+                return block  # the down projection of a block: the block's neurons
+            n_in = families.linear_shape(found[1])[0]
+            return Site(path, _join(path, found[0]), "input", n_in)
+        if kind == "neurons":
+            return families.mlp_site(model, path, module) or families.recurrent_site(path, module)
+        if found is None or families.idle_reason(model, path) is not None:
+            return None
+        n_in, n_out = families.linear_shape(found[1])
+        hook = _join(path, found[0])
+        if kind == "linear":
+            return Site(path, hook, "output", n_out)
+        return Site(path, hook, "input", n_in)
+    if kind == "heads":
+        if not explicit and not families.looks_like_attention(module):
+            return None  # a block holding attention (a BertLayer) is not one itself
+        return families.attention_site(model, path, module)
+    raise ComponentError(
+        f"Unknown component kind {kind!r} for module {path!r}. Expected one of {', '.join(KINDS)}."
+    )
+
+
+def _group(paths: _Paths, site: Site, kind: str) -> Group:
+    """The group of ``site`` (offset 0), named and hooked by shortest paths."""
+    hook = paths.of(site.hook)
+    name = paths.of(site.module) or hook  # an MLP that is the whole model: its projection
+    group = Group(name, kind, site.n_units, 0, hook, site.site, site.unit_size, site.dim)
+    params = _weights.parameters(paths.model, group)
+    return dataclasses.replace(group, weights=tuple(paths.parameter_name(p) for p in params))
+
+
+def _explicit_group(model: nn.Module, paths: _Paths, path: str, kind: str) -> Group:
+    """The group of ``kind`` at ``path``; raise ComponentError if unsupported."""
     module = _submodule(model, path)
     if module is None:
         raise _unknown_path(model, path)
-    what = type(module).__name__
-    parent = _submodule(model, path.rpartition(".")[0])
+    parent = _submodule(model, path.rpartition(".")[0]) if path else None
     if isinstance(parent, nn.MultiheadAttention) and kind != "heads":
         raise ComponentError(
             f"Module {path!r} belongs to nn.MultiheadAttention, which uses its weights "
             "directly, so no hook can reach it. Select the attention module itself "
             f"with kind 'heads': {{{path.rpartition('.')[0]!r}: 'heads'}}."
         )
-    if kind == "conv":
-        if isinstance(module, _CONV):
-            return Group(path, kind, module.out_channels, offset, path, "output", 1, 1)
-    elif kind == "linear":
-        shape = _linear_in_out(module)
-        if shape is not None:
-            return Group(path, kind, shape[1], offset, path, "output", 1, -1)
-    elif kind == "inputs":
-        shape = _linear_in_out(module)
-        if shape is not None:
-            return Group(path, kind, shape[0], offset, path, "input", 1, -1)
-    elif kind in ("heads", "neurons"):
-        shape = _linear_in_out(module) if kind == "neurons" else None
-        if shape is not None:  # a down projection given directly
-            return Group(path, kind, shape[0], offset, path, "input", 1, -1)
-        found = _block_site(model, path, module, kind)
-        if found is not None:
-            return Group(
-                found.module, kind, found.n_units, offset, found.hook, found.site,
-                found.unit_size, found.dim,
-            )  # fmt: skip
-    else:
-        raise ComponentError(
-            f"Unknown component kind {kind!r} for module {path!r}. "
-            f"Expected one of {', '.join(KINDS)}."
-        )
-    raise ComponentError(_unsupported_message(path, what, kind))
+    site = _site_for(model, path, module, kind, explicit=True)
+    if site is None:
+        idle = families.idle_reason(model, path) if kind in ("linear", "inputs") else None
+        reason = idle or families.unusable_reason(module, kind)
+        if reason is not None:
+            raise ComponentError(
+                f"Module {path!r} ({type(module).__name__}) cannot be ablated as {kind!r}: "
+                f"{reason}."
+            )
+        raise ComponentError(_unsupported_message(path, type(module).__name__, kind))
+    return _group(paths, site, kind)
 
 
 def _unsupported_message(path: str, what: str, kind: str) -> str:
@@ -137,11 +250,24 @@ def _unknown_path(model: nn.Module, path: str) -> ComponentError:
     )
 
 
+def _check_kinds(kinds: Iterable[str]) -> None:
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ComponentError(
+                f"Unknown component kind {kind!r}. Expected one of {', '.join(KINDS)}."
+            )
+
+
+def _describe(g: Group) -> str:
+    return f"{g.module!r} ({g.kind})"
+
+
 class Components:
     """An ordered set of component groups of one model, with a flat index.
 
     Build it with :meth:`discover` (by kind and name globs) or :meth:`from_spec`
-    (an explicit ``{module_path: kind}`` mapping).
+    (an explicit ``{module_path: kind}`` mapping). Both accept a ``torch.nn.Module`` or
+    an nnsight wrapper of one (see ``coarpy.integrations``).
 
     Examples
     --------
@@ -158,6 +284,7 @@ class Components:
                 "The component selection is empty. Widen kinds= or include=, or check "
                 "exclude= globs."
             )
+        _check_groups(self.groups)
         self._by_module = {g.module: g for g in self.groups}
         starts = torch.tensor([g.offset for g in self.groups])
         self._starts = starts
@@ -165,29 +292,33 @@ class Components:
 
     # -- construction -------------------------------------------------------------
     @classmethod
-    def from_spec(cls, model: nn.Module, spec: Mapping[str, str]) -> Components:
-        """Components from an explicit ``{module_path: kind}`` mapping, in model order."""
+    def from_spec(cls, model: Any, spec: Mapping[str, str]) -> Components:
+        """Components from an explicit ``{module_path: kind}`` mapping, in model order.
+
+        Raises
+        ------
+        ComponentError : a path is not a module, a module has no components of its
+            kind, or two entries ablate the same weight (see the module docstring).
+        """
         if not spec:
             raise ComponentError(
                 "from_spec got an empty spec. Pass {module_path: kind}, e.g. "
                 "{'features.0': 'conv'}."
             )
-        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-        for path in spec:
-            if path not in order:
+        model = as_module(model)
+        check_weights_in_memory(model, shapes_only=True)
+        paths = _Paths(model)
+        for path, kind in spec.items():
+            if _submodule(model, path) is None:
                 raise _unknown_path(model, path)
-        groups: list[Group] = []
-        offset = 0
-        for path in sorted(spec, key=order.__getitem__):
-            group = _group_for(model, path, spec[path], offset)
-            groups.append(group)
-            offset = group.stop
-        return cls._checked(groups)
+            _check_kinds([kind])
+        groups = [_explicit_group(model, paths, path, kind) for path, kind in spec.items()]
+        return cls(_with_offsets(paths.in_model_order(groups)))
 
     @classmethod
     def discover(
         cls,
-        model: nn.Module,
+        model: Any,
         kinds: Iterable[str] = ("conv",),
         *,
         include: Iterable[str] | str | None = None,
@@ -195,16 +326,17 @@ class Components:
     ) -> Components:
         """Find every component of the given kinds, filtered by module-path globs.
 
-        ``include``/``exclude`` are fnmatch globs on the module path (the name before
-        ``:``); a module is kept if it matches any include glob (all, if None) and no
-        exclude glob.
+        ``include``/``exclude`` are fnmatch globs on the module path of the names (the
+        part before ``:``); a module is kept if it matches any include glob (all, if
+        None) and no exclude glob. A module that looks like it has components of a
+        requested kind but cannot be ablated (an ``nn.ConvTranspose2d`` for
+        ``"conv"``, an LSTM with ``proj_size``) is named in a warning, never skipped
+        silently; an attention module whose heads cannot be read is an error.
         """
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-        for kind in kinds:
-            if kind not in KINDS:
-                raise ComponentError(
-                    f"Unknown component kind {kind!r}. Expected one of {', '.join(KINDS)}."
-                )
+        _check_kinds(kinds)
+        model = as_module(model)
+        check_weights_in_memory(model, shapes_only=True)
         include = [include] if isinstance(include, str) else include
         exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
 
@@ -213,20 +345,30 @@ class Components:
                 return False
             return not any(fnmatch.fnmatchcase(path, p) for p in exclude)
 
-        found: dict[str, str] = {}
+        paths = _Paths(model)
+        found: dict[tuple[str, str], Group] = {}  # by (hook, site): the outermost block
         heads_at: list[str] = []
         unrecognised: list[str] = []
-        for path, module in model.named_modules():
+        skipped: dict[int, str] = {}  # by the module (or wrapped layer) skipped
+        for path, module in paths.modules():
             for kind in kinds:
-                target = _discovered_path(model, path, module, kind)
-                if target is None:
+                site = _site_for(model, path, module, kind, explicit=False)
+                if site is None:
                     if kind == "heads" and families.looks_like_attention(module):
                         unrecognised.append(path)
+                    reason, layer = families.unusable_reason(module, kind), module
+                    wrapped = families.wrapped_linear(module)
+                    if kind in ("linear", "inputs") and wrapped is not None:
+                        reason, layer = families.idle_reason(model, path), wrapped[1]
+                    if reason is not None and wanted(path):  # a wrapper and its layer: once
+                        described = f"{path!r} ({type(module).__name__}): {reason}"
+                        skipped.setdefault(id(layer), described)
                     continue
-                if wanted(target) and target not in found:
-                    found[target] = kind
+                group = _group(paths, site, kind)
+                if wanted(group.module) and (group.hook, group.site) not in found:
+                    found[group.hook, group.site] = group
                     if kind == "heads":
-                        heads_at.append(target)
+                        heads_at.append(group.module)
         # An attention class we could not read is an error unless a recognised
         # attention module contains it or sits inside it (BertSelfAttention, or a
         # whole model whose class name says "Attention").
@@ -242,6 +384,13 @@ class Components:
                 f"its heads could not be read. Supported: {_SUPPORTED['heads']}. Give the "
                 "heads explicitly with Components.from_spec, or exclude= that module."
             )
+        if skipped:
+            warnings.warn(
+                f"discover skipped {len(skipped)} module(s) it cannot ablate as {kinds}: "
+                + "; ".join(skipped.values())
+                + ". exclude= them to silence this, or select their weights with from_spec.",
+                stacklevel=2,
+            )
         if not found:
             raise ComponentError(
                 f"No components of kinds {kinds} found in {type(model).__name__}"
@@ -249,20 +398,7 @@ class Components:
                 + (f" and exclude={exclude}" if exclude else "")
                 + ". Check the kinds, or pick modules with Components.from_spec."
             )
-        return cls.from_spec(model, found)
-
-    @classmethod
-    def _checked(cls, groups: list[Group]) -> Components:
-        seen: dict[tuple[str, str], str] = {}
-        for g in groups:
-            if (g.hook, g.site) in seen:
-                raise ComponentError(
-                    f"The {g.site} of module {g.hook!r} is selected twice "
-                    f"({seen[g.hook, g.site]} and {g.kind}). Each module's input or output "
-                    "may belong to one group only; drop one of the two."
-                )
-            seen[g.hook, g.site] = g.kind
-        return cls(groups)
+        return cls(_with_offsets(paths.in_model_order(list(found.values()))))
 
     # -- indexing -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -312,30 +448,49 @@ class Components:
         return {"groups": [[g.module, g.kind, g.n_units] for g in self.groups]}
 
 
+def _with_offsets(groups: list[Group]) -> list[Group]:
+    placed, offset = [], 0
+    for g in groups:
+        placed.append(dataclasses.replace(g, offset=offset))
+        offset += g.n_units
+    return placed
+
+
+def _check_groups(groups: tuple[Group, ...]) -> None:
+    """Refuse repeated names, two groups on one weight, and gaps in the flat index."""
+    names: dict[str, Group] = {}
+    touched: dict[str, Group] = {}
+    for g in groups:
+        if g.module in names:
+            raise ComponentError(
+                f"Two groups are named {g.module!r} ({names[g.module].kind} and {g.kind}), "
+                "so their component names would collide. Select each module once."
+            )
+        names[g.module] = g
+        # Without recorded weights (a hand-built Group), the masked input or output
+        # stands for them.
+        for key in g.weights or (f"the {g.site} of {g.hook!r}",):
+            other = touched.get(key)
+            if other is not None:
+                raise ComponentError(
+                    f"Groups {_describe(other)} and {_describe(g)} both ablate {key!r} "
+                    "(for instance rows and columns of one weight): their in-place edits "
+                    "would overwrite each other and the same weight would be ablated "
+                    "twice. Keep one of the two: drop it from the spec, or exclude= it "
+                    f"from discover (e.g. exclude=[{g.module!r}])."
+                )
+            touched[key] = g
+    offset = 0
+    for g in groups:
+        if g.offset != offset:
+            raise ComponentError(
+                f"Group {_describe(g)} starts at flat index {g.offset}, expected {offset}: "
+                "groups must follow each other without gaps. Build components with "
+                "Components.discover or Components.from_spec."
+            )
+        offset = g.stop
+
+
 def _nested(inner: str, outer: str) -> bool:
     """True if module path ``inner`` is ``outer`` or lies inside it ("" is the root)."""
     return outer == "" or inner == outer or inner.startswith(outer + ".")
-
-
-def _discovered_path(model: nn.Module, path: str, module: nn.Module, kind: str) -> str | None:
-    """The spec path under which discovery selects ``module`` for ``kind``, or None."""
-    if kind == "conv":
-        return path if isinstance(module, _CONV) else None
-    if kind in ("linear", "inputs"):
-        parent = _submodule(model, path.rpartition(".")[0])
-        if isinstance(parent, nn.MultiheadAttention):
-            return None  # its out_proj is never called as a module
-        return path if _linear_in_out(module) is not None else None
-    if kind == "heads" and not families.looks_like_attention(module):
-        return None
-    if kind in ("heads", "neurons"):
-        found = _block_site(model, path, module, kind)
-        return found.module if found is not None else None
-    return None
-
-
-def _block_site(model: nn.Module, path: str, module: nn.Module, kind: str):
-    """Where the heads or neurons of the block at ``path`` are masked (families.Site)."""
-    if kind == "heads":
-        return families.attention_site(model, path, module)
-    return families.mlp_site(model, path, module)

@@ -1,19 +1,23 @@
-"""Model families: recognising the attention and MLP blocks of known libraries.
+"""Model families: recognising the attention, MLP and recurrent blocks of known libraries.
 
-Discovery asks two questions of every module: is it an attention block, and where are
-its heads masked? Is it an MLP block, and where are its neurons masked? The answers
-come from the names and classes that Hugging Face transformers, timm, torchvision,
-torch and TransformerLens use, kept here in tables so that supporting one more library
-means adding a name, not a code path:
+Discovery asks of every module: is it an attention block, and where are its heads
+masked? Is it an MLP block or a recurrent layer, and where are its neurons masked? The
+answers come from the names and classes that Hugging Face transformers, timm,
+torchvision, torch and TransformerLens use, kept here in tables so that supporting one
+more library means adding a name, not a code path:
 
 - heads: a module whose class name contains ``"Attention"``, with a head count
   (``HEAD_COUNT_ATTRS``) and an output projection (``ATTENTION_OUTPUT_PATHS``); the
   heads are slices of the projection's input. torch's ``nn.MultiheadAttention`` and
-  TransformerLens' ``hook_z`` are special cases.
+  TransformerLens' ``HookedTransformer`` (``hook_z``) are special cases.
 - neurons: the input features of an MLP block's down projection
   (``MLP_DOWN_PATHS``), the block being recognised by class name (``MLP_CLASS_MARKS``),
   by layout (``nn.Sequential`` of Linear, activation, Linear; ``fc1``/``fc2`` in the
-  layer itself as in OPT and BART) or as TransformerLens' ``hook_post``.
+  layer itself as in OPT and BART) or as TransformerLens' ``hook_post``; and the hidden
+  units of torch's recurrent layers (``nn.RNN``/``LSTM``/``GRU`` and their cells).
+- TransformerLens 4 wraps every layer of a bridged model (``TransformerBridge``) in a
+  component whose ``original_component`` is the layer (``LinearBridge``): the wrapped
+  layer is where the mask goes (:func:`wrapped_linear`).
 
 It also spells out, by module name, the component sets of the paper's reference
 setups, so they can be reproduced exactly: :func:`gpt2_reference_spec`,
@@ -35,7 +39,7 @@ from .errors import ComponentError
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 # Output projections, relative to the attention module. GPT-2 c_proj; BERT/ViT (4.x)
 # output.dense; Llama, ViT (5.x) o_proj; OPT, BART, CLIP, GPT-J out_proj; DistilBERT
-# out_lin; timm proj; GPT-NeoX, Phi dense; T5 o.
+# out_lin; timm proj; GPT-NeoX, Phi dense; T5 and TransformerLens 4 bridges o.
 ATTENTION_OUTPUT_PATHS = (
     "output.dense", "o_proj", "c_proj", "out_proj", "out_lin", "proj", "dense", "o",
 )  # fmt: skip
@@ -44,30 +48,36 @@ MLP_CLASS_MARKS = (
 )  # fmt: skip
 # Down projections, relative to the MLP block. GPT-2 c_proj; Llama down_proj; ViT,
 # CLIP, Phi, timm fc2; DistilBERT lin2; GPT-J fc_out; torch linear2; GPT-NeoX, Bloom,
-# Falcon dense_4h_to_h; T5 wo; Meta's reference Llama FeedForward w2.
+# Falcon dense_4h_to_h; T5 wo; Meta's reference Llama FeedForward w2; TransformerLens 4
+# bridges (MLPBridge, GatedMLPBridge) out.
 MLP_DOWN_PATHS = (
     "c_proj", "down_proj", "fc2", "lin2", "fc_out", "linear2", "dense_4h_to_h", "wo", "w2",
+    "out",
 )  # fmt: skip
 ACTIVATIONS = (
     nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish,
     nn.Softplus, nn.Hardswish, nn.ReLU6,
 )  # fmt: skip
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 
 # What each kind accepts, for error messages.
 SUPPORTED = {
     "conv": "nn.Conv1d/2d/3d",
-    "linear": "nn.Linear or transformers' Conv1D",
-    "inputs": "nn.Linear or transformers' Conv1D",
+    "linear": "nn.Linear or transformers' Conv1D (or a TransformerLens 4 LinearBridge)",
+    "inputs": "nn.Linear or transformers' Conv1D (or a TransformerLens 4 LinearBridge)",
     "heads": (
-        "nn.MultiheadAttention; TransformerLens attention or its hook_z; or an attention "
-        f"module with a head count attribute ({'/'.join(HEAD_COUNT_ATTRS)}) and an output "
-        f"projection ({'/'.join(ATTENTION_OUTPUT_PATHS)})"
+        "nn.MultiheadAttention; TransformerLens attention (HookedTransformer or a 4.x "
+        "TransformerBridge) or its hook_z; or an attention module with a head count "
+        f"attribute ({'/'.join(HEAD_COUNT_ATTRS)}) and an output projection "
+        f"({'/'.join(ATTENTION_OUTPUT_PATHS)})"
     ),
     "neurons": (
         "an MLP block (GPT2MLP, LlamaMLP, BertOutput, timm Mlp, T5DenseActDense, an "
         "OPT/BART layer with fc1/fc2, nn.TransformerEncoderLayer, an nn.Sequential of "
-        "Linear-activation-Linear), TransformerLens MLP or its hook_post, or a down "
-        "projection (nn.Linear)"
+        "Linear-activation-Linear), TransformerLens MLP or its hook_post, a down "
+        "projection (nn.Linear), or a recurrent layer (nn.RNN/LSTM/GRU without "
+        "proj_size, nn.RNNCell/LSTMCell/GRUCell)"
     ),
 }
 
@@ -78,8 +88,11 @@ class Site:
 
     Attributes
     ----------
-    module : path the component names use (``"h.0.attn"`` gives ``"h.0.attn:3"``).
-    hook : path of the module whose input or output is masked.
+    module : path of the block the component names use: the attention module for
+        heads, the MLP block or recurrent layer for neurons (``"h.0.attn"`` gives
+        ``"h.0.attn:3"``).
+    hook : path of the module whose input or output is masked (or whose weights are
+        edited, for ``site="param"``).
     site : ``"input"``, ``"output"`` or ``"param"`` (see ``components.Group``).
     n_units : number of heads or neurons.
     unit_size : features per unit along ``dim`` (the head dimension for heads).
@@ -113,6 +126,48 @@ def linear_shape(module: nn.Module | None) -> tuple[int, int] | None:
     return None
 
 
+def wrapped_linear(module: nn.Module | None) -> tuple[str, nn.Module] | None:
+    """``(relative path, layer)`` of the linear layer ``module`` is or wraps, or None.
+
+    A linear layer is itself (``""``). A TransformerLens 4 ``LinearBridge`` wraps its
+    layer as the child ``original_component``; the bridge's own forward calls it, so a
+    hook on the wrapped layer sees every call.
+    """
+    if module is None:
+        return None
+    if linear_shape(module) is not None:
+        return "", module
+    inner = getattr(module, "original_component", None)
+    if isinstance(inner, nn.Module) and linear_shape(inner) is not None:
+        for name, child in module.named_children():
+            if child is inner:
+                return name, inner
+    return None
+
+
+def idle_reason(model: nn.Module, path: str) -> str | None:
+    """Why the linear layer at ``path`` never runs in the model's forward pass, or None.
+
+    TransformerLens 4's joint-QKV attention bridges (GPT-2's ``c_attn``) keep the joint
+    layer as ``qkv`` for weight access but run split ``q``/``k``/``v`` copies of it, so
+    a mask on ``qkv`` would change nothing.
+    """
+    parts = path.split(".")
+    if "qkv" not in parts:
+        return None
+    attn_path = ".".join(parts[: parts.index("qkv")])
+    attn = _submodule(model, attn_path)
+    split = all(isinstance(getattr(attn, n, None), nn.Module) for n in ("q", "k", "v"))
+    if attn is not None and "JointQKV" in type(attn).__name__ and split:
+        return (
+            f"TransformerLens runs split q/k/v copies of the joint qkv layer of "
+            f"{attn_path!r}, never the joint layer itself; select "
+            f"{_join(attn_path, 'q')!r}, {_join(attn_path, 'k')!r} and "
+            f"{_join(attn_path, 'v')!r} instead"
+        )
+    return None
+
+
 def _submodule(module: nn.Module, path: str) -> nn.Module | None:
     try:
         return module.get_submodule(path) if path else module
@@ -128,6 +183,21 @@ def _parent(model: nn.Module, path: str) -> nn.Module | None:
     return _submodule(model, path.rpartition(".")[0]) if path else None
 
 
+def _redirect_hook(model: nn.Module, path: str, module: nn.Module, hook: str):
+    """``(block path, block)`` when ``module`` is the block's TransformerLens ``hook``
+    (``hook_z`` of an attention, ``hook_post`` of an MLP), else ``(path, module)``.
+
+    HookedTransformer registers the hook as a child; a 4.x bridge makes it an alias of
+    a hook inside the block (``attn.hook_z`` is ``attn.o.hook_in``). Either way the
+    hook names the same units as its block.
+    """
+    if is_hook_point(module) and path.rpartition(".")[2] == hook:
+        parent = _parent(model, path)
+        if parent is not None:
+            return path.rpartition(".")[0], parent
+    return path, module
+
+
 # -- TransformerLens ---------------------------------------------------------------------
 
 
@@ -136,22 +206,17 @@ def is_hook_point(module: nn.Module | None) -> bool:
     return module is not None and type(module).__name__ == "HookPoint"
 
 
-def _tl_weight(module: nn.Module | None, name: str, ndim: int) -> Tensor | None:
-    weight = getattr(module, name, None)
-    return weight if isinstance(weight, Tensor) and weight.ndim == ndim else None
+def _tl_unit_weight(block: nn.Module | None, hook: str, weight: str, ndim: int) -> Tensor | None:
+    """The weight holding the units of a HookedTransformer block's ``hook``, or None.
 
-
-def _tl_block(model: nn.Module, path: str, module: nn.Module, hook: str, weight: str, ndim: int):
-    """(block path, block, weight) for a TransformerLens block or its hook, or None."""
-    if is_hook_point(module) and path.rpartition(".")[2] == hook:
-        block_path = path.rpartition(".")[0]
-        block = _parent(model, path)
-    else:
-        block_path, block = path, module
-    if not is_hook_point(getattr(block, hook, None)):
+    Only a hook registered as the block's own child counts: in a 4.x bridge the same
+    name is an alias of a hook on a flat (batch, pos, d_model) tensor, whose heads are
+    reached through the output projection instead.
+    """
+    if block is None or not is_hook_point(block._modules.get(hook)):
         return None
-    found = _tl_weight(block, weight, ndim)
-    return None if found is None else (block_path, block, found)
+    found = getattr(block, weight, None)
+    return found if isinstance(found, Tensor) and found.ndim == ndim else None
 
 
 _TL_UNIT_WEIGHTS = {"hook_z": ("W_O", 3), "hook_post": ("W_out", 2)}
@@ -170,17 +235,16 @@ def hook_point_weight(model: nn.Module, hook: str) -> Tensor:
     ComponentError : ``hook`` is not a hook_z or hook_post of a TransformerLens block.
     """
     name = hook.rpartition(".")[2]
-    module = _submodule(model, hook)
     found = None
-    if module is not None and name in _TL_UNIT_WEIGHTS:
-        found = _tl_block(model, hook, module, name, *_TL_UNIT_WEIGHTS[name])
+    if name in _TL_UNIT_WEIGHTS:
+        found = _tl_unit_weight(_parent(model, hook), name, *_TL_UNIT_WEIGHTS[name])
     if found is None:
         raise ComponentError(
             f"{hook!r} is not the hook_z or hook_post of a TransformerLens block (a block "
             "with W_O of shape (n_heads, d_head, d_model) or W_out of shape (d_mlp, "
             "d_model)); no weight holds its units."
         )
-    return found[2]
+    return found
 
 
 # -- attention -------------------------------------------------------------------------
@@ -204,19 +268,22 @@ def head_count(module: nn.Module) -> int | None:
 
 def attention_site(model: nn.Module, path: str, module: nn.Module) -> Site | None:
     """Where the heads of the attention module at ``path`` are masked, or None."""
+    path, module = _redirect_hook(model, path, module, "hook_z")
     if isinstance(module, nn.MultiheadAttention):
         return Site(path, path, "param", module.num_heads, module.head_dim)
-    tl = _tl_block(model, path, module, "hook_z", "W_O", 3)
-    if tl is not None:  # W_O: (n_heads, d_head, d_model); hook_z: (batch, pos, head, d_head)
-        hook = _join(tl[0], "hook_z")
-        return Site(hook, hook, "output", tl[2].shape[0], 1, -2)
+    w_o = _tl_unit_weight(module, "hook_z", "W_O", 3)
+    if w_o is not None:  # W_O: (n_heads, d_head, d_model); hook_z: (batch, pos, head, d_head)
+        return Site(path, _join(path, "hook_z"), "output", w_o.shape[0], 1, -2)
     n_heads = head_count(module)
     if n_heads is None:
         return None
     for rel in ATTENTION_OUTPUT_PATHS:
-        shape = linear_shape(_submodule(module, rel))
-        if shape is not None and shape[0] % n_heads == 0:
-            return Site(path, _join(path, rel), "input", n_heads, shape[0] // n_heads)
+        found = wrapped_linear(_submodule(module, rel))
+        if found is None:
+            continue
+        width = linear_shape(found[1])[0]
+        if width % n_heads == 0:
+            return Site(path, _join(path, rel, found[0]), "input", n_heads, width // n_heads)
     return None
 
 
@@ -237,7 +304,7 @@ def _down_projection(module: nn.Module) -> str | None:
     name = type(module).__name__
     if any(mark in name for mark in MLP_CLASS_MARKS):
         for rel in MLP_DOWN_PATHS:
-            if linear_shape(_submodule(module, rel)) is not None:
+            if wrapped_linear(_submodule(module, rel)) is not None:
                 return rel
     # BERT/ViT (4.x) style: BertOutput(dense) follows BertIntermediate(dense + act).
     is_output = name.endswith("Output") and not name.endswith("SelfOutput")
@@ -257,15 +324,54 @@ def mlp_site(model: nn.Module, path: str, module: nn.Module) -> Site | None:
     A neuron is an input feature of the block's down projection (the activation that
     projection reads), so ablating it matches zeroing that projection's input row.
     """
-    tl = _tl_block(model, path, module, "hook_post", "W_out", 2)
-    if tl is not None:  # W_out: (d_mlp, d_model); hook_post: (batch, pos, d_mlp)
-        hook = _join(tl[0], "hook_post")
-        return Site(hook, hook, "output", tl[2].shape[0])
+    path, module = _redirect_hook(model, path, module, "hook_post")
+    w_out = _tl_unit_weight(module, "hook_post", "W_out", 2)
+    if w_out is not None:  # W_out: (d_mlp, d_model); hook_post: (batch, pos, d_mlp)
+        return Site(path, _join(path, "hook_post"), "output", w_out.shape[0])
     rel = _down_projection(module)
     if rel is None:
         return None
-    proj = _join(path, rel)
-    return Site(proj, proj, "input", linear_shape(model.get_submodule(proj))[0])
+    inner, layer = wrapped_linear(_submodule(module, rel))
+    return Site(path, _join(path, rel, inner), "input", linear_shape(layer)[0])
+
+
+# -- recurrent layers ------------------------------------------------------------------
+
+
+def recurrent_site(path: str, module: nn.Module) -> Site | None:
+    """Where the hidden units of a torch recurrent layer are ablated, or None.
+
+    Unit ``u`` of an ``nn.RNN``/``LSTM``/``GRU`` is hidden unit ``u % hidden_size`` of
+    layer ``u // (directions * hidden_size)`` in direction ``(u // hidden_size) %
+    directions`` (torch's ``weight_hh_l{layer}[_reverse]`` order). Zeroing its rows in
+    every gate of ``weight_ih``, ``weight_hh`` and both biases makes every gate's
+    pre-activation 0, so its cell and hidden state stay exactly 0 from a zero initial
+    state (LSTM: c = 0.5·c_prev + 0.5·tanh(0); GRU: h = 0.5·h_prev + 0.5·tanh(0)). No
+    hook reaches inside the fused kernel, so these rows are zeroed in place and
+    restored (``site="param"``).
+    """
+    if isinstance(module, nn.RNNBase) and not getattr(module, "proj_size", 0):
+        directions = 2 if module.bidirectional else 1
+        return Site(path, path, "param", module.num_layers * directions * module.hidden_size)
+    if isinstance(module, nn.RNNCellBase):
+        return Site(path, path, "param", module.hidden_size)
+    return None
+
+
+def unusable_reason(module: nn.Module, kind: str) -> str | None:
+    """Why ``module`` looks like it has components of ``kind`` that coarpy cannot ablate.
+
+    Discovery warns with this reason instead of skipping such a module silently.
+    """
+    conv = isinstance(module, nn.modules.conv._ConvNd)
+    if kind == "conv" and conv and not isinstance(module, CONVS):
+        return f"kind 'conv' takes the output channels of {SUPPORTED['conv']}"
+    if kind == "neurons" and isinstance(module, nn.RNNBase) and module.proj_size:
+        return (
+            "its hidden state is projected (proj_size > 0), so zeroing a unit's gate rows "
+            "does not zero a hidden-state feature"
+        )
+    return None
 
 
 # -- the paper's reference component sets -------------------------------------------------

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._batching import labels, logits_of, run_model_input
+from .errors import ArgumentError, DataError
 
 
 class OutputFn(Protocol):
@@ -27,7 +28,7 @@ def _class_logits(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
     logits = logits_of(run_model_input(model, batch))
     y = labels(batch).to(logits.device)
     if logits.ndim != 2:
-        raise ValueError(
+        raise ArgumentError(
             f"Expected class logits of shape (batch, classes), got {tuple(logits.shape)}. "
             "For language models use outputs.token_margin."
         )
@@ -67,9 +68,9 @@ def loss(model: nn.Module, batch: Any) -> Tensor:
 def _next_token(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
     """(logits[:, :-1], targets, valid) aligned so logits at t predict token t+1."""
     if not isinstance(batch, dict) and not hasattr(batch, "keys"):
-        raise TypeError(
+        raise DataError(
             f"Language-model outputs expect a dict batch with 'input_ids', got "
-            f"{type(batch).__name__}."
+            f"{type(batch).__name__}. Pass dicts such as a tokenizer returns."
         )
     logits = logits_of(run_model_input(model, batch)).float()
     ids = batch.get("labels", batch["input_ids"]).to(logits.device)
@@ -83,7 +84,7 @@ def _next_token(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
     empty = (~valid).all(1)
     if empty.any():
         row = int(empty.nonzero()[0])
-        raise ValueError(
+        raise DataError(
             f"Example {row} of the batch has no real next-token target (all padding or "
             "-100). Drop examples shorter than two real tokens."
         )
@@ -142,7 +143,7 @@ def resolve(spec: str | OutputFn) -> OutputFn:
         from ._imports import import_object
 
         return import_object(spec)
-    raise ValueError(
+    raise ArgumentError(
         f"Unknown output function {spec!r}. Use one of {', '.join(REGISTRY)} or "
         "'package.module:function'."
     )
@@ -152,7 +153,7 @@ def check_values(values: Tensor, batch_n: int, fn: OutputFn) -> Tensor:
     """Validate an output function's result: float, shape (batch_n,)."""
     if not isinstance(values, Tensor) or values.shape != (batch_n,):
         got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-        raise ValueError(
+        raise ArgumentError(
             f"Output function {name_of(fn)} returned {got}, expected shape ({batch_n},): "
             "one number per example of the batch."
         )
