@@ -117,7 +117,7 @@ class DigitsCNN(BlockCNN):
     torch.Size([2, 10])
     >>> comps = Components.discover(net, kinds=("conv", "neurons"))
     >>> len(comps), comps.names[-1]
-    (28, 'classifier.3:7')
+    (28, 'classifier:7')
     """
 
     def __init__(
@@ -173,6 +173,6 @@ def small_digits_cnn(n_classes: int = 10) -> DigitsCNN:
     >>> net(torch.zeros(2, 1, 8, 8)).shape
     torch.Size([2, 10])
     >>> [(g.module, g.n_units) for g in Components.discover(net, kinds=("conv", "neurons")).groups]
-    [('features.0', 8), ('features.4', 16), ('classifier.3', 32)]
+    [('features.0', 8), ('features.4', 16), ('classifier', 32)]
     """
     return DigitsCNN(n_classes, 8, hidden=32, layout=SMALL_DIGITS_LAYOUT)
