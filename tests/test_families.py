@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from coarpy import Components, ablate, apply_ablation, outputs
+from coarpy.ablation import Ablator
 from coarpy.collect import collect
-from coarpy.errors import ComponentError
-from coarpy.families import (
-    gpt2_reference_spec,
-    hook_point_weight,
-    resnet_reference_spec,
-    vit_reference_spec,
-)
+from coarpy.errors import ComponentError, MaskError
+from coarpy.families import hook_point_weight
+from coarpy.recipes.specs import gpt2_reference_spec, resnet_reference_spec, vit_reference_spec
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _torchvision_standins as tv  # noqa: E402
+
+sys.path.remove(str(Path(__file__).parent))
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -464,17 +468,6 @@ def _timm_vit_standin(depth=12, dim=768, heads=12, hidden=3072):
     return net
 
 
-class _TorchvisionEncoderBlock(nn.Module):
-    def __init__(self, dim, heads, hidden):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(dim)
-        self.self_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(), nn.Linear(hidden, dim)
-        )
-
-
 def test_vit_b16_reference_spec_counts_82944_rows():
     with torch.device("meta"):
         net = _timm_vit_standin()
@@ -505,17 +498,161 @@ def test_vit_reference_spec_on_transformers_vit_hooks_equal_weight_zeroing():
     torch.testing.assert_close(hooked, zeroed, rtol=1e-5, atol=1e-5)
 
 
-def test_vit_reference_spec_explains_multihead_attention():
-    net = nn.Module()
-    net.encoder = nn.Module()
-    net.encoder.layers = nn.Sequential(_TorchvisionEncoderBlock(16, 2, 32))
-    with pytest.raises(ComponentError, match=r"encoder_layer|nn.MultiheadAttention .*timm"):
-        vit_reference_spec(net)
+# -- torchvision's ViT: nn.MultiheadAttention's projection rows ------------------------------
+
+
+def _small_torchvision_vit(seed=0):
+    """torchvision's VisionTransformer layout (a stand-in: torchvision is not installed
+    here), 2 blocks of width 32 with 4 heads, on 16×16 images in patches of 8."""
+    torch.manual_seed(seed)
+    return tv.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+        num_classes=5,
+    ).eval()  # fmt: skip
+
+
+def test_vit_b16_torchvision_layout_reference_spec_counts_82944_rows():
+    with torch.device("meta"):
+        net = tv.vit_b_16()
+    spec = vit_reference_spec(net)
+    comps = Components.from_spec(net, spec)
+    assert len(comps) == 12 * (2304 + 768 + 3072 + 768) == 82_944
+    block = "encoder.layers.encoder_layer_0"
+    assert list(spec)[:3] == [f"{block}.self_attention", f"{block}.mlp.0", f"{block}.mlp.3"]
+    first = comps.groups[0]
+    assert (first.module, first.kind, first.n_units, first.site) == (
+        f"{block}.self_attention",
+        "linear",
+        3072,
+        "param",
+    )
+    assert first.weights == (
+        f"{block}.self_attention.in_proj_weight",
+        f"{block}.self_attention.out_proj.weight",
+    )
+    # The reference scripts' order: in_proj rows (q, k, v), then out_proj rows, then the MLP.
+    assert comps.names[2304] == f"{block}.self_attention:2304"
+    assert comps.names[3072] == f"{block}.mlp.0:0"
+
+
+def _images(n=3, size=16, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["inference", "grad"])
+def test_multihead_attention_rows_equal_zeroed_weights(fast_path):
+    # Zeroing rows of in_proj_weight and out_proj.weight in place (the ablator) gives
+    # exactly what a copy of the model with those rows zeroed gives, on torch's fused
+    # inference kernel and on its Python path.
+    net = _small_torchvision_vit()
+    comps = Components.from_spec(net, vit_reference_spec(net))
+    assert len(comps) == 2 * (4 * 32 + 64 + 32)
+    keep = _random_keep(len(comps), seed=5, p_ablate=0.2)
+    x = _images()
+    context = torch.inference_mode() if fast_path else torch.enable_grad()
+    with context:
+        base = net(x)
+        with ablate(net, comps, keep):
+            ablated = net(x)
+        zeroed = apply_ablation(net, comps, keep)(x)
+    assert torch.equal(ablated, zeroed)
+    assert (ablated - base).abs().max() > 1e-3
+
+
+def test_multihead_attention_rows_are_the_weights_the_paper_zeroes():
+    # Unit u < 3E is row u of in_proj_weight; unit 3E + r is row r of out_proj.weight.
+    net = _small_torchvision_vit()
+    comps = Components.from_spec(net, vit_reference_spec(net))
+    attn = "encoder.layers.encoder_layer_1.self_attention"
+    keep = torch.ones(len(comps), dtype=torch.bool)
+    for unit in (0, 40, 95, 96 + 7):  # a query, a key, a value and an output row
+        keep[comps.index(f"{attn}:{unit}")] = False
+    edited = copy.deepcopy(net)
+    mha = edited.get_submodule(attn)
+    with torch.no_grad():
+        mha.in_proj_weight[[0, 40, 95]] = 0
+        mha.out_proj.weight[7] = 0
+    x = _images()
+    with torch.inference_mode(), ablate(net, comps, keep):
+        torch.testing.assert_close(net(x), edited(x), rtol=0, atol=0)
+
+
+def test_multihead_attention_rows_are_restored_bit_for_bit():
+    net = _small_torchvision_vit()
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    comps = Components.from_spec(net, vit_reference_spec(net))
+    ablator = Ablator(net, comps)
+    with ablator, torch.inference_mode():
+        for seed in range(3):
+            ablator.set(_random_keep(len(comps), seed=seed, p_ablate=0.5))
+            net(_images())
+    assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+
+
+def test_multihead_attention_rows_with_separate_key_and_value_widths():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, kdim=6, vdim=4, batch_first=True).eval()
+    comps = Components.from_spec(mha, {"": "linear"})
+    assert len(comps) == 4 * 8
+    assert comps.groups[0].weights == (
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "out_proj.weight",
+    )
+    q, k, v = torch.randn(2, 3, 8), torch.randn(2, 5, 6), torch.randn(2, 5, 4)
+    keep = _random_keep(len(comps), seed=2, p_ablate=0.3)
+    with torch.inference_mode(), ablate(mha, comps, keep):
+        hooked = mha(q, k, v, need_weights=False)[0]
+    zeroed = apply_ablation(mha, comps, keep)
+    with torch.inference_mode():
+        assert torch.equal(hooked, zeroed(q, k, v, need_weights=False)[0])
+
+
+def test_multihead_attention_rows_take_one_mask_for_the_batch():
+    net = _small_torchvision_vit()
+    comps = Components.from_spec(net, vit_reference_spec(net))
+    with (
+        pytest.raises(MaskError, match=r"MultiheadAttention: its projection rows .*one mask"),
+        ablate(net, comps, torch.ones(3, len(comps), dtype=torch.bool)),
+    ):
+        pass
+
+
+def test_multihead_attention_out_proj_alone_is_refused_naming_both_ways():
+    net = _small_torchvision_vit()
+    attn = "encoder.layers.encoder_layer_0.self_attention"
+    with pytest.raises(ComponentError, match=r"kind 'heads'.*kind 'linear' for the rows"):
+        Components.from_spec(net, {f"{attn}.out_proj": "linear"})
+
+
+def test_discovery_still_leaves_multihead_attention_rows_to_the_spec():
+    net = _small_torchvision_vit()
+    found = Components.discover(net, kinds="linear")
+    assert not any("self_attention" in g.module for g in found.groups)
 
 
 def test_vit_reference_spec_refuses_a_model_without_blocks():
     with pytest.raises(ComponentError, match="found no transformer blocks"):
         vit_reference_spec(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)))
+
+
+def test_vit_b16_torchvision():
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        net = torchvision.models.vit_b_16()
+    assert len(Components.from_spec(net, vit_reference_spec(net))) == 82_944
+    torch.manual_seed(0)
+    small = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+        num_classes=5,
+    ).eval()  # fmt: skip
+    comps = Components.from_spec(small, vit_reference_spec(small))
+    keep = _random_keep(len(comps), seed=5, p_ablate=0.2)
+    with torch.inference_mode():
+        with ablate(small, comps, keep):
+            ablated = small(_images())
+        assert torch.equal(ablated, apply_ablation(small, comps, keep)(_images()))
 
 
 def test_vit_b16_timm():

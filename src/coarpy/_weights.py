@@ -4,8 +4,9 @@ Zeroing a component's slices is the paper's ablation. One table serves three use
 
 - ``ablation.apply_ablation`` zeroes the slices for good, in a copy of the model;
 - ``ablation.Ablator`` zeroes them in place and restores them bit for bit, for the
-  units no hook can reach (``nn.MultiheadAttention`` heads, recurrent units) and, with
-  ``edit_weights``, for plain layers where that equals the hook;
+  units no hook can reach (``nn.MultiheadAttention`` heads and projection rows,
+  recurrent units) and, with ``edit_weights``, for plain layers where that equals the
+  hook;
 - ``components.Components`` refuses two groups whose slices lie in one parameter: their
   in-place edits would save and restore each other's zeros, and a row and a column of
   one weight are one ablation too many to attribute.
@@ -74,6 +75,23 @@ def _recurrent_slices(module: nn.Module, units: Tensor) -> list[Slice]:
     return slices
 
 
+def _segments(model: nn.Module, group) -> list[tuple[Tensor, int, int]]:
+    """``(weight, axis, units)`` of each weight that holds some of the group's units.
+
+    Units are numbered through the weights in this order: the first ``units`` belong
+    to the first weight, the next ones to the second, and so on. Only the rows of an
+    ``nn.MultiheadAttention``'s projections span several weights.
+    """
+    module = model.get_submodule(group.hook)
+    if group.site == "param" and isinstance(module, nn.MultiheadAttention):
+        if group.kind == "heads":  # heads are out_proj's input columns
+            return [(module.out_proj.weight, 1, group.n_units)]
+        return [(w, 0, w.shape[0]) for w in families.multihead_projection_rows(module)]
+    if families.is_hook_point(module):  # TransformerLens hook_z / hook_post: W_O / W_out rows
+        return [(families.hook_point_weight(model, group.hook), 0, group.n_units)]
+    return [(module.weight, weight_axis(module, group.site), group.n_units)]
+
+
 def slicer(model: nn.Module, group) -> Callable[[Tensor], list[Slice]]:
     """A function from unit numbers of ``group`` (a components.Group) to its weight slices.
 
@@ -87,18 +105,27 @@ def slicer(model: nn.Module, group) -> Callable[[Tensor], list[Slice]]:
     size = group.unit_size
     if group.site == "param" and isinstance(module, families.RECURRENT):
         return lambda units: _recurrent_slices(module, units)
-    if group.site == "param":  # nn.MultiheadAttention: heads are out_proj's input columns
-        weight, axis = module.out_proj.weight, 1
-    elif families.is_hook_point(module):  # TransformerLens hook_z / hook_post: W_O / W_out rows
-        weight, axis = families.hook_point_weight(model, group.hook), 0
-    else:
-        weight, axis = module.weight, weight_axis(module, group.site)
+    segments = _segments(model, group)
+    if len(segments) == 1:
+        weight, axis, _ = segments[0]
 
-    def units_to_slices(units: Tensor) -> list[Slice]:
-        index = feature_index(units, size).to(weight.device, non_blocking=True)
-        return [(weight, axis, index)]
+        def units_to_slices(units: Tensor) -> list[Slice]:
+            index = feature_index(units, size).to(weight.device, non_blocking=True)
+            return [(weight, axis, index)]
 
-    return units_to_slices
+        return units_to_slices
+
+    def units_to_split_slices(units: Tensor) -> list[Slice]:
+        found, start = [], 0
+        for weight, axis, count in segments:
+            inside = units[(units >= start) & (units < start + count)] - start
+            if inside.numel():
+                index = feature_index(inside, size).to(weight.device, non_blocking=True)
+                found.append((weight, axis, index))
+            start += count
+        return found
+
+    return units_to_split_slices
 
 
 def slices(model: nn.Module, group, units: Tensor) -> list[Slice]:
@@ -111,4 +138,4 @@ def parameters(model: nn.Module, group) -> list[Tensor]:
     module = model.get_submodule(group.hook)
     if isinstance(module, families.RECURRENT):  # every layer and direction has units
         return list(module.parameters(recurse=False))
-    return [param for param, _, _ in slices(model, group, torch.zeros(1, dtype=torch.long))]
+    return [weight for weight, _, _ in _segments(model, group)]

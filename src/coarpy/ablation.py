@@ -119,7 +119,8 @@ def _param_site_name(model: nn.Module, group: Group) -> tuple[str, str]:
     """``(what the module is, what its units are)`` of a ``site="param"`` group."""
     module = model.get_submodule(group.hook)
     if isinstance(module, nn.MultiheadAttention):
-        return "an nn.MultiheadAttention", "heads"
+        units = "heads" if group.kind == "heads" else "projection rows"
+        return "an nn.MultiheadAttention", units
     return f"a recurrent layer ({type(module).__name__})", "hidden units"
 
 
@@ -129,8 +130,9 @@ class Ablator:
     ``ablate`` is the everyday interface; collection uses an Ablator directly so the
     hooks are registered once for thousands of masks.
 
-    Units no hook can reach (``nn.MultiheadAttention`` heads, recurrent units:
-    ``site="param"``) are ablated by zeroing their weight slices in place; one mask
+    Units no hook can reach (``nn.MultiheadAttention`` heads and projection rows,
+    recurrent units: ``site="param"``) are ablated by zeroing their weight slices in
+    place; one mask
     must then be shared by the batch. With ``edit_weights=True``, a bool mask shared by
     the batch (shape (N,)) is applied the same way to the other groups where that
     equals the hook exactly (see ``_by_weights``: zero mode, plain Linear/Conv
@@ -202,8 +204,8 @@ class Ablator:
     @property
     def supports_rows(self) -> bool:
         """Whether per-row masks (batch, N) work: not where units are ablated by zeroing
-        weights (nn.MultiheadAttention heads, recurrent units), which one mask must
-        share across the batch."""
+        weights (nn.MultiheadAttention heads and projection rows, recurrent units),
+        which one mask must share across the batch."""
         return all(g.site != "param" for g in self.components.groups)
 
     # -- masks --------------------------------------------------------------------
@@ -385,9 +387,9 @@ def ablate(
     """Run ``model`` with the components where ``keep`` is False ablated.
 
     Hooks (and temporarily zeroed weights, for nn.MultiheadAttention heads and
-    recurrent units) are removed on exit, also when the body raises, leaving the model
-    bit for bit as it was. ``model`` may be an nnsight wrapper: the hooks go on the
-    module it wraps, and the context yields the wrapper.
+    projection rows, and recurrent units) are removed on exit, also when the body
+    raises, leaving the model bit for bit as it was. ``model`` may be an nnsight
+    wrapper: the hooks go on the module it wraps, and the context yields the wrapper.
 
     With nnsight, a ``trace`` inside the context runs the ablated model: the model's
     output and every ``.input``/``.output`` downstream of an ablated component show

@@ -173,6 +173,8 @@ def _site_for(model: nn.Module, path: str, module: nn.Module, kind: str, *, expl
         parent = _submodule(model, path.rpartition(".")[0]) if path else None
         if isinstance(parent, nn.MultiheadAttention):
             return None  # its out_proj is never called as a module
+        if kind == "linear" and explicit and isinstance(module, nn.MultiheadAttention):
+            return families.multihead_linear_site(path, module)
         found = families.wrapped_linear(module)
         if kind == "neurons" and found is not None and explicit:
             block = families.mlp_site(model, path.rpartition(".")[0], parent) if path else None
@@ -217,7 +219,8 @@ def _explicit_group(model: nn.Module, paths: _Paths, path: str, kind: str) -> Gr
         raise ComponentError(
             f"Module {path!r} belongs to nn.MultiheadAttention, which uses its weights "
             "directly, so no hook can reach it. Select the attention module itself "
-            f"with kind 'heads': {{{path.rpartition('.')[0]!r}: 'heads'}}."
+            f"with kind 'heads': {{{path.rpartition('.')[0]!r}: 'heads'}}, or with kind "
+            "'linear' for the rows of its input and output projections."
         )
     site = _site_for(model, path, module, kind, explicit=True)
     if site is None:

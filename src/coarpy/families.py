@@ -19,10 +19,15 @@ more library means adding a name, not a code path:
   component whose ``original_component`` is the layer (``LinearBridge``): the wrapped
   layer is where the mask goes (:func:`wrapped_linear`).
 
-It also spells out, by module name, the component sets of the paper's reference
-setups, so they can be reproduced exactly: :func:`gpt2_reference_spec`,
-:func:`resnet_reference_spec` and :func:`vit_reference_spec`. Each returns a
-``{module_path: kind}`` spec for ``Components.from_spec``.
+- linear rows of torch's ``nn.MultiheadAttention`` (torchvision's ``vit_b_16``): it
+  computes attention from its parameters directly, so no hook reaches its projections;
+  the rows of ``in_proj_weight`` and ``out_proj.weight`` are zeroed in place instead
+  (:func:`multihead_linear_site`).
+- transformer blocks (:func:`transformer_blocks`): the items of a ``ModuleList`` or
+  ``nn.Sequential`` that hold an attention module.
+
+The paper's own component sets (GPT-2, ResNet, ViT) are spelled out in
+``coarpy.recipes.specs``, on top of these.
 
 No library is imported: modules are recognised by class name and attributes, so this
 works whether or not (and whichever version of) the library is installed.
@@ -64,7 +69,10 @@ RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 # What each kind accepts, for error messages.
 SUPPORTED = {
     "conv": "nn.Conv1d/2d/3d",
-    "linear": "nn.Linear or transformers' Conv1D (or a TransformerLens 4 LinearBridge)",
+    "linear": (
+        "nn.Linear or transformers' Conv1D (or a TransformerLens 4 LinearBridge), or an "
+        "nn.MultiheadAttention (the rows of its input and output projections)"
+    ),
     "inputs": "nn.Linear or transformers' Conv1D (or a TransformerLens 4 LinearBridge)",
     "heads": (
         "nn.MultiheadAttention; TransformerLens attention (HookedTransformer or a 4.x "
@@ -374,113 +382,57 @@ def unusable_reason(module: nn.Module, kind: str) -> str | None:
     return None
 
 
-# -- the paper's reference component sets -------------------------------------------------
-
-_GPT2_REFERENCE = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# -- nn.MultiheadAttention's projections ----------------------------------------------------
 
 
-def gpt2_reference_spec(model: nn.Module) -> dict[str, str]:
-    """The paper's GPT-2 components: the input rows of every block's four Conv1D layers.
+def multihead_linear_site(path: str, module: nn.Module) -> Site | None:
+    """The rows of an ``nn.MultiheadAttention``'s projections as ``"linear"`` units, or None.
 
-    Every transformer block contributes the weight rows of ``attn.c_attn``,
-    ``attn.c_proj``, ``mlp.c_fc`` and ``mlp.c_proj`` (transformers' ``Conv1D`` stores
-    weight as (in, out), so a row is an input feature: kind ``"inputs"``). GPT-2 small
-    has 12 × (768 + 768 + 768 + 3072) = 64,512 components.
+    ``nn.MultiheadAttention`` (torchvision's ``vit_b_16`` uses it) passes its weights
+    to ``F.multi_head_attention_forward`` (or torch's fused kernel) instead of calling
+    its ``out_proj`` as a module, so no hook can mask these units. Their weight rows
+    are zeroed in place and restored (``site="param"``), which is exactly the paper's
+    ablation of a linear row: the unit's output becomes its bias. Units, with ``E =
+    embed_dim``:
 
-    Parameters
-    ----------
-    model : a transformers GPT-2 model (``GPT2LMHeadModel``, ``GPT2Model``, ...).
+    - ``0 .. 3E-1``: the rows of the input projection, queries, keys then values
+      (``in_proj_weight``, or ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``
+      when keys or values have another width);
+    - ``3E .. 4E-1``: the rows of the output projection (``out_proj.weight``).
 
-    Returns
-    -------
-    dict : ``{module_path: "inputs"}`` for ``Components.from_spec``.
-
-    Raises
-    ------
-    ComponentError : the model has no GPT-2 blocks under these names.
-
-    Examples
-    --------
-    >>> import transformers
-    >>> cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32)
-    >>> model = transformers.GPT2LMHeadModel(cfg)
-    >>> from coarpy import Components
-    >>> comps = Components.from_spec(model, gpt2_reference_spec(model))
-    >>> len(comps) == 2 * (16 + 16 + 16 + 4 * 16)
-    True
-    >>> comps.names[16]
-    'transformer.h.0.attn.c_proj:0'
+    ViT-B/16 has 4 × 768 = 3,072 such units per block.
     """
-    spec = {
-        path: "inputs"
-        for path, module in model.named_modules()
-        if ".".join(path.split(".")[-2:]) in _GPT2_REFERENCE and linear_shape(module) is not None
-    }
-    blocks = {path.rsplit(".", 2)[0] for path in spec}
-    incomplete = sorted(
-        b for b in blocks if not all(_join(b, rel) in spec for rel in _GPT2_REFERENCE)
-    )
-    if not spec or incomplete:
-        where = f" (block {incomplete[0]!r} lacks some)" if incomplete else ""
-        raise ComponentError(
-            f"gpt2_reference_spec expects GPT-2 blocks with linear layers "
-            f"{', '.join(_GPT2_REFERENCE)}, as in transformers' GPT2Model, but "
-            f"{type(model).__name__} has none{where}. For another architecture write the "
-            "spec yourself, e.g. Components.discover(model, kinds='inputs', "
-            "include=['*.attn.c_attn', ...])."
-        )
-    return spec
+    if not isinstance(module, nn.MultiheadAttention):
+        return None
+    return Site(path, path, "param", 4 * module.embed_dim)
 
 
-def resnet_reference_spec(model: nn.Module) -> dict[str, str]:
-    """The paper's ResNet components: the filters of every conv layer off the shortcut.
+def multihead_projection_rows(module: nn.MultiheadAttention) -> list[Tensor]:
+    """The weights whose rows are the units of :func:`multihead_linear_site`, in order."""
+    if module._qkv_same_embed_dim:
+        inputs = [module.in_proj_weight]
+    else:
+        inputs = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+    return [*inputs, module.out_proj.weight]
 
-    Every ``nn.Conv2d`` counts (output channels, kind ``"conv"``), including the stem,
-    except the 1×1 projections of the shortcut branches (torchvision's and timm's
-    ``downsample`` modules). For torchvision's ResNet-50 that is 22,720 filters::
 
-        stem conv1                                               64
-        layer1: 3 blocks × (64 + 64 + 256)                     1,152
-        layer2: 4 blocks × (128 + 128 + 512)                   3,072
-        layer3: 6 blocks × (256 + 256 + 1024)                  9,216
-        layer4: 3 blocks × (512 + 512 + 2048)                  9,216
-                                                              22,720
-
-    The four ``downsample`` convs (256 + 512 + 1024 + 2048 = 3,840 more) are left out.
-
-    Parameters
-    ----------
-    model : a torchvision or timm ResNet (any depth).
-
-    Returns
-    -------
-    dict : ``{module_path: "conv"}`` for ``Components.from_spec``.
-
-    Raises
-    ------
-    ComponentError : the model has no such conv layers.
-    """
-    spec = {
-        path: "conv"
-        for path, module in model.named_modules()
-        if isinstance(module, nn.Conv2d) and "downsample" not in path.split(".")
-    }
-    if not spec:
-        raise ComponentError(
-            f"resnet_reference_spec expects a ResNet with nn.Conv2d layers, but "
-            f"{type(model).__name__} has none outside 'downsample' modules. Pick conv "
-            "layers with Components.discover(model, kinds='conv', exclude=[...])."
-        )
-    return spec
+# -- transformer blocks ------------------------------------------------------------------
 
 
 def _is_sequence(module: nn.Module | None) -> bool:
     return isinstance(module, (nn.ModuleList, nn.Sequential))
 
 
-def _transformer_blocks(model: nn.Module) -> list[str]:
+def transformer_blocks(model: nn.Module) -> list[str]:
     """Paths of the transformer blocks: the innermost items of a ``ModuleList`` or
-    ``nn.Sequential`` that hold a recognised attention module."""
+    ``nn.Sequential`` that hold a recognised attention module.
+
+    Examples
+    --------
+    >>> layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    >>> transformer_blocks(nn.Sequential(layer, nn.Linear(8, 2)))
+    ['0']
+    """
     attention = [
         path
         for path, module in model.named_modules()
@@ -493,56 +445,3 @@ def _transformer_blocks(model: nn.Module) -> list[str]:
         and any(a.startswith(path + ".") for a in attention)
     ]  # fmt: skip
     return [p for p in items if not any(q.startswith(p + ".") for q in items)]
-
-
-def vit_reference_spec(model: nn.Module) -> dict[str, str]:
-    """The paper's ViT components: the weight rows of every linear layer in the blocks.
-
-    Inside every transformer block, each linear layer contributes its output rows
-    (kind ``"linear"``): the query/key/value projection, the attention's output
-    projection and the MLP's two layers. ViT-B/16 has 12 blocks × (2,304 qkv + 768
-    output + 3,072 fc1 + 768 fc2) = 12 × 6,912 = 82,944 components. The patch
-    embedding and the classification head are not components.
-
-    Works on timm's ``VisionTransformer`` (``blocks.*.attn.qkv``, ``attn.proj``,
-    ``mlp.fc1``, ``mlp.fc2``) and on transformers' ViT. torchvision's ``vit_b_16``
-    computes attention with ``nn.MultiheadAttention``, whose qkv and output rows are
-    parameters no hook can reach; it is refused with that explanation.
-
-    Parameters
-    ----------
-    model : a vision transformer (or any transformer whose linear layers are modules).
-
-    Returns
-    -------
-    dict : ``{module_path: "linear"}`` for ``Components.from_spec``.
-
-    Raises
-    ------
-    ComponentError : no transformer blocks were found, or a block uses
-        ``nn.MultiheadAttention``.
-    """
-    blocks = _transformer_blocks(model)
-    if not blocks:
-        raise ComponentError(
-            f"vit_reference_spec found no transformer blocks in {type(model).__name__}: "
-            "no item of a ModuleList/Sequential holds a recognised attention module "
-            f"({SUPPORTED['heads']}). Pick the linear layers with "
-            "Components.discover(model, kinds='linear', include=[...])."
-        )
-    spec: dict[str, str] = {}
-    for block in blocks:
-        for rel, module in model.get_submodule(block).named_modules():
-            path = _join(block, rel)
-            if isinstance(module, nn.MultiheadAttention):
-                raise ComponentError(
-                    f"Block {block!r} computes attention with nn.MultiheadAttention "
-                    f"({path!r}, as torchvision's vit_b_16 does); its qkv and output rows "
-                    "are the parameters in_proj_weight and out_proj.weight, which no hook "
-                    "can reach, so the paper's linear-row components cannot be ablated "
-                    "there. Use timm's vit_base_patch16_224 (the same architecture with "
-                    f"qkv/proj as modules), or ablate heads: {{{path!r}: 'heads'}}."
-                )
-            if linear_shape(module) is not None:
-                spec[path] = "linear"
-    return spec
