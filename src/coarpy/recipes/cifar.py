@@ -207,6 +207,8 @@ def train_mini_resnet(
     device: str | torch.device | None = None,
     progress: bool = False,
     train_data: tuple[Tensor, Tensor] | None = None,
+    width: int = 256,
+    n_blocks: int = 4,
 ) -> MiniResNet:
     """Train a :class:`MiniResNet` on CIFAR-10's 50,000 training images.
 
@@ -224,6 +226,7 @@ def train_mini_resnet(
     device : where to train (default: CUDA when available).
     progress : show a progress bar.
     train_data : ``(uint8 images, labels)`` to train on instead of the training set.
+    width, n_blocks : the architecture (the paper's: 256 and 4).
 
     Returns
     -------
@@ -234,7 +237,7 @@ def train_mini_resnet(
     x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y])
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = _sources.seeded(MiniResNet, seed).to(device)
+    model = _sources.seeded(lambda: MiniResNet(width, n_blocks), seed).to(device)
     return train_classifier(
         model, (x, y), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
         weight_decay=5e-4, lr_schedule="cosine", progress=progress,
