@@ -3,12 +3,15 @@
 #
 #   OUT=/path/to/folder bash bench/gpu.sh            # full size (CUDA; < 8 min on one H200)
 #   OUT=/tmp/gpu bash bench/gpu.sh --small           # tiny, on the CPU (what CI runs)
+#   OUT=/tmp/gpu bash bench/gpu.sh --only imagenet   # only setups B and C (torchvision)
 #
 # Everything goes to $OUT (default bench/out/gpu): log.txt (all output), results.md
 # (the table), results.json, env.txt, nvidia-smi.txt. Extra flags go to
-# bench/gpu_check.py (--budget SECONDS, --no-compile, --target-s, --threads).
+# bench/gpu_check.py (--budget SECONDS, --no-compile, --target-s, --threads,
+# --only core|imagenet). LIMIT (seconds, default 460) is the hard stop of the whole run.
 # coarpy is imported from src/ (PYTHONPATH), so the tree needs no install; only torch
-# (with CUDA), numpy, scipy and tqdm.
+# (with CUDA), numpy, scipy and tqdm, and torchvision for the ImageNet sections (skipped
+# with a note without it: nothing is installed).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -21,9 +24,9 @@ fi
 { command -v nvidia-smi >/dev/null && nvidia-smi; } >"$OUT/nvidia-smi.txt" 2>&1 || true
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-# Hard stop after 7 min 40 s whatever happens (the script stops starting sections at
-# 400 s, and saves its table after every row).
-timeout --signal=INT --kill-after=10 460 "$PY" -u "$here/gpu_check.py" --out "$OUT" "$@" 2>&1 \
+# Hard stop after LIMIT seconds (7 min 40 s) whatever happens (the script stops starting
+# sections at --budget, 400 s, and saves its table after every row).
+timeout --signal=INT --kill-after=10 "${LIMIT:-460}" "$PY" -u "$here/gpu_check.py" --out "$OUT" "$@" 2>&1 \
     | tee "$OUT/log.txt"
 status=${PIPESTATUS[0]}
 echo "gpu.sh: exit $status; results in $OUT" | tee -a "$OUT/log.txt"

@@ -7,16 +7,26 @@ Models (random weights, plain torch, ``bench/_models.py``):
 - a ViT with ViT-B/16 shapes (12 x 12 heads + 12 x 3,072 neurons), 1,000 random
   224x224 images, batch 500.
 
+and, when torchvision is installed (the script installs nothing; without it these
+sections are skipped with a note), the paper's ImageNet setups at ImageNet shape with
+random weights and random uint8 images (``coarpy.recipes``, output ``imagenet_margin``):
+
+- torchvision's ResNet-50, 22,720 conv filters (setup B), 2,000 images, batch 250;
+- torchvision's ViT-B/16, 82,944 linear rows incl. ``in_proj_weight`` (setup C), 1,000
+  images, batch 250.
+
 For each: plain inference (forward + margin, inference_mode, data on the device),
 ``coarpy.collect`` (fp32 and bf16 autocast; end to end and marginal = steady-state),
 the reference pipeline (deep copy + zeroed weights + DataLoader from CPU tensors per
 mask), hooks vs weight slices, channels_last and the prefix cache (ResNet), and
 optionally torch.compile. Then ``coarpy.regression.fit`` on 2,304 components x
-10,000 examples x 20,000 synthetic masks against the products VᵀV, VᵀY.
+10,000 examples x 20,000 synthetic masks against the products VᵀV, VᵀY, and ridge in
+float32 at setup B's component count (22,720 x 10,000 examples x 20,000 masks).
 
 Every section has a time limit; the whole run stops starting sections after
-``--budget`` seconds. Output: a markdown table on stdout and, in ``--out`` (or $OUT),
-``results.md``, ``results.json`` and ``env.txt``.
+``--budget`` seconds. ``--only core`` runs the original sections, ``--only imagenet``
+the ImageNet setups and setup B's fit. Output: a markdown table on stdout and, in
+``--out`` (or $OUT), ``results.md``, ``results.json`` and ``env.txt``.
 
 Without CUDA (or with ``--small``) everything is tiny and runs on the CPU in seconds:
 CI runs it that way (tests/test_gpu_script.py).
@@ -133,21 +143,23 @@ def bench_model(rep: Report, cfg: dict, args) -> None:
     """plain / collect (fp32, bf16) / reference rows for one model."""
     dev, model, comps = cfg["device"], cfg["model"], cfg["comps"]
     x_cpu, y_cpu, bs = cfg["x"], cfg["y"], cfg["batch_size"]
+    output = cfg.get("output", outputs.margin)
     batches = device_batches(x_cpu, y_cpu, bs, dev)
     data = batches_cat(batches)  # (x, y) on the device, as collect takes it
     name, n, e = cfg["name"], len(comps), len(x_cpu)
     for precision in cfg["precisions"]:
         cast = None if precision == "fp32" else precision
-        plain = plain_inference(model, batches, outputs.margin, 1, device=dev, autocast=cast)
+        plain = plain_inference(model, batches, output, 1, device=dev, autocast=cast)
         n_plain = _n_for(1 / plain, args.target_s, 2, 200)
-        plain = plain_inference(model, batches, outputs.margin, n_plain, device=dev, autocast=cast)
+        plain = plain_inference(model, batches, output, n_plain, device=dev, autocast=cast)
         n_masks = _n_for(1 / plain, args.target_s, cfg["min_masks"], 2000)
         block = max(1, n_masks // 4)
         rates = collect_rates(model, comps, data, n_masks, n_base=block, alpha=0.05,
-                              block_size=block, batch_size=bs, autocast=cast)  # fmt: skip
+                              block_size=block, batch_size=bs, autocast=cast,
+                              output=output)  # fmt: skip
         n_ref = max(1, min(cfg["ref_masks"], n_masks))
         keep = sample_masks(0, n_ref, n, alpha=0.05, seed=0)
-        ref, _ = reference_pipeline(model, comps, x_cpu, y_cpu, keep, outputs.margin,
+        ref, _ = reference_pipeline(model, comps, x_cpu, y_cpu, keep, output,
                                     batch_size=bs, device=dev, autocast=cast)  # fmt: skip
         rep.add(section="collect", model=name, N=n, E=e, setting=precision, plain=plain,
                 collect=rates["end_to_end"], marginal=rates.get("marginal"),
@@ -244,7 +256,15 @@ def bench_compile(rep: Report, cfg: dict, args) -> None:
                  f"{time.perf_counter() - start:.0f} s incl. compiling")  # fmt: skip
 
 
-def bench_fit(rep: Report, dev: torch.device, sizes: tuple[int, int, int]) -> None:
+def bench_fit(
+    rep: Report,
+    dev: torch.device,
+    sizes: tuple[int, int, int],
+    *,
+    dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32),
+    methods: tuple[str, ...] = ("ols", "ridge"),
+    label: str = "",
+) -> None:
     try:
         from coarpy.regression import fit
     except ImportError:
@@ -255,7 +275,7 @@ def bench_fit(rep: Report, dev: torch.device, sizes: tuple[int, int, int]) -> No
     V = torch.rand(n_rows, n_comp, generator=gen, device=dev) >= 0.05  # (rows, N) keep
     W = torch.randn(n_comp, n_ex, generator=gen, device=dev) * 0.01
     Y = V.float() @ W + 0.1 * torch.randn(n_rows, n_ex, generator=gen, device=dev)
-    for dtype in (torch.float64, torch.float32):
+    for dtype in dtypes:
         sync(dev)
         start = time.perf_counter()
         Vd = V.to(dtype)
@@ -263,13 +283,13 @@ def bench_fit(rep: Report, dev: torch.device, sizes: tuple[int, int, int]) -> No
         sync(dev)
         products = time.perf_counter() - start
         del Vd, _
-        for method in ("ols", "ridge"):
+        for method in methods:
             sync(dev)
             start = time.perf_counter()
             fit((V, Y), method=method, device=dev, dtype=dtype, progress=False)
             sync(dev)
             took = time.perf_counter() - start
-            rep.add(section="fit", model=f"{n_comp} x {n_ex} x {n_rows}", N=n_comp, E=n_ex,
+            rep.add(section="fit", model=f"{label}{n_comp} x {n_ex} x {n_rows}", N=n_comp, E=n_ex,
                     setting=f"{method} {str(dtype).split('.')[-1]}", ratio=took / products,
                     note=f"fit {took:.2f} s, products {products:.2f} s "
                          "(ratio = fit / products)")  # fmt: skip
@@ -305,6 +325,47 @@ def configs(dev: torch.device, small: bool) -> list[dict]:
     ]  # fmt: skip
 
 
+def imagenet_configs(dev: torch.device, small: bool) -> tuple[list[dict], str | None]:
+    """The paper's ImageNet setups B and C on torchvision's models, random weights and
+    random uint8 images; or ``([], why)`` when torchvision is not installed.
+
+    Small (CPU) mode keeps the real architectures and component sets (22,720 and
+    82,944 components) on a few 32x32 images.
+    """
+    try:
+        import torchvision
+    except ImportError:
+        return [], "skipped: torchvision is not installed (this script installs nothing)"
+    from coarpy.recipes import imagenet_margin, resnet_reference_spec, vit_reference_spec
+
+    torch.manual_seed(0)
+    if small:
+        resnet = torchvision.models.resnet50(weights=None)
+        vit = torchvision.models.vit_b_16(weights=None, image_size=32)
+        size, n_resnet, n_vit, bs_resnet, bs_vit = 32, 4, 4, 4, 4
+        precisions, min_masks, ref_masks = ["fp32"], 2, 2
+    else:
+        resnet = torchvision.models.resnet50(weights=None)
+        vit = torchvision.models.vit_b_16(weights=None)
+        size, n_resnet, n_vit, bs_resnet, bs_vit = 224, 2000, 1000, 250, 250
+        precisions, min_masks, ref_masks = ["fp32", "bf16"], 4, 3
+    made = []
+    for name, model, spec, n, bs, seed in (
+        ("ResNet-50 (torchvision)", resnet, resnet_reference_spec, n_resnet, bs_resnet, 2),
+        ("ViT-B/16 (torchvision)", vit, vit_reference_spec, n_vit, bs_vit, 3),
+    ):
+        model = model.eval().to(dev)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 256, (n, 3, size, size), generator=gen, dtype=torch.uint8)
+        made.append({
+            "name": name, "model": model, "device": dev, "output": imagenet_margin,
+            "comps": coar.Components.from_spec(model, spec(model)), "x": x,
+            "y": torch.randint(0, 1000, (n,), generator=gen), "batch_size": bs,
+            "precisions": precisions, "min_masks": min_masks, "ref_masks": ref_masks,
+        })  # fmt: skip
+    return made, None
+
+
 def environment(dev: torch.device) -> str:
     lines = [
         f"date: {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
@@ -316,6 +377,12 @@ def environment(dev: torch.device) -> str:
         props = torch.cuda.get_device_properties(dev)
         lines.append(f"gpu: {props.name}, {props.total_memory / 2**30:.0f} GiB, "
                      f"cuda {torch.version.cuda}")  # fmt: skip
+    try:
+        import torchvision
+
+        lines.append(f"torchvision: {torchvision.__version__}")
+    except ImportError:
+        lines.append("torchvision: not installed (ImageNet sections skipped)")
     lines.append(f"torch threads: {torch.get_num_threads()}")
     return "\n".join(lines)
 
@@ -330,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-s", type=float, default=2.5, help="seconds per timing")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--only", choices=("core", "imagenet"), default=None,
+                    help="run only the original sections (core) or the ImageNet setups "
+                         "and setup B's fit (imagenet)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -345,16 +415,34 @@ def main(argv: list[str] | None = None) -> int:
     rep.log(env.replace("\n", " | "))
     if args.out is not None:
         (args.out / "env.txt").write_text(env + "\n")
-    cfgs = configs(dev, small)
+    core = args.only in (None, "core")
+    imagenet = args.only in (None, "imagenet")
+    cfgs = configs(dev, small) if core else []
     limit = 40 if small else 120
     fit_sizes = (64, 100, 300) if small else (2304, 10_000, 20_000)
+    fit_b_sizes = (96, 60, 200) if small else (22_720, 10_000, 20_000)  # setup B's N
+
+    def fit_b(rep, dev, args):
+        bench_fit(rep, dev, fit_b_sizes, dtypes=(torch.float32,), methods=("ridge",),
+                  label="setup B: ")  # fmt: skip
+
     # Most important first: a late section may be cut by the time budget.
     plan = [(f"collect {c['name']}", bench_model, c, limit) for c in cfgs]
-    plan += [("fit", lambda rep, dev, args: bench_fit(rep, dev, fit_sizes), dev, limit)]
-    plan += [(f"paths {c['name']}", bench_paths, c, limit // 2) for c in cfgs]
-    plan += [(f"prefix {c['name']}", bench_prefix, c, limit // 2) for c in cfgs]
-    plan += [("channels_last", bench_channels_last, cfgs[0], limit // 2)]
-    if not args.no_compile and not small:
+    if imagenet:
+        image_cfgs, why = imagenet_configs(dev, small)
+        if why is not None:
+            for name in ("ResNet-50 (torchvision)", "ViT-B/16 (torchvision)"):
+                rep.add(section=f"collect {name}", note=why)
+        plan += [(f"collect {c['name']}", bench_model, c, 2 * limit) for c in image_cfgs]
+    if core:
+        plan += [("fit", lambda rep, dev, args: bench_fit(rep, dev, fit_sizes), dev, limit)]
+    if imagenet:
+        plan += [("fit setup B", fit_b, dev, 2 * limit)]
+    if core:
+        plan += [(f"paths {c['name']}", bench_paths, c, limit // 2) for c in cfgs]
+        plan += [(f"prefix {c['name']}", bench_prefix, c, limit // 2) for c in cfgs]
+        plan += [("channels_last", bench_channels_last, cfgs[0], limit // 2)]
+    if core and not args.no_compile and not small:
         plan += [(f"compile {c['name']}", bench_compile, c, limit) for c in cfgs]
     failures = 0
     for title, fn, cfg, seconds in plan:
