@@ -9,7 +9,9 @@ Kinds, and the module a name's path points to (one convention for all of them: t
 module the units belong to, whatever module is hooked to ablate them):
 
 - ``conv``: output channels of an ``nn.Conv1d/2d/3d``; named after the conv.
-- ``linear``: output units (weight rows) of a linear layer; named after the layer.
+- ``linear``: output units (weight rows) of a linear layer; named after the layer. On an
+  ``nn.MultiheadAttention`` (from a spec only), the rows of its input then output
+  projection, named after the attention (``families.multihead_linear_site``).
 - ``inputs``: input features (weight columns) of a linear layer; named after the layer.
 - ``heads``: attention heads; named after the attention module
   (``"transformer.h.0.attn:3"``), also when TransformerLens' ``hook_z`` is selected.

@@ -18,7 +18,6 @@ more library means adding a name, not a code path:
 - TransformerLens 4 wraps every layer of a bridged model (``TransformerBridge``) in a
   component whose ``original_component`` is the layer (``LinearBridge``): the wrapped
   layer is where the mask goes (:func:`wrapped_linear`).
-
 - linear rows of torch's ``nn.MultiheadAttention`` (torchvision's ``vit_b_16``): it
   computes attention from its parameters directly, so no hook reaches its projections;
   the rows of ``in_proj_weight`` and ``out_proj.weight`` are zeroed in place instead
