@@ -87,8 +87,8 @@ def _run_one_block(setup: dict, tmp_path: Path, *, n_masks: int = 4) -> None:
     # The paper's ablation: a copy of the model with the ablated weights zeroed.
     zeroed = apply_ablation(model, comps, ds.masks()[1])
     with torch.inference_mode():
-        direct = output(zeroed, data)
-        full = output(model, data)
+        direct = torch.cat([output(zeroed, batch) for batch in data])
+        full = torch.cat([output(model, batch) for batch in data])
     torch.testing.assert_close(ds.outputs()[1], direct, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(ds.outputs()[1], full)  # the mask did something
     attr = fit(ds, solver="cg", l2_grid=(1e-2,), progress=False)
@@ -127,18 +127,19 @@ def test_run_config_writes_the_papers_alpha_and_masks():
 
 
 def test_cifar10_resnet_has_9_convs_of_256_filters():
-    setup = cifar10_resnet(random_weights=True, n_examples=3)
+    setup = cifar10_resnet(random_weights=True, n_examples=3, batch_size=2)
     comps = setup["components"]
     assert len(comps) == 2_304
     assert [g.n_units for g in comps.groups] == [256] * 9
     assert comps.names[256] == "layer.0.conv1:0"
-    x, y = setup["data"]
-    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (3,)
+    (x, y), (x2, _) = setup["data"]  # batches of 2 and 1
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (2,)
+    assert x2.shape == (1, 3, 32, 32)
     assert (setup["alpha"], setup["n_masks"], setup["output"]) == (0.05, 50_000, "margin")
 
 
 def test_cifar10_resnet_one_block_equals_zeroed_weights_and_fits(tmp_path):
-    setup = cifar10_resnet(random_weights=True, n_examples=2)
+    setup = cifar10_resnet(random_weights=True, n_examples=3, batch_size=2)
     _run_one_block(setup, tmp_path)
 
 
@@ -225,7 +226,7 @@ def test_cifar10_resnet_trains_saves_and_loads_its_weights(tmp_path, monkeypatch
     assert len(calls) == 1
     saved = loaded["model"].state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in trained["model"].state_dict().items())
-    assert loaded["data"][0].shape == (5, 3, 32, 32)
+    assert loaded["data"][0][0].shape == (5, 3, 32, 32)
 
 
 def test_train_mini_resnet_learns_a_separable_toy_set():
@@ -253,7 +254,7 @@ def test_imagenet_recipes_without_torchvision_name_the_extra(monkeypatch):
 def test_imagenet_resnet50_has_22720_filters(torchvision):
     setup = imagenet_resnet50(random_weights=True, n_examples=2)
     assert len(setup["components"]) == 22_720
-    x, y = setup["data"]
+    ((x, y),) = setup["data"]
     assert x.shape == (2, 3, 224, 224) and x.dtype == torch.uint8 and y.max() < 1000
     assert setup["output"] is imagenet_margin
     assert (setup["alpha"], setup["n_masks"]) == (0.05, 100_000)
@@ -365,7 +366,7 @@ needs_transformers = pytest.mark.skipif(transformers is None, reason="needs tran
 def test_tinystories_gpt2_one_block_equals_zeroed_weights_and_fits(tmp_path):
     setup = tinystories_gpt2(random_weights=True, n_examples=2, max_length=8)
     assert len(setup["components"]) == 64_512
-    assert setup["data"]["input_ids"].shape == (2, 8)
+    assert setup["data"][0]["input_ids"].shape == (2, 8)
     assert (setup["alpha"], setup["n_masks"], setup["output"]) == (0.025, 100_000, "token_margin")
     _run_one_block(setup, tmp_path)
 
@@ -427,10 +428,12 @@ def test_tinystories_gpt2_reads_its_model_and_tokenizer_from_a_folder(tmp_path):
     stories = ["The cat sat.", "Some dog ran far away.", "The end."]
     (tmp_path / "TinyStories-valid.txt").write_text("<|endoftext|>".join(stories))
     model_dir = _tiny_gpt2_folder(tmp_path / "gpt2")
-    setup = tinystories_gpt2(data_dir=tmp_path, model_dir=model_dir, n_examples=2, max_length=12)
-    batch = setup["data"]
-    assert batch["input_ids"].shape == (2, 12)  # the longer story is cut at 12 tokens
-    assert batch["attention_mask"][1].tolist() == [1] * 8 + [0] * 4  # "The end." padded
+    setup = tinystories_gpt2(
+        data_dir=tmp_path, model_dir=model_dir, n_examples=2, max_length=12, batch_size=1
+    )
+    first, second = setup["data"]  # one story per batch, padded to the longest
+    assert first["input_ids"].shape == second["input_ids"].shape == (1, 12)  # cut at 12
+    assert second["attention_mask"][0].tolist() == [1] * 8 + [0] * 4  # "The end." padded
     assert len(setup["components"]) == 2 * (16 * 3 + 16 * 4)
     _run_one_block(setup, tmp_path)
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _batching as B
 from ..components import Components
 from ..demo.train import default_cache_dir, train_classifier
 from ..errors import ArgumentError, DatasetFormatError, DatasetNotFoundError
@@ -259,6 +260,7 @@ def cifar10_resnet(
     train: bool = False,
     random_weights: bool = False,
     n_examples: int | None = None,
+    batch_size: int = 500,
     seed: int = 0,
     device: str | None = None,
 ) -> dict[str, Any]:
@@ -277,13 +279,16 @@ def cifar10_resnet(
     random_weights : a randomly initialised MiniResNet and random images of the real
         shape (for tests and benchmarks); needs no file.
     n_examples : keep the first ``n_examples`` test images (default: all 10,000).
+    batch_size : images per forward pass (a run configuration's ``batch_size``, when
+        set, takes precedence).
     seed : the seed of the initialisation (and of training, and of the random images).
     device : where to train (``train=True`` only).
 
     Returns
     -------
-    ``{"model", "data": (images, labels), "components", "output": "margin", "alpha",
-    "n_masks", "setup"}``: images are float32 (n, 3, 32, 32), normalised.
+    ``{"model", "data", "components", "output": "margin", "alpha", "n_masks",
+    "setup"}``; ``data`` is a list of ``(images, labels)`` batches, images float32
+    (batch, 3, 32, 32), normalised.
 
     Raises
     ------
@@ -291,6 +296,7 @@ def cifar10_resnet(
         message says what to download, or how to train, and where to put it).
     """
     _sources.check_count("n_examples", n_examples, at_most=10_000)
+    _sources.check_count("batch_size", batch_size)
     if random_weights:
         model = _sources.seeded(MiniResNet, seed).eval()
         x, y = _sources.synthetic_images(n_examples or 10_000, 32, 10, seed=seed)
@@ -301,7 +307,7 @@ def cifar10_resnet(
     comps = Components.from_spec(model, resnet_reference_spec(model))
     return {
         "model": model,
-        "data": (normalize(x), y),
+        "data": B.split((normalize(x), y), batch_size),
         "components": comps,
         "output": "margin",
         **settings("cifar10_resnet"),

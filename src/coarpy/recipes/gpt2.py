@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .. import _batching as B
 from ..components import Components
 from ..errors import DatasetFormatError, DatasetNotFoundError
 from . import _sources
@@ -151,6 +152,7 @@ def tinystories_gpt2(
     random_weights: bool = False,
     n_examples: int = N_STORIES,
     max_length: int = MAX_LENGTH,
+    batch_size: int = 12,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Setup D: GPT-2 small, 64,512 Conv1D input rows, 500 TinyStories validation stories.
@@ -167,12 +169,15 @@ def tinystories_gpt2(
         and random token sequences of ``max_length`` tokens; needs no file.
     n_examples : how many stories (the last ones of the split).
     max_length : tokens per story at most.
+    batch_size : stories per forward pass (a run configuration's ``batch_size``, when
+        set, takes precedence).
     seed : the seed of the random weights and tokens.
 
     Returns
     -------
-    ``{"model", "data": {"input_ids", "attention_mask"}, "components", "output":
-    "token_margin", "alpha", "n_masks", "setup"}``.
+    ``{"model", "data", "components", "output": "token_margin", "alpha", "n_masks",
+    "setup"}``; ``data`` is a list of ``{"input_ids", "attention_mask"}`` batches, all
+    padded to the longest story.
 
     Raises
     ------
@@ -181,6 +186,7 @@ def tinystories_gpt2(
     """
     _sources.check_count("n_examples", n_examples)
     _sources.check_count("max_length", max_length, at_most=MAX_LENGTH)
+    _sources.check_count("batch_size", batch_size)
     if random_weights:
         transformers = _sources.require("transformers", "'coarpy[hf]'", "The GPT-2 recipe")
         config = transformers.GPT2Config()
@@ -194,7 +200,7 @@ def tinystories_gpt2(
         data = tokenize(stories, tokenizer, max_length=max_length)
     return {
         "model": model,
-        "data": data,
+        "data": B.split(data, batch_size),
         "components": Components.from_spec(model, gpt2_reference_spec(model)),
         "output": "token_margin",
         **settings("tinystories_gpt2"),

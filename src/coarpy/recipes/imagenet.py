@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import _batching as B
 from .. import outputs
 from .._engine import progress_bar
 from ..components import Components
@@ -224,12 +225,21 @@ def _torchvision_model(
 
 
 def _examples(
-    random_weights: bool, n_real: int, n_examples: int | None, seed: int, **read: Any
-) -> tuple[Tensor, Tensor]:
+    random_weights: bool,
+    n_real: int,
+    n_examples: int | None,
+    batch_size: int,
+    seed: int,
+    **read: Any,
+) -> list[tuple[Tensor, Tensor]]:
+    """The images, random or read, as ``(pixels, labels)`` batches."""
     _sources.check_count("n_examples", n_examples, at_most=n_real)
+    _sources.check_count("batch_size", batch_size)
     if random_weights:
-        return _sources.synthetic_images(n_examples or n_real, CROP, 1000, seed=seed)
-    return imagenet_val(n_examples=n_examples, **read)
+        images = _sources.synthetic_images(n_examples or n_real, CROP, 1000, seed=seed)
+    else:
+        images = imagenet_val(n_examples=n_examples, **read)
+    return B.split(images, batch_size)
 
 
 def imagenet_resnet50(
@@ -239,6 +249,7 @@ def imagenet_resnet50(
     model: nn.Module | None = None,
     random_weights: bool = False,
     n_examples: int | None = None,
+    batch_size: int = 200,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     workers: int | None = None,
@@ -260,14 +271,17 @@ def imagenet_resnet50(
         (n, 3, 224, 224)); needs no file. Mind the default of 50,000 images (7.5 GB):
         pass ``n_examples``.
     n_examples : keep the first ``n_examples`` images.
+    batch_size : images per forward pass (a run configuration's ``batch_size``, when
+        set, takes precedence).
     cache_dir : keep the decoded images there (see :func:`imagenet_val`).
     seed : the seed of the random weights and images.
     workers : threads decoding images.
 
     Returns
     -------
-    ``{"model", "data": (pixels, labels), "components", "output": imagenet_margin,
-    "alpha", "n_masks", "setup"}``.
+    ``{"model", "data", "components", "output": imagenet_margin, "alpha", "n_masks",
+    "setup"}``; ``data`` is a list of ``(pixels, labels)`` batches, pixels uint8
+    (batch, 3, 224, 224).
 
     Raises
     ------
@@ -278,13 +292,13 @@ def imagenet_resnet50(
         model = _torchvision_model(
             "resnet50", weights=weights, random_weights=random_weights, seed=seed
         )
-    x, y = _examples(
-        random_weights, 50_000, n_examples, seed, data_dir=data_dir, cache_dir=cache_dir,
-        workers=workers,
+    data = _examples(
+        random_weights, 50_000, n_examples, batch_size, seed, data_dir=data_dir,
+        cache_dir=cache_dir, workers=workers,
     )  # fmt: skip
     return {
         "model": model.eval(),
-        "data": (x, y),
+        "data": data,
         "components": Components.from_spec(model, resnet_reference_spec(model)),
         "output": imagenet_margin,
         **settings("imagenet_resnet50"),
@@ -299,6 +313,7 @@ def imagenet_vit_b16(
     random_weights: bool = False,
     every: int = 10,
     n_examples: int | None = None,
+    batch_size: int = 200,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     workers: int | None = None,
@@ -315,7 +330,7 @@ def imagenet_vit_b16(
 
     Parameters
     ----------
-    data_dir, cache_dir, workers, seed : as for :func:`imagenet_resnet50`.
+    data_dir, batch_size, cache_dir, workers, seed : as for :func:`imagenet_resnet50`.
     weights : ``vit_b_16-c867db91.pth`` (default ``$COARPY_VIT_B16_WEIGHTS``, else torch
         hub's checkpoint folder).
     model : use this vision transformer instead of torchvision's.
@@ -332,13 +347,13 @@ def imagenet_vit_b16(
         model = _torchvision_model(
             "vit_b_16", weights=weights, random_weights=random_weights, seed=seed
         )
-    x, y = _examples(
-        random_weights, -(-50_000 // every), n_examples, seed, data_dir=data_dir,
+    data = _examples(
+        random_weights, -(-50_000 // every), n_examples, batch_size, seed, data_dir=data_dir,
         every=every, cache_dir=cache_dir, workers=workers,
     )  # fmt: skip
     return {
         "model": model.eval(),
-        "data": (x, y),
+        "data": data,
         "components": Components.from_spec(model, vit_reference_spec(model)),
         "output": imagenet_margin,
         **settings("imagenet_vit_b16"),
