@@ -138,6 +138,7 @@ def test_cifar10_resnet_has_9_convs_of_256_filters():
     assert (setup["alpha"], setup["n_masks"], setup["output"]) == (0.05, 50_000, "margin")
 
 
+@pytest.mark.slow  # 9 convs of 256 filters at 32×32 on the CPU (~8 s)
 def test_cifar10_resnet_one_block_equals_zeroed_weights_and_fits(tmp_path):
     setup = cifar10_resnet(random_weights=True, n_examples=3, batch_size=2)
     _run_one_block(setup, tmp_path)
