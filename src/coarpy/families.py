@@ -408,7 +408,7 @@ def multihead_linear_site(path: str, module: nn.Module) -> Site | None:
 
 def multihead_projection_rows(module: nn.MultiheadAttention) -> list[Tensor]:
     """The weights whose rows are the units of :func:`multihead_linear_site`, in order."""
-    if module._qkv_same_embed_dim:
+    if module.in_proj_weight is not None:  # one packed weight unless kdim/vdim differ
         inputs = [module.in_proj_weight]
     else:
         inputs = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
