@@ -81,6 +81,7 @@ def conductance(
 
     Examples
     --------
+    >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1)).eval()
     >>> comps = Components.from_spec(net, {"0": "linear"})
     >>> first = lambda model, batch: model(batch)[:, 0]
