@@ -102,15 +102,19 @@ def _validate(
     dtype: torch.dtype,
     device: torch.device,
     progress: bool | None,
-) -> Tensor:
-    """(K, E) validation mean squared error of the training-row fit for every l2."""
-    nt, n, E = rows.n_train, rows.n, rows.n_examples
+) -> tuple[Tensor, float]:
+    """(K, E) validation mean squared error of the training-row fit for every l2, and the
+    smallest eigenvalue that matters for the refit (see :mod:`._refit`)."""
+    nt, n, E, N = rows.n_train, rows.n, rows.n_examples, rows.n_components
     train = rows.parts[0]
     my = train.sy / train.n  # (E,) training means of the outputs
     with progress_bar(1, progress, desc=f"fit: eigendecomposition {nt}x{nt}", unit="") as bar:
         d, U = torch.linalg.eigh(Kc[:nt, :nt])  # (nt,), (nt, nt)
         bar.update(1)
     F = _stats.ridge_filter(d, nt, grid)  # (K, nt)
+    # The centred kernel's one exact null direction (the constant) never reaches the
+    # weights (Vc.T 1 = 0); with more rows than components there are others.
+    min_eig = _refit.smallest_relevant(d, nt, exact_nulls=1) if n <= N else 0.0
     del d
     A = Kc[nt:, :nt] @ U  # (nv, nt): validation rows in the eigenbasis of the training kernel
     K = grid.shape[0]
@@ -124,7 +128,7 @@ def _validate(
                 R = Z - A @ (F[k][:, None] * P)  # (nv, c) validation residuals
                 out[k, sl] = (R * R).sum(0) / (n - nt)
             bar.update(sl.stop - sl.start)
-    return out
+    return out, min_eig
 
 
 def weights_from_dual(
@@ -154,8 +158,9 @@ def solve(
     n, nt, N, E = rows.n, rows.n_train, rows.n_components, rows.n_examples
     n_mean = nt if validate else n
     Kc, sums, mm = centred_kernel(rows, n_mean, dtype, device, progress)
+    min_eig = 0.0
     if validate:
-        val_mse = _validate(
+        val_mse, min_eig = _validate(
             rows, Kc, grid, chunk=chunk, dtype=dtype, device=device, progress=progress
         )
         choice = val_mse.argmin(0)
@@ -171,12 +176,15 @@ def solve(
     weights = torch.empty(E, N, dtype=torch.float32, device=device)
     bias = torch.empty(E, dtype=dtype, device=device)
 
-    def each(idx: Tensor, solve_k) -> None:
-        alpha = solve_k(rows.y(0, n, idx, dtype, device) - my[idx])  # (n, c)
+    def rhs(idx: Tensor) -> Tensor:
+        return rows.y(0, n, idx, dtype, device) - my[idx]  # (n, c) centred outputs
+
+    def done(idx: Tensor, alpha: Tensor) -> None:
         W = weights_from_dual(rows, alpha, mv, dtype, device)  # (N, c)
-        _stats.check_weights(W.T, idx)
         weights[idx] = W.T.to(torch.float32)
         bias[idx] = my[idx] - W.T @ mv
 
-    info = _refit.refit(Kc, n, grid, choice, each, chunk=chunk, progress=progress)
+    info = _refit.refit(
+        Kc, n, grid, choice, rhs, done, chunk=chunk, progress=progress, min_eig=min_eig
+    )
     return weights, bias, choice, val_mse, info

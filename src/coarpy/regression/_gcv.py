@@ -23,6 +23,8 @@ Both work a chunk of examples at a time from the rows kept by the one pass
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -204,7 +206,12 @@ class _CrossCache:
 
 
 class GroupKernels:
-    """The raw kernel of each group's columns (or none, forming ``V S**2 V.T`` each time)."""
+    """The scaled kernels ``V S**2 V.T`` from per-group kernels counted exactly in float32.
+
+    With ``keep`` the kernel of each group is kept (``4 n**2`` bytes per group) and every
+    scaled kernel is a weighted sum of them; otherwise each scaled kernel is counted
+    again from the kept masks, group by group.
+    """
 
     def __init__(
         self,
@@ -217,46 +224,39 @@ class GroupKernels:
         progress: bool | None,
     ):
         self.rows, self.gid, self.dtype, self.device = rows, gid.cpu(), dtype, device
+        self.n_groups, self.progress = n_groups, progress
         self.kernels: list[Tensor] | None = None
-        self.progress = progress
         if keep:
-            n, N = rows.n, rows.n_components
-            self.kernels = [
-                torch.zeros(n, n, dtype=torch.float32, device=device) for _ in range(n_groups)
-            ]
-            step = max(8, (_rows.CHUNK_BYTES // max(1, 4 * n)) // 8 * 8)
-            with progress_bar(N, progress, desc="fit: kernel", unit="comp") as bar:
-                for j0 in range(0, N, step):
-                    j1 = min(j0 + step, N)
-                    X = rows.columns(j0, j1, torch.float32, device)  # (n, w) 0/1
-                    g = self.gid[j0:j1]
-                    for k in torch.unique(g).tolist():
-                        Xg = X[:, (g == k).to(device)]
-                        self.kernels[k].addmm_(Xg, Xg.T)
-                    bar.update(j1 - j0)
+            n = rows.n
+            self.kernels = [torch.zeros(n, n, device=device) for _ in range(n_groups)]
+            self._count(lambda g, X: _rows.add_outer_lower_(self.kernels[g], X))
+            for Kg in self.kernels:
+                _rows.mirror_lower_(Kg)
+
+    def _count(self, add: Any) -> None:
+        """Call ``add(group, X)`` for the float32 columns X (n, w) of each group, by slices."""
+        with progress_bar(self.rows.n_components, self.progress, desc="fit: kernel",
+                          unit="comp") as bar:  # fmt: skip
+            for j0, j1 in self.rows.column_chunks():
+                X = self.rows.columns(j0, j1, torch.float32, self.device)  # (n, w) 0/1
+                g = self.gid[j0:j1]
+                for k in torch.unique(g).tolist():
+                    add(k, X[:, (g == k).to(self.device)])
+                bar.update(j1 - j0)
 
     def centred(self, s: Tensor) -> Tensor:
         """``Vc S**2 Vc.T`` (n, n) in dtype, centred at the mean of all rows."""
         n = self.rows.n
+        scale = torch.zeros(self.n_groups, dtype=torch.float64)
+        scale[self.gid] = (s * s).to(torch.float64).cpu()  # s is constant within a group
+        K = torch.zeros(n, n, dtype=torch.float64, device=self.device)
         if self.kernels is not None:
-            w = (s * s).to(torch.float64).cpu()
-            scale = torch.zeros(len(self.kernels), dtype=torch.float64)
-            scale.index_put_((self.gid,), w, accumulate=False)  # s is constant within a group
-            K = torch.zeros(n, n, dtype=torch.float64, device=self.device)
             for g, Kg in enumerate(self.kernels):
                 K.add_(Kg, alpha=float(scale[g]))
         else:
-            K = torch.zeros(n, n, dtype=self.dtype, device=self.device)
-            N = self.rows.n_components
-            sd = s.to(device=self.device, dtype=self.dtype)
-            step = max(8, (_rows.CHUNK_BYTES // max(1, 8 * n)) // 8 * 8)
-            with progress_bar(N, self.progress, desc="fit: kernel", unit="comp") as bar:
-                for j0 in range(0, N, step):
-                    j1 = min(j0 + step, N)
-                    X = self.rows.columns(j0, j1, self.dtype, self.device) * sd[j0:j1]
-                    K.addmm_(X, X.T)
-                    bar.update(j1 - j0)
-        rs = K.sum(1, dtype=torch.float64)
+            self._count(lambda g, X: _rows.add_outer_lower_(K, X, float(scale[g])))
+            _rows.mirror_lower_(K)
+        rs = K.sum(1)
         a = rs / n
         mm = float(a.sum()) / n
-        return _dual._centre(K, a, mm, self.dtype, inplace_ok=K.dtype == self.dtype)
+        return _dual._centre(K, a, mm, self.dtype)

@@ -7,10 +7,16 @@ kernel ``n x n`` in the dual): for each distinct chosen penalty, one Cholesky
 factorisation (``m**3 / 3`` flops, measured 40-150x faster than an eigendecomposition
 on CPU) and triangular solves for the examples that chose it.
 
-Where a Cholesky factor would be inaccurate (``l2 = 0``, or a condition number above
-1e10 for float64, estimated by power iteration) or fails, the refit falls back to one
-eigendecomposition of ``A`` and the spectral filter of :func:`._stats.ridge_filter`,
-which treats eigenvalues below the rank cutoff as zero (a pseudo-inverse at ``l2 = 0``).
+A Cholesky solve is as accurate as the eigendecomposition route when the rounding of
+``A`` itself (about ``m * eps * max_eig``) is small against the smallest eigenvalue
+that matters, ``min_eig + n * l2``: the refit uses it when that ratio is below 1e-8.
+``min_eig`` is known from the validation's eigendecomposition (the training rows'
+spectrum; 0 when it has null directions that are not exact, as the primal Gram has with
+fewer rows than components), else taken as 0; ``max_eig`` comes from a few power
+iterations. Otherwise (``l2 = 0`` among them), or if the factorisation fails, the refit
+uses one eigendecomposition of ``A`` and the spectral filter of
+:func:`._stats.ridge_filter`, which treats eigenvalues below the rank cutoff as zero (a
+pseudo-inverse at ``l2 = 0``), exactly as before there was a Cholesky route.
 
 A helper module made for sharing inside :mod:`coarpy.regression`; no promise outside.
 """
@@ -25,7 +31,18 @@ from torch import Tensor
 from .._engine import progress_bar
 from . import _stats
 
-MAX_CONDITION = 1e10  # the factor is float64 whatever the dtype of the fit
+MAX_ERROR = 1e-8  # relative error allowed of a Cholesky refit (the factor is float64)
+
+
+def smallest_relevant(d: Tensor, size: int, *, exact_nulls: int) -> float:
+    """The smallest eigenvalue above the rank cutoff of :func:`._stats.ridge_filter`, or 0
+    when more than ``exact_nulls`` eigenvalues fall below it (null directions that the
+    rounding of ``A`` perturbs)."""
+    tol = float(d.abs().max()) * size * torch.finfo(d.dtype).eps
+    above = d[d > tol]
+    if d.numel() - above.numel() > exact_nulls or above.numel() == 0:
+        return 0.0
+    return float(above.min())
 
 
 def largest_eigenvalue(A: Tensor, iters: int = 30) -> float:
@@ -46,9 +63,10 @@ def largest_eigenvalue(A: Tensor, iters: int = 30) -> float:
 class PenaltySolver:
     """Solves ``(A + n * l2 * I) X = B`` for one penalty at a time; ``A`` is left as given."""
 
-    def __init__(self, A: Tensor, n: int):
+    def __init__(self, A: Tensor, n: int, min_eig: float = 0.0):
         self.A = A
         self.n = n
+        self.min_eig = min_eig
         self._eig: tuple[Tensor, Tensor] | None = None
         self._lam_max: float | None = None
         self.eig_fallbacks = 0
@@ -76,8 +94,11 @@ class PenaltySolver:
         if shift > 0:
             if self._lam_max is None:
                 self._lam_max = largest_eigenvalue(self.A)
-            cond = (1.1 * self._lam_max + shift) / shift
-            L = self._cholesky(shift) if cond <= MAX_CONDITION else None
+            noise = self.A.shape[0] * torch.finfo(torch.float64).eps * 1.1 * self._lam_max
+            if self.A.dtype == torch.float32:  # A itself was rounded to float32
+                noise *= torch.finfo(torch.float32).eps / torch.finfo(torch.float64).eps
+            ok = noise <= MAX_ERROR * (self.min_eig + shift)
+            L = self._cholesky(shift) if ok else None
             if L is not None:
                 dtype = self.A.dtype
 
@@ -102,25 +123,38 @@ def refit(
     n: int,
     grid: Tensor,
     choice: Tensor,
-    each: Callable[[Tensor, Callable[[Tensor], Tensor]], None],
+    rhs: Callable[[Tensor], Tensor],
+    done: Callable[[Tensor, Tensor], None],
     *,
     chunk: int,
     progress: bool | None,
+    min_eig: float = 0.0,
 ) -> dict:
-    """For each distinct chosen penalty, factor once and call ``each(idx, solve)`` for
-    chunks of at most ``chunk`` of the examples ``idx`` that chose it.
+    """Solve every example's system with its chosen penalty, a chunk of examples at a time.
 
-    ``solve(B)`` returns ``(A + n * grid[k] * I)^-1 B``. Returns info for the fit's meta.
+    ``rhs(idx)`` gives the right-hand sides (m, c) of examples ``idx``; ``done(idx, X)``
+    receives their solutions ``X = (A + n * grid[choice[idx]] * I)^-1 rhs(idx)``. The
+    examples are taken in order of their chosen penalty, so each distinct penalty is
+    factored once and each chunk's right-hand sides are formed once. ``min_eig`` as for
+    :class:`PenaltySolver`. Returns info for the fit's meta.
     """
-    solver = PenaltySolver(A, n)
-    kinds = torch.unique(choice).tolist()
+    solver = PenaltySolver(A, n, min_eig)
+    order = torch.sort(choice, stable=True).indices
+    current: tuple[int, Callable[[Tensor], Tensor]] | None = None
     with progress_bar(choice.shape[0], progress, desc="fit: weights", unit="example") as bar:
-        for k in kinds:
-            cols = (choice == k).nonzero().squeeze(1)
-            solve = solver.factor(float(grid[k]))
-            for c0 in range(0, cols.numel(), chunk):
-                idx = cols[c0 : c0 + chunk]
-                each(idx, solve)
-                bar.update(idx.numel())
-            del solve
-    return {"refit_penalties": len(kinds), "refit_eig_fallbacks": solver.eig_fallbacks}
+        for c0 in range(0, order.numel(), chunk):
+            idx = order[c0 : c0 + chunk]
+            B = rhs(idx)  # (m, c)
+            X = torch.empty_like(B)
+            ks = choice[idx]
+            for k in torch.unique(ks).tolist():
+                if current is None or current[0] != k:
+                    current = None  # free the previous factor first
+                    current = (k, solver.factor(float(grid[k])))
+                cols = (ks == k).nonzero().squeeze(1)
+                X[:, cols] = current[1](B[:, cols])
+            del B
+            done(idx, X)
+            bar.update(idx.numel())
+    kinds = int(torch.unique(choice).numel())
+    return {"refit_penalties": kinds, "refit_eig_fallbacks": solver.eig_fallbacks}

@@ -173,7 +173,6 @@ def _gcv_fit(
             sl = slice(e0, min(e0 + chunk, E))
             W0 = None if prior is None else prior[sl].T.to(device=device, dtype=dtype)
             W, c, k, g = spec.select(sl, W0, scales)  # (N, c) ...
-            _stats.check_weights(W.T, e0)
             weights[sl] = W.T.to(torch.float32)
             bias[sl] = spec.my[sl] - W.T @ spec.mv
             c_all[sl], k_all[sl], gcv[sl] = c, k, g

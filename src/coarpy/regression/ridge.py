@@ -100,8 +100,9 @@ def _primal_validation(
     dtype: torch.dtype,
     device: torch.device,
     progress: bool | None,
-) -> Tensor:
-    """(K, E) validation mean squared error of the training-row ridge fit for every l2.
+) -> tuple[Tensor, float]:
+    """(K, E) validation mean squared error of the training-row ridge fit for every l2,
+    and the smallest eigenvalue that matters for the refit (see :mod:`._refit`).
 
     With w = Q a (Q: eigenvectors of the training Gram, a = F[k] * P the filtered
     projections), the validation error of w is Szz - 2 a.R + a.H a, where R = Q.T Suz and
@@ -133,6 +134,9 @@ def _primal_validation(
     H = H @ Q  # (N, N)
     Szz = _stats.centered_yy(val, my)  # (E,)
     F = _stats.ridge_filter(d, train.n, grid)  # (K, N)
+    # A component that never varies has an exact zero row in the Gram: a harmless null.
+    constant = int((train.sv - train.n * mv * mv == 0).sum())
+    min_eig = _refit.smallest_relevant(d, N, exact_nulls=constant)
     C, B = _low_rank(F)
     K = F.shape[0]
     out = torch.empty(K, E, dtype=dtype, device=device)
@@ -155,7 +159,7 @@ def _primal_validation(
                     P[:, j], R[:, j], Szz[sl][j], F, C, B, H, val.n
                 )
             bar.update(sl.stop - sl.start)
-    return out
+    return out, min_eig
 
 
 def _primal(
@@ -172,10 +176,11 @@ def _primal(
     choice (E,), val_mse (K, E) or None, info)."""
     n, N, E = rows.n, rows.n_components, rows.n_examples
     cache = None
+    min_eig = 0.0
     if validate:
         if plan.keep:
             cache = torch.empty(N, E, dtype=dtype, device=device)
-        val_mse = _primal_validation(
+        val_mse, min_eig = _primal_validation(
             rows, grid, chunk=plan.chunk, cache=cache, dtype=dtype, device=device,
             progress=progress,
         )  # fmt: skip
@@ -192,15 +197,18 @@ def _primal(
     weights = torch.empty(E, N, dtype=torch.float32, device=device)
     bias = torch.empty(E, dtype=dtype, device=device)
 
-    def each(idx: Tensor, solve_k) -> None:
+    def rhs(idx: Tensor) -> Tensor:
         raw = cache[:, idx] if cache is not None else rows.cross(0, n, idx, dtype, device)
         m = _stats.Moments(every.n, every.sv, every.sy[idx], every.syy[idx], None, raw)
-        W = solve_k(_stats.centered_cross_(m, mv, my[idx], inplace=True))  # (N, c)
-        _stats.check_weights(W.T, idx)
+        return _stats.centered_cross_(m, mv, my[idx], inplace=True)  # (N, c)
+
+    def done(idx: Tensor, W: Tensor) -> None:
         weights[idx] = W.T.to(torch.float32)
         bias[idx] = my[idx] - W.T @ mv
 
-    info = _refit.refit(Gc, n, grid, choice, each, chunk=plan.chunk, progress=progress)
+    info = _refit.refit(
+        Gc, n, grid, choice, rhs, done, chunk=plan.chunk, progress=progress, min_eig=min_eig
+    )
     return weights, bias, choice, val_mse, info
 
 
