@@ -249,7 +249,8 @@ def test_dual_equals_primal_with_a_prior_and_estimated_group_penalties(n, N):
     eig = PriorRidge(W0, solver="eig", **kw).fit((V, Y))
     dual = PriorRidge(W0, solver="dual", **kw).fit((V, Y))
     assert (eig.attributions_.meta["solver"], dual.attributions_.meta["solver"]) == ("eig", "dual")
-    assert dual.group_penalties_ == pytest.approx(eig.group_penalties_, rel=1e-8)
+    # The dual's pilot weights are formed in float32 (they are only pooled into penalties).
+    assert dual.group_penalties_ == pytest.approx(eig.group_penalties_, rel=1e-6)
     torch.testing.assert_close(dual.l2_, eig.l2_)
     torch.testing.assert_close(dual.prior_scale_, eig.prior_scale_)
     torch.testing.assert_close(dual.gcv_, eig.gcv_, rtol=1e-8, atol=1e-12)

@@ -235,7 +235,7 @@ class Plan:
     """The solver chosen, its estimate, every solver's estimate, and why.
 
     ``reason`` (kept in the meta) gives flops and bytes, which depend only on the shape;
-    ``log_line`` adds the seconds at the measured rate of this machine.
+    ``log_line`` adds the seconds at the measured rate of this machine and the budget.
     """
 
     solver: str
@@ -302,10 +302,11 @@ def choose(
     def text(seconds: bool) -> str:
         others = "; ".join(line(e, seconds) for e in est.values() if e is not pick)
         chunk = f", {pick.chunk} examples per chunk" if pick.chunk < shape.E else ""
+        # The budget (free memory) changes from call to call: only the log line shows it.
         room = "unknown" if budget is None else _stats.gib(budget)
-        return (
-            f"{pick.solver}, {why} ({shape_txt}): {line(pick, seconds)} of a budget of "
-            f"{room}{chunk}" + (f"; vs {others}" if others else "")
+        room = f" of a budget of {room}" if seconds else ""
+        return f"{pick.solver}, {why} ({shape_txt}): {line(pick, seconds)}{room}{chunk}" + (
+            f"; vs {others}" if others else ""
         )
 
     return Plan(pick.solver, pick, est, rate, text(False), text(True))

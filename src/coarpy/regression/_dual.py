@@ -134,13 +134,25 @@ def _validate(
 def weights_from_dual(
     rows: _rows.Rows, alpha: Tensor, mv: Tensor, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    """``Vc.T @ alpha`` over all kept rows: (N, c), ``Vc`` the masks centred at ``mv``."""
+    """``Vc.T @ alpha`` over all kept rows: (N, c) in ``dtype``, ``Vc`` the masks centred
+    at ``mv``.
+
+    In float32 the product runs on the ablated indicator ``1 - v`` instead
+    (``Vc = -(A - mean A)``): most entries of a keep-mask are 1, and summing them would
+    cancel to a small number with float32's rounding of the large partial sums.
+    """
     n, N = rows.n, rows.n_components
+    alpha = alpha.to(dtype)
     W = torch.zeros(N, alpha.shape[1], dtype=dtype, device=device)
+    ablated = dtype == torch.float32
     for a, b in rows.row_chunks(0, n, N, torch.finfo(dtype).bits // 8):
-        W.addmm_(rows.masks(a, b, dtype, device).T, alpha[a:b])
-    W.addr_(mv, alpha.sum(0), alpha=-1.0)
-    return W
+        X = rows.masks(a, b, dtype, device)  # (b, N) 0/1
+        if ablated:
+            X = X.neg_().add_(1.0)  # 1 - v
+        W.addmm_(X.T, alpha[a:b])
+    mean = (1.0 - mv if ablated else mv).to(dtype)
+    W.addr_(mean, alpha.sum(0), alpha=-1.0)
+    return W.neg_() if ablated else W
 
 
 def solve(

@@ -187,10 +187,11 @@ def _pilot_rel(spec: _gcv.Primal | _gcv.Dual, scales: Tensor, chunk: int) -> Ten
     total = torch.zeros(N, dtype=spec.mv.dtype, device=spec.mv.device)
     used_n = 0
     for e0 in range(0, E, chunk):
-        W = spec.select(slice(e0, min(e0 + chunk, E)), None, scales)[0]  # (N, c) pilot
-        q = (W * W).mean(0)  # (c,) mean squared weight per example
+        W = spec.select(slice(e0, min(e0 + chunk, E)), None, scales, pilot=True)[0]  # (N, c)
+        W2 = W.mul_(W)  # squared weights
+        q = W2.mean(0)  # (c,) mean squared weight per example
         used = q > 0
-        total += (W[:, used] ** 2 / q[used]).sum(1)
+        total += W2 @ torch.where(used, 1.0 / q.where(used, torch.ones_like(q)), 0.0)
         used_n += int(used.sum())
     return total / used_n if used_n else None
 
