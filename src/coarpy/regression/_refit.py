@@ -35,14 +35,19 @@ MAX_ERROR = 1e-8  # relative error allowed of a Cholesky refit (the factor is fl
 
 
 def smallest_relevant(d: Tensor, size: int, *, exact_nulls: int) -> float:
-    """The smallest eigenvalue above the rank cutoff of :func:`._stats.ridge_filter`, or 0
-    when more than ``exact_nulls`` eigenvalues fall below it (null directions that the
-    rounding of ``A`` perturbs)."""
+    """The smallest eigenvalue once the ``exact_nulls`` smallest are set aside, or 0 if it
+    falls below the rank cutoff of :func:`._stats.ridge_filter`.
+
+    ``exact_nulls`` counts null directions that never reach the weights whatever rounding
+    does to their eigenvalue (the constant of a centred kernel, a component that never
+    varies); any other eigenvalue near zero is a null direction that the rounding of
+    ``A`` perturbs, and the refit must not go through a Cholesky factor.
+    """
     tol = float(d.abs().max()) * size * torch.finfo(d.dtype).eps
-    above = d[d > tol]
-    if d.numel() - above.numel() > exact_nulls or above.numel() == 0:
+    rest = torch.sort(d).values[exact_nulls:]
+    if rest.numel() == 0 or float(rest[0]) <= tol:
         return 0.0
-    return float(above.min())
+    return float(rest[0])
 
 
 def largest_eigenvalue(A: Tensor, iters: int = 30) -> float:
