@@ -217,3 +217,23 @@ def test_the_store_is_read_once(kwargs):
     fit(store, progress=False, **kwargs)
     assert store.passes == 1
     assert store.block_reads == store.n_blocks
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "phases"),
+    [
+        (
+            {"solver": "dual"},
+            ["statistics", "kernel", "eigendecomposition", "validation", "weights"],
+        ),
+        ({"solver": "eig"}, ["statistics", "gram", "eigendecomposition", "validation", "weights"]),
+        ({"method": "group", "solver": "dual"}, ["statistics", "kernel", "group penalties"]),
+    ],
+)
+def test_progress_shows_every_phase_that_can_take_minutes(kwargs, phases, capsys):
+    V, Y = data(60, 80, 2, seed=15)
+    groups = {"groups": ["a"] * 40 + ["b"] * 40} if kwargs.get("method") == "group" else {}
+    fit((V, Y), progress=True, **kwargs, **groups)
+    err = capsys.readouterr().err
+    for phase in phases:
+        assert f"fit: {phase}" in err

@@ -10,15 +10,18 @@ solver    fixed work                                     per example
 ``eig``   Gram ``n N**2``, one eigendecomposition        ``2 n N`` (``V.T y``, twice when
           ``12 N**3``, validation ``4 N**3``, refit        not cached), ``(4 + 2 r) N**2``
           Choleskys ``D N**3 / 3``                       validation, ``2 N**2`` refit
-``dual``  kernel ``n**2 N``, one eigendecomposition      ``2 n_t**2 + 2 r n_v n_t``
+``dual``  kernel ``n**2 N``, one eigendecomposition      ``2 n_t**2 + 2 K n_v n_t``
           ``12 n_t**3``, validation ``2 n_v n_t**2``,    validation, ``2 n**2`` refit,
           refit Choleskys ``D n**3 / 3``                 ``2 n N`` weights
 ``cg``    none                                           ``4 n N (K + 1)`` per iteration
 ========= ============================================== ===============================
 
 ``r`` (about 10) is the numerical rank of the ridge filters over the grid, ``D`` the
-number of distinct penalties chosen (assumed 4). An eigendecomposition costs about 12
-GEMM-flops per ``m**3`` (measured: LAPACK ``syevd`` on CPU); conjugate gradients need
+number of distinct penalties chosen (assumed 4). The Gram and the kernel are products
+of 0/1 masks in float32 (half the cost of float64; the kernel, formed on the lower
+triangle of row blocks, costs less still, which the estimate leaves as a margin). An
+eigendecomposition costs about 12 GEMM-flops per ``m**3`` (measured: LAPACK ``syevd``
+on CPU, 40-150x a Cholesky factorisation of the same size); conjugate gradients need
 about ``sqrt(condition number)`` iterations, estimated from the mask variance and the
 smallest penalty (Marchenko-Pastur bounds of the Gram's spectrum). Seconds are these
 flops over the rate of a float64 matrix product measured on the device (a few ms).
@@ -27,14 +30,15 @@ Memory (bytes, on the device; the kept rows ``n ceil(N/8) + n E 4`` and the resu
 ``4 E N`` come on top): ``eig`` ``6 s N**2`` (``4 s N**2`` with one penalty) plus
 ``8 s N`` per example of a chunk; ``dual`` the largest of ``(4 + s) n**2`` (the exact
 float32 kernel and its centred copy), ``s (n**2 + 3 n_t**2 + n_v n_t)`` (the
-eigendecomposition) and ``2 s n**2`` (the refit), plus ``s (6 n + 2 N)`` per example;
+eigendecomposition) and ``(s + 8) n**2`` (the refit's float64 Cholesky factor; ``24
+n**2`` in float32, which factors a float64 copy), plus ``s (6 n + 2 N)`` per example;
 ``cg`` ``2 (128 MiB + c s ((6 K + 3) N + 2 K b))`` for chunks of ``c`` examples and
 blocks of ``b`` rows. Chunks of examples are sized to the budget and to ~1 GiB, so many
 examples (ImageNet: 50,000) never need the full ``N x E`` products at once.
 
-``auto`` takes the fastest solver that fits the budget; an explicit solver that does
-not fit, or ``auto`` when none does, raises :class:`~coarpy.errors.FitError` with the
-bytes each needs, before anything large is allocated.
+``auto`` takes the solver with the fewest flops that fits the budget; one that does
+not fit when asked for by name, or ``auto`` when none does, raises
+:class:`~coarpy.errors.FitError` with the bytes each needs, before the store is read.
 """
 
 from __future__ import annotations
@@ -128,7 +132,10 @@ def eig(shape: Shape, budget: int | None) -> Estimate:
 def dual(shape: Shape, budget: int | None) -> Estimate:
     """The dual: the n x n kernel of the masks (see the module docstring)."""
     n, nv, nt, N, E, s = shape.n, shape.n_val, shape.n_train, shape.N, shape.E, shape.s
-    stages = [(4 + s) * n * n, 2 * s * n * n]
+    # The float32 kernel and its centred copy; the refit (the kernel and a float64
+    # Cholesky factor, plus a float64 copy to factor when the fit runs in float32); the
+    # eigendecomposition of the training block and the validation rows in its basis.
+    stages = [(4 + s) * n * n, s * n * n + (8 if s == 8 else 16) * n * n]
     if shape.validate:
         stages.append(s * (n * n + 3 * nt * nt + nv * nt))
     fixed = max(stages) + OVERHEAD_BYTES + kept_bytes(shape)
@@ -136,12 +143,11 @@ def dual(shape: Shape, budget: int | None) -> Estimate:
     room = None if budget is None else budget - fixed
     c = _chunk(room, per_col, E)
     need = fixed + max(c, 1) * per_col
-    r = min(FILTER_RANK, shape.K)
     fixed_flops = n * n * N + CHOL_FLOPS * min(CHOSEN_PENALTIES, shape.K) * n**3
     per_ex = 2 * n * n + 2 * n * N
     if shape.validate:
         fixed_flops += EIG_FLOPS * nt**3 + 2 * nv * nt * nt
-        per_ex += 2 * nt * nt + 2 * r * nv * nt
+        per_ex += 2 * nt * nt + 2 * shape.K * nv * nt
     return Estimate("dual", fixed_flops + per_ex * E, need, max(c, 1))
 
 

@@ -88,7 +88,14 @@ class Rows:
 
     # ----------------------------------------------------------------- products
 
-    def gram(self, r0: int, r1: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def gram(
+        self,
+        r0: int,
+        r1: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        progress: bool | None = False,
+    ) -> Tensor:
         """``V.T @ V`` over kept rows ``r0:r1``, (N, N) in ``dtype``, exact.
 
         Mask products are counts: float32 holds every integer below 2**24 exactly, so
@@ -96,8 +103,10 @@ class Rows:
         ``dtype`` total before they could reach 2**24.
         """
         g = _stats.GramSum(self.n_components, device, dtype)
-        for a, b in self.row_chunks(r0, r1, self.n_components, 4):
-            g.add(self.masks(a, b, torch.float32, device))
+        with progress_bar(r1 - r0, progress, desc="fit: gram", unit="row") as bar:
+            for a, b in self.row_chunks(r0, r1, self.n_components, 4):
+                g.add(self.masks(a, b, torch.float32, device))
+                bar.update(b - a)
         return g.flush()
 
     def kernel(

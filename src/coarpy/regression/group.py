@@ -180,13 +180,16 @@ def _gcv_fit(
     return weights, bias, c_all, spec.grid[k_all], gcv
 
 
-def _pilot_rel(spec: _gcv.Primal | _gcv.Dual, scales: Tensor, chunk: int) -> Tensor | None:
+def _pilot_rel(
+    spec: _gcv.Primal | _gcv.Dual, scales: Tensor, chunk: int, bar: Any
+) -> Tensor | None:
     """(N,) mean over examples of each weight squared relative to the example's mean
     squared weight, from a fit without prior; None if every weight is zero."""
     E, N = spec.my.shape[0], spec.mv.shape[0]
     total = torch.zeros(N, dtype=spec.mv.dtype, device=spec.mv.device)
     used_n = 0
     for e0 in range(0, E, chunk):
+        bar.update(min(chunk, E - e0))
         W = spec.select(slice(e0, min(e0 + chunk, E)), None, scales, pilot=True)[0]  # (N, c)
         W2 = W.mul_(W)  # squared weights
         q = W2.mean(0)  # (c,) mean squared weight per example
@@ -197,7 +200,13 @@ def _pilot_rel(spec: _gcv.Primal | _gcv.Dual, scales: Tensor, chunk: int) -> Ten
 
 
 def _group_scales(
-    make: Any, labels: list[str], n_iter: int, scales: Tensor, chunk: int
+    make: Any,
+    labels: list[str],
+    n_iter: int,
+    scales: Tensor,
+    chunk: int,
+    n_examples: int,
+    progress: bool | None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Column scales s (N,) and relative penalties per group, by empirical Bayes.
 
@@ -209,16 +218,19 @@ def _group_scales(
     counts = torch.bincount(gid, minlength=len(names)).to(scales.dtype)
     s = torch.ones(len(labels), dtype=scales.dtype, device=scales.device)
     r_group = torch.ones(len(names), dtype=scales.dtype, device=scales.device)
-    for _ in range(n_iter if len(names) > 1 else 0):
-        rel = _pilot_rel(make(s), scales, chunk)  # (N,) pooled over examples
-        if rel is None:
-            break
-        tau2 = torch.zeros_like(counts).index_add_(0, gid, rel) / counts  # (G,)
-        tau2 = tau2.clamp_min(float(tau2.max()) * 1e-8)
-        r_group = 1.0 / tau2
-        r = _normalised(r_group[gid])
-        r_group = r_group * (r[0] / r_group[gid[0]])
-        s = r.rsqrt()
+    iters = n_iter if len(names) > 1 else 0
+    total = iters * n_examples
+    with progress_bar(total, progress, desc="fit: group penalties", unit="example") as bar:
+        for _ in range(iters):
+            rel = _pilot_rel(make(s), scales, chunk, bar)  # (N,) pooled over examples
+            if rel is None:
+                break
+            tau2 = torch.zeros_like(counts).index_add_(0, gid, rel) / counts  # (G,)
+            tau2 = tau2.clamp_min(float(tau2.max()) * 1e-8)
+            r_group = 1.0 / tau2
+            r = _normalised(r_group[gid])
+            r_group = r_group * (r[0] / r_group[gid[0]])
+            s = r.rsqrt()
     return s, {g: float(r_group[i]) for i, g in enumerate(names)}
 
 
@@ -379,7 +391,7 @@ class PriorRidge:
                 rows, gid, n_groups, chosen.estimate.keep, dtype, dev, self.progress
             )
         else:
-            gram = rows.gram(0, rows.n, dtype, dev)
+            gram = rows.gram(0, rows.n, dtype, dev, self.progress)
             cross = _gcv._CrossCache(rows, chosen.estimate.keep, dtype, dev)
 
         def make(s: Tensor) -> _gcv.Primal | _gcv.Dual:
@@ -390,7 +402,7 @@ class PriorRidge:
             s = r.rsqrt()
             penalties = {g: float(r[labels.index(g)]) for g in dict.fromkeys(labels)}
         else:
-            s, penalties = _group_scales(make, labels, self.n_iter, scales, chunk)
+            s, penalties = _group_scales(make, labels, self.n_iter, scales, chunk, E, self.progress)
         spec = make(s)
         W, bias, c, l2, gcv = _gcv_fit(spec, prior, scales, chunk=chunk, progress=self.progress)
         used_grid = spec.grid

@@ -120,8 +120,8 @@ def _primal_validation(
     train, val = rows.parts
     nt, n, N, E = rows.n_train, rows.n, rows.n_components, rows.n_examples
     s = torch.finfo(dtype).bits // 8
-    train.gram = rows.gram(0, nt, dtype, device)
-    val.gram = rows.gram(nt, n, dtype, device)
+    train.gram = rows.gram(0, nt, dtype, device, progress)
+    val.gram = rows.gram(nt, n, dtype, device, progress)
     mv, my = train.means()
     Gc = _stats.centered_gram_(train, mv)  # (N, N)
     with progress_bar(1, progress, desc=f"fit: eigendecomposition {N}x{N}", unit="") as bar:
@@ -190,7 +190,7 @@ def _primal(
         val_mse = None
         choice = torch.zeros(E, dtype=torch.long, device=device)
         every = rows.parts[0]
-        every.gram = rows.gram(0, n, dtype, device)
+        every.gram = rows.gram(0, n, dtype, device, progress)
     mv, my = every.means()
     Gc = _stats.centered_gram_(every, mv, inplace=True)
     every.gram = None
