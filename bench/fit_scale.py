@@ -264,12 +264,16 @@ def child_himalaya(root: Path, name: str, backend: str) -> dict:
     )
     model.fit(X, Yn)
     seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    model.get_primal_coef()  # (N, E): the weights, which coarpy's fit returns
+    primal = time.perf_counter() - t1
     peak = _maxrss()
     test = np.load(root / f"test_masks_{name}.npy").astype(np.float64)
     pred = np.asarray(himalaya.backend.get_backend().to_numpy(model.predict(test)))
     del torch
     return {
         "seconds": seconds,
+        "primal_seconds": primal,
         "peak_rss": peak,
         "rss_before_fit": before,
         "pearson": _pearson(pred, np.load(root / f"test_outputs_{name}.npy")),
@@ -308,11 +312,27 @@ def one_shape(name: str, args: argparse.Namespace, root: Path) -> None:
     make_store(root, name, n, E, args.seed)
     t_store = time.perf_counter() - t0
     scaled = [] if n == full_n else [f"masks {n} of {full_n}"]
-    print(f"\n## {name}: N={N} components, n={n} masks, E={E} examples (alpha={ALPHA})")
+    print(
+        f"\n## {name}: N={N} components, n={n} masks, E={E} examples (alpha={ALPHA}), "
+        f"best of {args.repeat}"
+    )
     note = f"; scaled: {', '.join(scaled)}" if scaled else ""
     print(f"store written in {t_store:.0f} s{note}")
-    fits = {m: run_child(["fit", str(root), name, m], args.threads) for m in args.methods}
-    dense = run_child(["dense", str(root), name], args.threads)
+    # Alternate the runs and keep each one's fastest: the machine may be shared.
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeat):
+        for m in args.methods:
+            runs.setdefault(m, []).append(run_child(["fit", str(root), name, m], args.threads))
+        runs.setdefault("dense", []).append(run_child(["dense", str(root), name], args.threads))
+        if args.vs_himalaya:
+            for backend in ("torch", "numpy"):
+                h = run_child(["himalaya", str(root), name, backend], args.threads)
+                h["total"] = h["seconds"] + h["primal_seconds"]
+                runs.setdefault(backend, []).append(h)
+    fits = {m: min(runs[m], key=lambda r: r["seconds"]) for m in args.methods}
+    dense = {k: min(r[k] for r in runs["dense"]) for k in ("kernel", "eig", "weights", "peak_rss")}
+    dense["kernel_rate"] = max(r["kernel_rate"] for r in runs["dense"])
+    dense["eig_rate"] = max(r["eig_rate"] for r in runs["dense"])
     core = dense["kernel"] + dense["eig"]
     print()
     print("| | seconds | peak RSS | held-out Pearson | solver | fit / (kernel + eig) "
@@ -358,19 +378,21 @@ def one_shape(name: str, args: argparse.Namespace, root: Path) -> None:
     if args.vs_himalaya:
         best = None
         for backend in ("torch", "numpy"):
-            h = run_child(["himalaya", str(root), name, backend], args.threads)
+            h = min(runs[backend], key=lambda r: r["total"])
             print(
-                f"\nhimalaya KernelRidgeCV ({backend} backend): {h['seconds']:.1f} s, peak "
-                f"{gib(h['peak_rss'])}, held-out Pearson {h['pearson']:.4f}, median l2 "
-                f"{h['median_l2']:.3g}"
+                f"\nhimalaya KernelRidgeCV ({backend} backend): fit {h['seconds']:.1f} s + "
+                f"primal weights {h['primal_seconds']:.1f} s, peak {gib(h['peak_rss'])}, "
+                f"held-out Pearson {h['pearson']:.4f}, median l2 {h['median_l2']:.3g}"
             )
-            best = h if best is None or h["seconds"] < best["seconds"] else best
+            best = h if best is None or h["total"] < best["total"] else best
         c = fits.get("ridge")
         if c and best:
             print(
-                f"coarpy ridge: {c['seconds']:.1f} s, Pearson {c['pearson']:.4f}, median l2 "
-                f"{c['median_l2']:.3g}; speed-up vs the faster himalaya backend: "
-                f"{best['seconds'] / c['seconds']:.1f}x (target >= 2x at equal Pearson)"
+                f"coarpy ridge (weights included): {c['seconds']:.1f} s, Pearson "
+                f"{c['pearson']:.4f}, median l2 {c['median_l2']:.3g}; speed-up vs the faster "
+                f"himalaya backend: {best['total'] / c['seconds']:.1f}x with its primal "
+                f"weights, {best['seconds'] / c['seconds']:.1f}x on its dual fit alone "
+                "(target >= 2x at equal Pearson)"
             )
 
 
@@ -383,6 +405,7 @@ def main() -> None:
     ap.add_argument("--vs-himalaya", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each; the fastest counts")
     ap.add_argument("--tmp", type=Path, help="where to write the stores (default: a temp dir)")
     ap.add_argument("--child", nargs="+")
     args = ap.parse_args()
