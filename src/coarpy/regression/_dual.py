@@ -33,7 +33,7 @@ from .._engine import progress_bar
 from . import _refit, _rows, _stats
 
 
-def _centre(
+def centre(
     K: Tensor, a: Tensor, mm: float, dtype: torch.dtype, *, inplace_ok: bool = True
 ) -> Tensor:
     """``K - a 1.T - 1 a.T + mm`` in ``dtype``, formed in float64 a slice of rows at a time.
@@ -66,7 +66,7 @@ def centred_kernel(
     rs = K[:, :n_mean].sum(1, dtype=torch.float64) if n_mean < rows.n else rs_all
     a = rs / n_mean  # (n,) v_i . m
     mm = float(a[:n_mean].sum()) / n_mean  # m . m
-    Kc = _centre(K, a, mm, dtype)
+    Kc = centre(K, a, mm, dtype)
     del K
     return Kc, torch.stack([rs, rs_all]), mm
 

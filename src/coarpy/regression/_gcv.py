@@ -64,7 +64,7 @@ class Primal(_Base):
         gram: Tensor,
         s: Tensor,
         grid: Tensor | None,
-        cross: _CrossCache,
+        cross: CrossCache,
         progress: bool | None,
     ):
         m = rows.parts[0]
@@ -195,7 +195,7 @@ def _masks_times(rows: _rows.Rows, X: Tensor, mv: Tensor) -> Tensor:
     return out
 
 
-class _CrossCache:
+class CrossCache:
     """Centred ``V.T @ Y`` of all rows for a chunk of examples; kept whole when it fits."""
 
     def __init__(self, rows: _rows.Rows, keep: bool, dtype: torch.dtype, device: torch.device):
@@ -268,4 +268,4 @@ class GroupKernels:
         rs = K.sum(1)
         a = rs / n
         mm = float(a.sum()) / n
-        return _dual._centre(K, a, mm, self.dtype)
+        return _dual.centre(K, a, mm, self.dtype)

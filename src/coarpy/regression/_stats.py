@@ -5,10 +5,12 @@
 - **The validation split.** Row ``i`` is a validation row iff a hash of ``(seed, i)``
   falls below ``val_fraction`` (:func:`validation_rows`), so the split does not depend on
   block sizes, on the order blocks were written, or on how far a store has grown.
-- **Sufficient statistics.** One streamed pass (:func:`accumulate`) gathers, per side of
-  the split, the row count, ``sum v``, ``sum y``, ``sum y**2``, ``V.T @ V`` and
-  ``V.T @ Y`` (:class:`Moments`); the centring helpers turn them into the centred Gram
-  and cross-products every estimator solves with.
+- **Sufficient statistics.** Per side of the split, the row count, ``sum v``, ``sum y``,
+  ``sum y**2``, ``V.T @ V`` and ``V.T @ Y`` (:class:`Moments`); the centring helpers turn
+  them into the centred Gram and cross-products the solvers work with. The lasso gathers
+  them all in one streamed pass (:func:`accumulate`); ridge and group read the rows once
+  into memory instead (:mod:`._rows`) and form the products they need from there, a
+  chunk of examples at a time.
 - **The memory budget.** ``max_memory``, else the free memory of the device
   (``MemAvailable`` from ``/proc/meminfo`` on CPU, ``torch.cuda.mem_get_info`` on GPU);
   each estimator states its own formula and refuses, before allocating, a fit that

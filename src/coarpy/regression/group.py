@@ -392,7 +392,7 @@ class PriorRidge:
             )
         else:
             gram = rows.gram(0, rows.n, dtype, dev, self.progress)
-            cross = _gcv._CrossCache(rows, chosen.estimate.keep, dtype, dev)
+            cross = _gcv.CrossCache(rows, chosen.estimate.keep, dtype, dev)
 
         def make(s: Tensor) -> _gcv.Primal | _gcv.Dual:
             return _spectrum(chosen.solver, rows, gram, kernels, cross, s, grid, self.progress)
