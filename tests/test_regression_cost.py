@@ -237,3 +237,15 @@ def test_progress_shows_every_phase_that_can_take_minutes(kwargs, phases, capsys
     err = capsys.readouterr().err
     for phase in phases:
         assert f"fit: {phase}" in err
+
+
+def test_a_store_without_a_length_gives_the_same_fit():
+    V, Y = data(130, 70, 3, seed=16)
+    store = CountingStore(V, Y, block=16)
+    unsized = type("Unsized", (), {})()
+    for name in ("n_components", "n_examples", "names", "meta", "iter_blocks"):
+        setattr(unsized, name, getattr(store, name))
+    for solver in ("eig", "dual"):
+        close(
+            fit(unsized, solver=solver, progress=False), fit(store, solver=solver, progress=False)
+        )
