@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from coarpy.attributions import Attributions
-from coarpy.errors import FitError, MaskError, StoreCorruptError
+from coarpy.errors import ArgumentError, FitError, MaskError, StoreCorruptError
 
 
 def make(E=3, N=5, seed=0, meta=None):
@@ -128,9 +129,9 @@ def test_load_refuses_a_missing_directory(tmp_path):
 
 def test_load_refuses_a_truncated_array_file(tmp_path):
     make().save(tmp_path)
-    path = tmp_path / "arrays.npz"
-    path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(StoreCorruptError, match="truncated or corrupted"):
+    path = tmp_path / "weights.f32"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(StoreCorruptError, match="truncated"):
         Attributions.load(tmp_path)
 
 
@@ -139,9 +140,11 @@ def test_load_refuses_altered_weights(tmp_path):
     attr.save(tmp_path)
     w = attr.weights.numpy().copy()
     w[0, 0] += 1.0
-    np.savez(tmp_path / "arrays.npz", weights=w, bias=attr.bias.numpy())
+    w.astype("<f4").tofile(tmp_path / "weights.f32")
     with pytest.raises(StoreCorruptError, match="do not match the checksum"):
         Attributions.load(tmp_path)
+    with pytest.raises(StoreCorruptError, match="do not match the checksum"):
+        Attributions.load(tmp_path, mmap=False)
 
 
 def test_load_refuses_a_foreign_json_file(tmp_path):
@@ -154,16 +157,126 @@ def test_load_refuses_a_foreign_json_file(tmp_path):
         Attributions.load(tmp_path)
 
 
-def test_load_refuses_a_foreign_npz(tmp_path):
+def test_load_refuses_a_missing_array_file(tmp_path):
     make().save(tmp_path)
+    (tmp_path / "bias.f32").unlink()
+    with pytest.raises(StoreCorruptError, match=r"bias.f32 does not exist"):
+        Attributions.load(tmp_path)
+
+
+def test_the_arrays_are_raw_little_endian_float32_readable_with_numpy(tmp_path):
+    attr = make(E=4, N=6)
+    attr.save(tmp_path)
+    header = json.loads((tmp_path / "attributions.json").read_text())
+    assert header["version"] == 2
+    assert header["arrays"]["weights"] == {"file": "weights.f32", "dtype": "<f4", "shape": [4, 6]}
+    w = np.fromfile(tmp_path / "weights.f32", "<f4").reshape(4, 6)
+    assert np.array_equal(w, attr.weights.numpy())
+    assert np.array_equal(np.fromfile(tmp_path / "bias.f32", "<f4"), attr.bias.numpy())
+
+
+def _mapped_files() -> str:
+    with open("/proc/self/maps") as fh:
+        return fh.read()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_load_memory_maps_the_weights_and_round_trips_exactly(tmp_path):
+    attr = make(E=64, N=300, meta={"method": "ridge"})
+    attr.save(tmp_path / "big")
+    back = Attributions.load(tmp_path / "big")
+    assert str(tmp_path / "big" / "weights.f32") in _mapped_files()
+    assert torch.equal(back.weights, attr.weights) and torch.equal(back.bias, attr.bias)
+    back.weights[0, 0] = 123.0  # copy-on-write: the tensor is writable, the file unchanged
+    again = Attributions.load(tmp_path / "big", mmap=False)
+    assert torch.equal(again.weights, attr.weights)
+    # Saving a loaded (mapped) result writes it straight from the map.
+    again.save(tmp_path / "copy")
+    assert torch.equal(Attributions.load(tmp_path / "copy").weights, attr.weights)
+
+
+def test_saving_over_a_version_1_directory_leaves_version_2_only(tmp_path):
+    _save_v1(make(seed=3), tmp_path)
+    second = make(seed=4)
+    second.save(tmp_path)
+    assert not (tmp_path / "arrays.npz").exists()
+    assert torch.equal(Attributions.load(tmp_path).weights, second.weights)
+
+
+# ----------------------------------------------------------------- format version 1
+
+
+def _save_v1(attr, root):
+    """Write ``attr`` exactly as coarpy's format version 1 did (arrays.npz + json)."""
+    import hashlib
+
+    w, b = attr.weights.numpy(), attr.bias.numpy()
+    np.savez(root / "arrays.npz", weights=w, bias=b)
+    header = {
+        "format": "coarpy.attributions",
+        "version": 1,
+        "n_examples": attr.n_examples,
+        "n_components": attr.n_components,
+        "sha256": {
+            k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in (("weights", w), ("bias", b))
+        },
+        "names": attr.names,
+        "meta": attr.meta,
+    }
+    (root / "attributions.json").write_text(json.dumps(header))
+
+
+def test_a_version_1_file_still_loads(tmp_path):
+    attr = make(E=5, N=7, meta={"method": "lasso"})
+    _save_v1(attr, tmp_path)
+    back = Attributions.load(tmp_path)
+    assert torch.equal(back.weights, attr.weights) and torch.equal(back.bias, attr.bias)
+    assert back.names == attr.names and back.meta == attr.meta
+
+
+def test_a_version_1_file_with_a_truncated_npz_is_refused(tmp_path):
+    _save_v1(make(), tmp_path)
+    path = tmp_path / "arrays.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(StoreCorruptError, match="truncated or corrupted"):
+        Attributions.load(tmp_path)
+
+
+def test_a_version_1_file_with_altered_weights_is_refused(tmp_path):
+    attr = make()
+    _save_v1(attr, tmp_path)
+    w = attr.weights.numpy().copy()
+    w[0, 0] += 1.0
+    np.savez(tmp_path / "arrays.npz", weights=w, bias=attr.bias.numpy())
+    with pytest.raises(StoreCorruptError, match="do not match the checksum"):
+        Attributions.load(tmp_path)
+
+
+def test_a_version_1_file_with_a_foreign_npz_is_refused(tmp_path):
+    _save_v1(make(), tmp_path)
     np.savez(tmp_path / "arrays.npz", other=np.zeros(3))
     with pytest.raises(StoreCorruptError, match=r"expected \['bias', 'weights'\]"):
         Attributions.load(tmp_path)
 
 
-def test_load_never_unpickles(tmp_path):
+def test_a_version_1_file_is_never_unpickled(tmp_path):
     attr = make()
-    attr.save(tmp_path)
+    _save_v1(attr, tmp_path)
     np.savez(tmp_path / "arrays.npz", weights=np.array([object()]), bias=attr.bias.numpy())
     with pytest.raises(StoreCorruptError, match="cannot be read"):
         Attributions.load(tmp_path)
+
+
+def test_an_unknown_version_is_refused(tmp_path):
+    make().save(tmp_path)
+    header = json.loads((tmp_path / "attributions.json").read_text())
+    header["version"] = 99
+    (tmp_path / "attributions.json").write_text(json.dumps(header))
+    with pytest.raises(StoreCorruptError, match="reads versions 1 and 2"):
+        Attributions.load(tmp_path)
+
+
+def test_top_refuses_a_negative_k_with_the_fix():
+    with pytest.raises(ArgumentError, match="k must be an int >= 0") as err:
+        make().top(0, k=-1)
+    assert isinstance(err.value, ValueError)

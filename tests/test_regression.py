@@ -217,8 +217,9 @@ def test_cg_solver_matches_eig_solver_over_the_whole_path():
 def test_cg_in_small_example_chunks_matches_eig():
     V, Y, _, _ = additive_data(n=300, N=10, E=7, noise=1.0, seed=12)
     eig = fit((V, Y), l2_grid=[0.02], solver="eig", progress=False)
-    # A budget that holds two examples at a time forces four chunks.
-    budget = 2 * (BLOCK_BYTES + 2 * column_bytes(10, 1, 8, 300))
+    # A budget that holds two examples at a time (besides the kept rows) forces four chunks.
+    kept = 300 * 2 + 300 * 7 * 8 + 4 * 7 * 10 + 16 * 7  # packed masks, outputs, the result
+    budget = 2 * (BLOCK_BYTES + 2 * column_bytes(10, 1, 8, 300) + kept)
     cg = fit((V, Y), l2_grid=[0.02], solver="cg", max_memory=budget, progress=False)
     assert cg.meta["cg_example_chunk"] == 2
     torch.testing.assert_close(cg.weights, eig.weights, rtol=1e-6, atol=1e-6)

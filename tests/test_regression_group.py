@@ -238,3 +238,36 @@ def test_group_ridge_beats_least_squares_with_few_masks_on_a_digits_cnn(digits_m
     with_prior = score(fit((V, Y), method="group", groups=labels, prior=grad, progress=False))
     assert group > ols + 0.01
     assert with_prior > ols + 0.02
+
+
+@pytest.mark.parametrize(("n", "N"), [(50, 90), (200, 30)])
+def test_dual_equals_primal_with_a_prior_and_estimated_group_penalties(n, N):
+    V, Y, W, _ = additive_data(n=n, N=N, E=4, noise=0.5, seed=6)
+    W0 = torch.tensor(W + np.random.default_rng(7).normal(size=W.shape))
+    groups = ["a"] * (N // 3) + ["b"] * (N - N // 3)
+    kw = dict(groups=groups, progress=False)
+    eig = PriorRidge(W0, solver="eig", **kw).fit((V, Y))
+    dual = PriorRidge(W0, solver="dual", **kw).fit((V, Y))
+    assert (eig.attributions_.meta["solver"], dual.attributions_.meta["solver"]) == ("eig", "dual")
+    # The dual's pilot weights are formed in float32 (they are only pooled into penalties).
+    assert dual.group_penalties_ == pytest.approx(eig.group_penalties_, rel=1e-6)
+    torch.testing.assert_close(dual.l2_, eig.l2_)
+    torch.testing.assert_close(dual.prior_scale_, eig.prior_scale_)
+    torch.testing.assert_close(dual.gcv_, eig.gcv_, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(dual.weights_, eig.weights_, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dual.bias_, eig.bias_, rtol=1e-6, atol=1e-6)
+
+
+def test_dual_group_matches_the_numpy_closed_form():
+    V, Y, W, _ = additive_data(n=40, N=70, E=3)
+    W0 = np.random.default_rng(2).normal(size=W.shape)
+    groups = ["a"] * 30 + ["b"] * 40
+    est = PriorRidge(
+        torch.tensor(W0), groups=groups, group_penalties={"a": 1.0, "b": 5.0},
+        l2_grid=[0.03], prior_scales=[0.5], solver="dual", progress=False,
+    ).fit((V, Y))  # fmt: skip
+    raw = np.array([1.0] * 30 + [5.0] * 40)
+    r = raw / np.exp(np.log(raw).mean())
+    W_np, b_np = np_prior_ridge(V.astype(float), Y, W0, l2=0.03, c=np.full(3, 0.5), r=r)
+    np.testing.assert_allclose(est.weights_.numpy(), W_np, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(est.bias_.numpy(), b_np, rtol=1e-5, atol=1e-5)

@@ -15,8 +15,9 @@ scikit-learn-style class in its own module:
 method     estimator                              what it does
 ========== ====================================== ==========================================
 ``ridge``  :class:`RidgePath` (:mod:`.ridge`)     ridge; ``l2`` chosen per example on
-                                                  held-out rows; eigendecomposition, or
-                                                  conjugate gradients when ``N`` is large
+                                                  held-out rows; primal or dual
+                                                  eigendecomposition, or conjugate
+                                                  gradients, by estimated cost
 ``ols``    :class:`LeastSquares` (:mod:`.ridge`)  least squares (pseudo-inverse)
 ``lasso``  :class:`LassoPath` (:mod:`.lasso`)     the lasso by FISTA; ``l1`` chosen per
                                                   example on held-out rows
@@ -27,9 +28,11 @@ method     estimator                              what it does
 
 The held-out rows are a pure function of ``(seed, row index)``, so the split does not
 depend on block sizes or on how far a store has grown. The statistics, the split and the
-memory budget shared by the estimators live in :mod:`coarpy.regression._stats`; each
-estimator's module states its memory formula, and a fit that does not fit the budget
-(``max_memory``, else the device's free memory) is refused before anything is allocated.
+memory budget shared by the estimators live in :mod:`coarpy.regression._stats`. Ridge
+and group read the source once into memory (:mod:`._rows`: bit-packed masks and the
+outputs) and never again; :mod:`._cost` estimates the time and memory of each solver
+and states its formulas, and a fit that does not fit the budget (``max_memory``, else
+the device's free memory) is refused before the pass.
 """
 
 from __future__ import annotations
@@ -99,8 +102,11 @@ def fit(
     val_fraction, seed :
         The held-out share of rows and the seed of the split (a pure function of
         ``(seed, row index)``); ``"ridge"`` and ``"lasso"`` only.
-    solver : {"auto", "eig", "cg"}
-        Ridge/OLS solver; see :class:`RidgePath`.
+    solver : {"auto", "eig", "dual", "cg"}
+        ``"auto"`` (default) picks by estimated time and memory and logs why (INFO):
+        ``"eig"`` (primal, ``N x N``) when components are few, ``"dual"`` (``n x n``) when
+        masks are fewer than components, ``"cg"`` when neither fits. See
+        :class:`RidgePath`; ``"group"`` takes ``"eig"`` or ``"dual"``.
     device, dtype :
         Where and in what precision to compute (default: the source's device, float64).
     max_memory : int, optional
@@ -157,15 +163,18 @@ def fit(
     if method in ("lasso", "ols") and l2_grid is not None:
         fix = "pass l1_grid" if method == "lasso" else "use method='ridge' to pass l2_grid"
         raise FitError(f"method={method!r} takes no l2_grid; {fix}.")
-    if method in ("lasso", "group") and solver not in ("auto", "eig"):
+    if (method == "lasso" and solver not in ("auto", "eig")) or (
+        method == "group" and solver not in ("auto", "eig", "dual")
+    ):
         raise FitError(
             f"method={method!r} has its own solver (lasso: FISTA; group: one "
-            f"eigendecomposition); solver= is for 'ridge' and 'ols', got solver={solver!r}."
+            "eigendecomposition per step, primal 'eig' or 'dual'); solver= is for 'ridge' and "
+            f"'ols', got solver={solver!r}."
         )
     est: RidgePath | LeastSquares | LassoPath | PriorRidge
     if method == "group":
         est = PriorRidge(
-            prior, groups=groups, l2_grid=l2_grid, device=device, dtype=dtype,
+            prior, groups=groups, l2_grid=l2_grid, solver=solver, device=device, dtype=dtype,
             max_memory=max_memory, progress=progress,
         )  # fmt: skip
     elif method == "lasso":

@@ -1,16 +1,18 @@
-"""Ridge by conjugate gradients over streamed passes: ``solver="cg"`` of :mod:`.ridge`.
+"""Ridge by conjugate gradients: ``solver="cg"`` of :mod:`.ridge`.
 
-Never forms an ``N x N`` matrix, so it serves where the eigendecomposition does not fit
-(ViT-B/16: 82,944 components). The examples are processed in chunks of ``c`` columns;
-each chunk runs Jacobi-preconditioned conjugate gradients for every ``l2`` of the grid
-at once, every iteration being one streamed pass over the store (``V.T @ (V @ X)`` block
-by block, centred on the fly). The validation error of every ``l2`` takes one more pass;
-the chosen ``l2`` is then refitted on all rows, warm-started from the training-row
-solution.
+Never forms an ``N x N`` or ``n x n`` matrix, so it serves where neither the primal
+eigendecomposition nor the dual kernel fits (both large: say 100,000 masks over 82,944
+components). The examples are processed in chunks of ``c`` columns; each chunk runs
+Jacobi-preconditioned conjugate gradients for every ``l2`` of the grid at once, every
+iteration being one product ``Vc.T @ (Vc @ X)`` over the rows kept in memory by the one
+pass (:mod:`._rows`: bit-packed masks, unpacked a slice of rows at a time, centred on
+the fly); the store is never read again. The validation error of every ``l2`` takes one
+more product; the chosen ``l2`` is then refitted on all rows, warm-started from the
+training-row solution.
 
-Memory is ``s * (6 K + 3) * N * c`` bytes plus one block of rows, with ``K`` grid
-values, ``s`` bytes per number and ``c`` chosen to fit the budget; time is
-``(2 + 2 * iterations)`` passes per chunk.
+Memory is ``s * (6 K + 3) * N * c`` bytes plus one slice of rows, with ``K`` grid
+values, ``s`` bytes per number and ``c`` chosen to fit the budget (:mod:`._cost`);
+time is ``2 + 2 * iterations`` products over the rows per chunk.
 
 A helper module of :mod:`coarpy.regression.ridge`; its names carry no promise outside
 the package.
@@ -26,45 +28,18 @@ import torch
 from torch import Tensor
 
 from .._engine import progress_bar
-from ..errors import FitError
-from . import _stats
+from . import _rows, _stats
+from ._cost import cg_column_bytes as column_bytes
+
+__all__ = ["column_bytes", "solve"]
 
 
-def column_bytes(N: int, K: int, s: int, block_rows: int) -> int:
-    """Bytes per example column of a CG chunk: 6 vectors per grid value, 3 right-hand sides,
-    and the per-row products of one block."""
-    return s * ((6 * K + 3) * N + 2 * K * block_rows)
-
-
-def _select(
-    rows: Tensor, V: Tensor, *, part: str, seed: int, val_fraction: float, device: torch.device
-) -> Tensor | None:
-    """The rows of V on one side of the split ("train", "val") or all of them."""
-    if part == "all":
-        return V
-    is_val = _stats.validation_rows(rows, seed=seed, val_fraction=val_fraction).to(device)
-    sel = is_val if part == "val" else ~is_val
-    return V[sel] if bool(sel.any()) else None
-
-
-def _gram_apply(
-    src: _stats.Source,
-    X: Tensor,
-    mean: Tensor,
-    *,
-    part: str,
-    seed: int,
-    val_fraction: float,
-    device: torch.device,
-    block_rows: int,
-) -> Tensor:
-    """sum over the chosen rows of (v - mean)(v - mean).T @ X, streaming the store."""
+def _gram_apply(rows: _rows.Rows, X: Tensor, mean: Tensor, r0: int, r1: int) -> Tensor:
+    """sum over kept rows r0:r1 of (v - mean)(v - mean).T @ X."""
     out = torch.zeros_like(X)
-    for rows, V, _ in src.blocks(device, block_rows):
-        U = _select(rows, V, part=part, seed=seed, val_fraction=val_fraction, device=device)
-        if U is None:
-            continue
-        U = U.to(X.dtype) - mean  # (b, N)
+    s = X.element_size()
+    for a, b in rows.row_chunks(r0, r1, rows.n_components, s):
+        U = rows.masks(a, b, X.dtype, X.device) - mean  # (b, N)
         out.addmm_(U.T, U @ X)
     return out
 
@@ -114,38 +89,25 @@ def _pcg(
 
 
 def solve(
-    src: _stats.Source,
-    parts: list[_stats.Moments],
+    rows: _rows.Rows,
     grid: Tensor,
     *,
     validate: bool,
-    seed: int,
-    val_fraction: float,
     device: torch.device,
     dtype: torch.dtype,
-    budget: int | None,
+    chunk: int,
     max_iter: int,
     tol: float,
     progress: bool | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, dict]:
-    """Ridge by conjugate gradients over streamed passes; never forms an N x N matrix.
+    """Ridge by conjugate gradients over the kept rows; never forms an N x N matrix.
 
-    Returns (weights (N, E), bias (E,), choice (E,), val_mse (K, E) or None, info).
+    Returns (weights (E, N) float32, bias (E,), choice (E,), val_mse (K, E) or None, info).
     """
-    N, E = src.n_components, src.n_examples
-    s = torch.finfo(dtype).bits // 8
+    N, E, n, nt = rows.n_components, rows.n_examples, rows.n, rows.n_train
     K = grid.shape[0] if validate else 1
-    block_rows = _stats.block_rows(N, E, s)
-    per_col = column_bytes(N, K, s, min(block_rows, src.n_rows or block_rows))
-    room = (budget // 2 if budget is not None else 4 * _stats.WORK_BYTES) - _stats.BLOCK_BYTES
-    if room < per_col:
-        raise FitError(
-            f"The CG solver needs at least {per_col + _stats.BLOCK_BYTES} bytes "
-            f"({_stats.gib(per_col + _stats.BLOCK_BYTES)}) for one example at a time with {N} "
-            f"components and {K} l2 values, but the budget is {budget} bytes. Use fewer l2 "
-            "values, dtype=torch.float32, or a machine with more memory."
-        )
-    step = max(1, min(E, room // per_col))
+    step = max(1, min(E, chunk))
+    parts = rows.parts
     train = parts[0]
     every = (
         parts[0]
@@ -163,41 +125,27 @@ def solve(
     mv_a, my_a = every.means()
     diag_t = train.sv - train.n * mv_t * mv_t  # diagonal of the centred Gram (0/1 masks)
     diag_a = every.sv - every.n * mv_a * mv_a
-    W = torch.empty(N, E, dtype=dtype, device=device)
+    weights = torch.empty(E, N, dtype=torch.float32, device=device)
+    bias = torch.empty(E, dtype=dtype, device=device)
     choice = torch.zeros(E, dtype=torch.long, device=device)
     val_mse = torch.empty(K, E, dtype=dtype, device=device) if validate else None
     info = {"cg_iterations": 0, "cg_max_residual": 0.0, "cg_example_chunk": step}
-    kw = dict(seed=seed, val_fraction=val_fraction, device=device, block_rows=block_rows)
     with progress_bar(None, progress, desc="fit: cg passes", unit="pass") as bar:
         for e0 in range(0, E, step):
             sl = slice(e0, min(e0 + step, E))
             c = sl.stop - sl.start
-            # Right-hand sides: raw V.T @ Y per split for this chunk of examples (one pass).
-            raw = [torch.zeros(N, c, dtype=dtype, device=device) for _ in parts]
-            for rows, V, Y in src.blocks(device, block_rows):
-                _stats.check_finite(rows, Y[:, sl])
-                if validate:
-                    is_val = _stats.validation_rows(rows, seed=seed, val_fraction=val_fraction)
-                    sels = [~is_val.to(device), is_val.to(device)]
-                else:
-                    sels = [None]
-                for acc, sel in zip(raw, sels, strict=True):
-                    Vs, Ys = (V, Y[:, sl]) if sel is None else (V[sel], Y[sel][:, sl])
-                    if Vs.shape[0]:
-                        acc.addmm_(Vs.to(dtype).T, Ys.to(dtype))
+            # Right-hand sides: raw V.T @ Y per side of the split for this chunk.
+            spans = [(0, nt), (nt, n)] if validate else [(0, n)]
+            raw = [rows.cross(a, b, sl, dtype, device) for a, b in spans]
             bar.update(1)
-            part_m = [
-                _stats.Moments(m.n, m.sv, m.sy[sl], m.syy[sl], None, r)
-                for m, r in zip(parts, raw, strict=True)
-            ]
             X0 = torch.zeros(N, c, dtype=dtype, device=device)
             if validate:
-                tr, va = part_m
+                tr = _stats.Moments(train.n, train.sv, train.sy[sl], train.syy[sl], None, raw[0])
                 Ct = _stats.centered_cross_(tr, mv_t, my_t[sl])  # (N, c)
                 shift = (train.n * grid)[:, None].expand(K, c).reshape(1, K * c)  # n * l2
 
                 def apply_t(X, shift=shift):
-                    return _gram_apply(src, X, mv_t, part="train", **kw) + shift * X
+                    return _gram_apply(rows, X, mv_t, 0, nt) + shift * X
 
                 B = Ct[:, None, :].expand(N, K, c).reshape(N, K * c)
                 Xk, its, res = _pcg(
@@ -212,17 +160,13 @@ def solve(
                 info["cg_iterations"] = max(info["cg_iterations"], its)
                 info["cg_max_residual"] = max(info["cg_max_residual"], res)
                 sse = torch.zeros(K * c, dtype=dtype, device=device)
-                for rows, V, Y in src.blocks(device, block_rows):
-                    is_val = _stats.validation_rows(rows, seed=seed, val_fraction=val_fraction)
-                    is_val = is_val.to(device)
-                    if not bool(is_val.any()):
-                        continue
-                    U = V[is_val].to(dtype) - mv_t  # (b, N)
-                    z = Y[is_val][:, sl].to(dtype) - my_t[sl]  # (b, c)
+                for a, b in rows.row_chunks(nt, n, N, X0.element_size()):
+                    U = rows.masks(a, b, dtype, device) - mv_t  # (b, N)
+                    z = rows.y(a, b, sl, dtype, device) - my_t[sl]  # (b, c)
                     resid = z.repeat(1, K) - U @ Xk  # (b, K * c), column k * c + j
                     sse += (resid * resid).sum(0)
                 bar.update(1)
-                mse = (sse / va.n).reshape(K, c)
+                mse = (sse / (n - nt)).reshape(K, c)
                 val_mse[:, sl] = mse
                 ch = mse.argmin(0)
                 choice[sl] = ch
@@ -235,14 +179,15 @@ def solve(
             shift_a = (every.n * grid[choice[sl]])[None, :]  # (1, c)
 
             def apply_a(X, shift=shift_a):
-                return _gram_apply(src, X, mv_a, part="all", **kw) + shift * X
+                return _gram_apply(rows, X, mv_a, 0, n) + shift * X
 
             X, its, res = _pcg(
                 apply_a, Ca, diag_a[:, None] + shift_a, X0, max_iter=max_iter, tol=tol, bar=bar
             )
             info["cg_iterations"] = max(info["cg_iterations"], its)
             info["cg_max_residual"] = max(info["cg_max_residual"], res)
-            W[:, sl] = X
+            weights[sl] = X.T.to(torch.float32)
+            bias[sl] = my_a[sl] - X.T @ mv_a
     if info["cg_max_residual"] > tol:
         warnings.warn(
             f"Conjugate gradients stopped after max_iter={max_iter} iterations with a relative "
@@ -250,5 +195,4 @@ def solve(
             "use larger l2 values (better conditioned).",
             stacklevel=3,
         )
-    bias = my_a - W.T @ mv_a
-    return W, bias, choice, val_mse, info
+    return weights, bias, choice, val_mse, info

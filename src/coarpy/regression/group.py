@@ -39,25 +39,37 @@ approximates leave-one-out error from the eigendecomposition of all rows::
 so no rows are held out: with few masks, a 10% validation split is a handful of rows
 and its choice of penalty is noisy, while GCV fits and selects on all of them.
 
-Memory is about ``s * (5 N**2 + 7 N E)`` bytes for ``N`` components, ``E`` examples and
-``s`` bytes per number; time is ``n_iter + 1`` eigendecompositions of an ``N x N``
-matrix after the one pass over the rows. For very large ``N`` (where
-``coarpy.regression.ridge`` switches to conjugate gradients) use ``method="ridge"``.
+Solvers, time and memory
+------------------------
+The fit reads the rows once (:mod:`._rows`) and then works from memory, in the primal
+or the dual (:mod:`._gcv`), whichever the estimate of :mod:`._cost` says is faster
+(``solver="auto"``; ``"eig"`` or ``"dual"`` to choose): ``n_iter + 1``
+eigendecompositions of the ``N x N`` scaled Gram (about ``5 s N**2`` bytes for ``s``
+bytes per number), or, with fewer masks than components, of the ``n x n`` scaled
+kernel (about ``12 n**2`` bytes plus ``4 n**2`` per group when the group kernels are
+kept). Examples are processed in chunks, so memory does not grow with ``E`` beyond the
+kept outputs and the result. The choice, and why, is logged (INFO) and kept in the
+meta (``solver``, ``solver_reason``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._engine import progress_bar
 from ..attributions import Attributions
 from ..errors import FitError
-from . import _stats
+from . import _cost, _gcv, _rows, _stats
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PRIOR_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+SOLVERS = ("auto", "eig", "dual")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -80,10 +92,8 @@ def _group_labels(src: _stats.Source, groups: Sequence[Any] | None) -> list[str]
     return [str(g) for g in groups]
 
 
-def _prior_matrix(
-    src: _stats.Source, prior: Any, dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """The prior mean as (N, E) in ``dtype``, checked against the source."""
+def _prior_matrix(src: _stats.Source, prior: Any) -> Tensor:
+    """The prior mean (E, N), checked against the source (converted a chunk at a time)."""
     N, E = src.n_components, src.n_examples
     if isinstance(prior, Attributions):
         if src.store is not None and list(prior.names) != list(src.names):
@@ -105,7 +115,7 @@ def _prior_matrix(
         )
     if not bool(torch.isfinite(prior).all()):
         raise FitError("prior has non-finite entries; the prior mean must be finite.")
-    return prior.detach().to(device=device, dtype=dtype).T.contiguous()
+    return prior.detach()
 
 
 def _fixed_penalties(
@@ -132,100 +142,99 @@ def _normalised(r: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- GCV path
 
 
-def _gcv_fit(
-    m: _stats.Moments,
-    s: Tensor,
-    W0: Tensor | None,
-    scales: Tensor,
-    grid: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Choose (c, l2) per example by GCV; returns (W (N, E), c (E,), l2 (E,), gcv (E,), grid).
+def _spectrum(
+    solver: str, rows: _rows.Rows, gram: Tensor | None, kernels: Any, cross: Any,
+    s: Tensor, grid: Tensor | None, progress: bool | None,
+) -> _gcv.Primal | _gcv.Dual:  # fmt: skip
+    if solver == "dual":
+        return _gcv.Dual(rows, kernels, s, grid, progress)
+    return _gcv.Primal(rows, gram, s, grid, cross, progress)
 
-    ``s`` (N,) scales the columns (penalty ``1 / s**2`` per component); ``W0`` (N, E) is
-    the prior mean or None; ``scales`` (C,) the candidate ``c``; ``grid`` the ``l2``
-    values, or None for the default relative grid times the mean scaled column variance.
-    """
-    n = m.n
-    mv, my = m.means()
-    Gc = _stats.centered_gram_(m, mv)  # (N, N)
-    Gc.mul_(s[:, None]).mul_(s[None, :])  # S Gc S: ridge on the columns v * s
-    N = Gc.shape[0]
-    if grid is None:
-        var = float(torch.diagonal(Gc).sum()) / (n * N)
-        grid = var * torch.tensor(_stats.DEFAULT_L2_RELATIVE, dtype=Gc.dtype, device=Gc.device)
-    d, Q = torch.linalg.eigh(Gc)  # (N,), (N, N)
-    del Gc
-    F = _stats.ridge_filter(d, n, grid)  # (K, N)
-    d = d.clamp_min(0.0) * (F[0] != 0)  # null directions carry nothing
-    Fd, F2d = F * d, F * F * d  # (K, N)
-    df = 1.0 + Fd.sum(1)  # (K,) with the intercept
-    room = n - df
-    P0 = Q.T @ (_stats.centered_cross_(m, mv, my) * s[:, None])  # (N, E)
-    Szz = _stats.centered_yy(m, my)  # (E,)
-    E = P0.shape[1]
-    if W0 is None:
-        B, scales = None, scales[:1] * 0.0
-    else:
-        B = Q.T @ (W0 / s[:, None])  # (N, E): the prior in the rotated, scaled coordinates
-        BP, BdB = (B * P0).sum(0), (B * B * d[:, None]).sum(0)  # (E,)
-    best = torch.full((E,), float("inf"), dtype=P0.dtype, device=P0.device)
-    best_c = torch.zeros(E, dtype=torch.long, device=P0.device)
-    best_k = torch.zeros(E, dtype=torch.long, device=P0.device)
-    for ci, c in enumerate(scales.tolist()):
-        if B is None:
-            Pc, Szc = P0, Szz
-        else:
-            Pc = P0 - c * d[:, None] * B  # rotated cross-products of y - c V w0
-            Szc = Szz - 2.0 * c * BP + c * c * BdB
-        P2 = Pc * Pc
-        rss = (Szc[None] - 2.0 * (F @ P2) + F2d @ P2).clamp_min(0.0)  # (K, E)
-        gcv = n * rss / room.clamp_min(1e-12)[:, None] ** 2
-        gcv = torch.where(room[:, None] > 0.5, gcv, torch.full_like(gcv, float("inf")))
-        value, k = gcv.min(0)
-        better = value < best
-        best = torch.where(better, value, best)
-        best_c = torch.where(better, torch.full_like(best_c, ci), best_c)
-        best_k = torch.where(better, k, best_k)
-    c = scales[best_c]  # (E,)
-    Pc = P0 if B is None else P0 - d[:, None] * B * c[None, :]
-    U = Q @ (F[best_k].T * Pc)  # (N, E) scaled deviations from the prior
-    if B is not None:
-        U = U + (W0 / s[:, None]) * c[None, :]
-    return U * s[:, None], c, grid[best_k], best, grid
+
+def _gcv_fit(
+    spec: _gcv.Primal | _gcv.Dual,
+    prior: Tensor | None,
+    scales: Tensor,
+    *,
+    chunk: int,
+    progress: bool | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Choose (c, l2) per example by GCV; returns (W (E, N) float32, bias (E,), c (E,),
+    l2 (E,), gcv (E,)), a chunk of examples at a time."""
+    E, N = spec.my.shape[0], spec.mv.shape[0]
+    dtype, device = spec.mv.dtype, spec.mv.device
+    weights = torch.empty(E, N, dtype=torch.float32, device=device)
+    bias = torch.empty(E, dtype=dtype, device=device)
+    c_all = torch.empty(E, dtype=dtype, device=device)
+    k_all = torch.empty(E, dtype=torch.long, device=device)
+    gcv = torch.empty(E, dtype=dtype, device=device)
+    with progress_bar(E, progress, desc="fit: weights", unit="example") as bar:
+        for e0 in range(0, E, chunk):
+            sl = slice(e0, min(e0 + chunk, E))
+            W0 = None if prior is None else prior[sl].T.to(device=device, dtype=dtype)
+            W, c, k, g = spec.select(sl, W0, scales)  # (N, c) ...
+            weights[sl] = W.T.to(torch.float32)
+            bias[sl] = spec.my[sl] - W.T @ spec.mv
+            c_all[sl], k_all[sl], gcv[sl] = c, k, g
+            bar.update(sl.stop - sl.start)
+    return weights, bias, c_all, spec.grid[k_all], gcv
+
+
+def _pilot_rel(
+    spec: _gcv.Primal | _gcv.Dual, scales: Tensor, chunk: int, bar: Any
+) -> Tensor | None:
+    """(N,) mean over examples of each weight squared relative to the example's mean
+    squared weight, from a fit without prior; None if every weight is zero."""
+    E, N = spec.my.shape[0], spec.mv.shape[0]
+    total = torch.zeros(N, dtype=spec.mv.dtype, device=spec.mv.device)
+    used_n = 0
+    for e0 in range(0, E, chunk):
+        bar.update(min(chunk, E - e0))
+        W = spec.select(slice(e0, min(e0 + chunk, E)), None, scales, pilot=True)[0]  # (N, c)
+        W2 = W.mul_(W)  # squared weights
+        q = W2.mean(0)  # (c,) mean squared weight per example
+        used = q > 0
+        total += W2 @ torch.where(used, 1.0 / q.where(used, torch.ones_like(q)), 0.0)
+        used_n += int(used.sum())
+    return total / used_n if used_n else None
 
 
 def _group_scales(
-    m: _stats.Moments, labels: list[str], n_iter: int, grid: Tensor | None
+    make: Any,
+    labels: list[str],
+    n_iter: int,
+    scales: Tensor,
+    chunk: int,
+    n_examples: int,
+    progress: bool | None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Column scales s (N,) and relative penalties per group, by empirical Bayes."""
+    """Column scales s (N,) and relative penalties per group, by empirical Bayes.
+
+    ``make(s)`` builds the spectrum for column scales ``s`` (one eigendecomposition).
+    """
     names = list(dict.fromkeys(labels))
     index = {g: i for i, g in enumerate(names)}
-    gid = torch.tensor([index[g] for g in labels], device=m.sv.device)
-    counts = torch.bincount(gid, minlength=len(names)).to(m.sv.dtype)
-    s = torch.ones(len(labels), dtype=m.sv.dtype, device=m.sv.device)
-    none = torch.zeros(1, dtype=m.sv.dtype, device=m.sv.device)
-    r_group = torch.ones(len(names), dtype=m.sv.dtype, device=m.sv.device)
-    for _ in range(n_iter if len(names) > 1 else 0):
-        W = _gcv_fit(m, s, None, none, grid)[0]  # (N, E) pilot weights
-        q = (W * W).mean(0)  # (E,) mean squared weight per example
-        used = q > 0
-        if not bool(used.any()):
-            break
-        rel = (W[:, used] ** 2 / q[used]).mean(1)  # (N,) pooled over examples
-        tau2 = torch.zeros_like(counts).index_add_(0, gid, rel) / counts  # (G,)
-        tau2 = tau2.clamp_min(float(tau2.max()) * 1e-8)
-        r_group = 1.0 / tau2
-        r = _normalised(r_group[gid])
-        r_group = r_group * (r[0] / r_group[gid[0]])
-        s = r.rsqrt()
+    gid = torch.tensor([index[g] for g in labels], device=scales.device)
+    counts = torch.bincount(gid, minlength=len(names)).to(scales.dtype)
+    s = torch.ones(len(labels), dtype=scales.dtype, device=scales.device)
+    r_group = torch.ones(len(names), dtype=scales.dtype, device=scales.device)
+    iters = n_iter if len(names) > 1 else 0
+    total = iters * n_examples
+    with progress_bar(total, progress, desc="fit: group penalties", unit="example") as bar:
+        for _ in range(iters):
+            rel = _pilot_rel(make(s), scales, chunk, bar)  # (N,) pooled over examples
+            if rel is None:
+                break
+            tau2 = torch.zeros_like(counts).index_add_(0, gid, rel) / counts  # (G,)
+            tau2 = tau2.clamp_min(float(tau2.max()) * 1e-8)
+            r_group = 1.0 / tau2
+            r = _normalised(r_group[gid])
+            r_group = r_group * (r[0] / r_group[gid[0]])
+            s = r.rsqrt()
     return s, {g: float(r_group[i]) for i, g in enumerate(names)}
 
 
 # --------------------------------------------------------------------------- estimator
-
-
-def _prior_bytes(N: int, E: int, s: int) -> int:
-    return s * (5 * N * N + 7 * N * E) + _stats.WORK_BYTES
 
 
 class PriorRidge:
@@ -255,6 +264,9 @@ class PriorRidge:
         Candidate scales ``c`` of the prior (ignored without a prior).
     n_iter : int
         Empirical-Bayes refits of the group penalties (0: equal penalties).
+    solver : {"auto", "eig", "dual"}
+        ``"eig"``: the ``N x N`` scaled Gram; ``"dual"``: the ``n x n`` scaled kernel
+        (fewer masks than components); ``"auto"``: the faster by estimate that fits.
     device, dtype, max_memory, progress :
         As for :class:`coarpy.regression.RidgePath`.
 
@@ -292,6 +304,7 @@ class PriorRidge:
         l2_grid: Sequence[float] | None = None,
         prior_scales: Sequence[float] = DEFAULT_PRIOR_SCALES,
         n_iter: int = 2,
+        solver: str = "auto",
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float64,
         max_memory: int | None = None,
@@ -303,6 +316,7 @@ class PriorRidge:
         self.l2_grid = l2_grid
         self.prior_scales = prior_scales
         self.n_iter = n_iter
+        self.solver = solver
         self.device = device
         self.dtype = dtype
         self.max_memory = max_memory
@@ -314,44 +328,91 @@ class PriorRidge:
         _stats.check_common(0.0, self.dtype, 0, self.progress)
         if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 0:
             raise FitError(f"n_iter must be an int >= 0, got {self.n_iter!r}.")
+        if self.solver not in SOLVERS:
+            raise FitError(
+                f"solver must be one of {SOLVERS} for method='group', got {self.solver!r}. "
+                "'auto' picks the primal ('eig') or the dual by estimated time and memory."
+            )
         src = _stats.Source(source)
         dev = _stats.resolve_device(self.device, src)
         dtype = self.dtype
         N, E = src.n_components, src.n_examples
         labels = _group_labels(src, self.groups)
-        W0 = None if self.prior is None else _prior_matrix(src, self.prior, dtype, dev)
+        prior = None if self.prior is None else _prior_matrix(src, self.prior)
         scales = _stats.as_grid(self.prior_scales, "prior_scales", dtype, dev)
         grid = None if self.l2_grid is None else _stats.as_grid(self.l2_grid, "l2_grid", dtype, dev)
-        _stats.need_memory(
-            _prior_bytes(N, E, torch.finfo(dtype).bits // 8),
-            _stats.budget(dev, self.max_memory),
-            f"method='group' with {N} components and {E} examples",
-            "Use dtype=torch.float32 (halves it), fewer components, or method='ridge' with "
-            "solver='cg' (bounded memory).",
-        )
-        (every,) = _stats.accumulate(
+        budget = _stats.budget(dev, self.max_memory)
+        n_groups = len(set(labels))
+        iters = 1 + (self.n_iter if self.group_penalties is None and n_groups > 1 else 0)
+        rate = _cost.gemm_rate(dev, dtype)
+
+        def plan(n: int) -> _cost.Plan:
+            shape = _cost.Shape(
+                n=n, n_val=0, N=N, E=E, K=1, s=torch.finfo(dtype).bits // 8,
+                y_bytes=src.Y.element_size() if src.store is None else 4, l2_ratio=1.0,
+                max_iter=1,
+            )  # fmt: skip
+            kw = dict(iters=iters, prior=prior is not None)
+            estimators = {
+                "eig": lambda sh, b: _cost.group_eig(sh, b, **kw),
+                "dual": lambda sh, b: _cost.group_dual(sh, b, groups=n_groups, **kw),
+            }
+            p = _cost.choose(shape, budget, self.solver, rate, estimators)
+            _stats.need_memory(
+                p.estimate.bytes,
+                budget,
+                f"method='group' ({p.solver}) with {N} components, {n} rows and {E} examples",
+                "Use dtype=torch.float32 (halves it), fewer components, or method='ridge' with "
+                "solver='cg' (bounded memory).",
+            )
+            return p
+
+        if src.n_rows:  # refuse up front, before the pass, when nothing fits
+            plan(src.n_rows)
+        rows = _rows.read(
             src,
             validate=False,
             seed=0,
             val_fraction=0.0,
-            with_gram=True,
             device=dev,
             dtype=dtype,
             progress=self.progress,
         )
+        every = rows.parts[0]
         _stats.check_rows([every], validate=False, val_fraction=0.0, need=3)
+        chosen = plan(rows.n)
+        log.info("fit: solver=%s", chosen.log_line)
+        chunk = chosen.estimate.chunk
+        gram = kernels = cross = None
+        if chosen.solver == "dual":
+            index = {g: i for i, g in enumerate(dict.fromkeys(labels))}
+            gid = torch.tensor([index[g] for g in labels])
+            kernels = _gcv.GroupKernels(
+                rows, gid, n_groups, chosen.estimate.keep, dtype, dev, self.progress
+            )
+        else:
+            gram = rows.gram(0, rows.n, dtype, dev, self.progress)
+            cross = _gcv.CrossCache(rows, chosen.estimate.keep, dtype, dev)
+
+        def make(s: Tensor) -> _gcv.Primal | _gcv.Dual:
+            return _spectrum(chosen.solver, rows, gram, kernels, cross, s, grid, self.progress)
+
         if self.group_penalties is not None:
             r = _normalised(_fixed_penalties(labels, self.group_penalties, dtype, dev))
             s = r.rsqrt()
             penalties = {g: float(r[labels.index(g)]) for g in dict.fromkeys(labels)}
         else:
-            s, penalties = _group_scales(every, labels, self.n_iter, grid)
-        W, c, l2, gcv, used_grid = _gcv_fit(every, s, W0, scales, grid)
-        mv, my = every.means()
-        bias = my - W.T @ mv
+            s, penalties = _group_scales(make, labels, self.n_iter, scales, chunk, E, self.progress)
+        spec = make(s)
+        W, bias, c, l2, gcv = _gcv_fit(spec, prior, scales, chunk=chunk, progress=self.progress)
+        used_grid = spec.grid
+        del spec
+        W0 = prior
         meta = {
             "method": "group",
             "selection": "gcv",
+            "solver": chosen.solver,
+            **chosen.meta(),
             "dtype": str(dtype).removeprefix("torch."),
             "n_rows": every.n,
             "l2_grid": used_grid.tolist(),

@@ -213,7 +213,7 @@ def _fit_lasso(
         "val_mse": val_mse.min(0).values.tolist() if val_mse is not None else None,
         **info,
     }
-    return src, _stats.Result(W, bias, l1, val_mse, lam, meta)
+    return src, _stats.Result(W.T, bias, l1, val_mse, lam, meta)
 
 
 class LassoPath:

@@ -20,26 +20,32 @@ Least squares (:class:`LeastSquares`, ``method="ols"``) is ``w = pinv(Vc.T Vc) V
 the pseudo-inverse taken through the same eigendecomposition, whose eigenvalues below
 ``max_eig * N * eps`` count as zero (a component that never varies gets weight 0).
 
-Solvers and memory
-------------------
-With ``N`` components, ``E`` examples and ``s`` bytes per number (8 for float64, 4 for
-float32), the peak memory is about:
+Solvers
+-------
+Everything starts from one streamed pass over the source (:mod:`._rows`): the masks are
+kept bit-packed and the outputs as stored, training rows first; no solver reads the
+source again. Then, with ``n`` rows, ``N`` components and ``E`` examples:
 
-- ``solver="eig"`` with validation: ``s * (6 N**2 + 6 N E)`` bytes: two Grams (training
-  and validation rows), a centred copy, its eigenvectors and the LAPACK workspace
-  (2 N**2); two ``V.T @ Y`` and their rotations into the eigenbasis. The per-``l2``
-  validation work is blocked over examples, so it adds at most ~256 MiB. With one
-  ``l2`` (and for ``"ols"``): ``s * (4 N**2 + 3 N E)``.
-- ``solver="cg"`` (:mod:`coarpy.regression._cg`): never forms an ``N x N`` matrix;
-  ``s * (6 K + 3) * N * c`` bytes plus one block of rows, for ``K`` grid values and
-  chunks of ``c`` examples chosen to fit the budget; ``(2 + 2 * iterations)`` streamed
-  passes per chunk.
+- ``solver="eig"`` (primal): the ``N x N`` Gram of the training rows, one
+  eigendecomposition for the whole grid and the validation errors, then the refit on
+  all rows by one Cholesky factorisation per distinct chosen ``l2`` (:mod:`._refit`).
+  Cheapest when ``N`` is small.
+- ``solver="dual"`` (:mod:`._dual`): the same fit through the ``n x n`` kernel of the
+  masks, ``w = Vc.T (Vc Vc.T + n * l2 * I)^-1 yc``; the same split and the same rule,
+  so it agrees with ``"eig"`` to rounding. Cheapest when masks are fewer than
+  components (the paper's ViT-B/16: 5,000 masks, 82,944 components).
+- ``solver="cg"`` (:mod:`._cg`): conjugate gradients over the kept rows; never forms
+  an ``N x N`` or ``n x n`` matrix. For when both are too large for memory.
+- ``solver="auto"`` estimates the time and memory of each (:mod:`._cost`, which states
+  the formulas), takes the fastest that fits the memory budget, and logs one line
+  (``logging``, INFO, logger ``coarpy.regression.ridge``) saying which and why; the
+  reason is kept in the attributions' meta (``solver``, ``solver_reason``). An explicit
+  solver that does not fit, or ``"auto"`` when none does, raises
+  :class:`~coarpy.errors.FitError` with the bytes needed, before the pass.
 
-Large ``N`` (ViT-B/16: 82,944 components) makes the eigendecomposition infeasible
-(``6 * 8 * 82944**2`` bytes = 330 GB), and ``solver="auto"`` then picks ``"cg"``: it
-picks ``"eig"`` whenever the formula above fits in the memory budget, else ``"cg"``. An
-explicit ``solver="eig"`` that does not fit raises :class:`~coarpy.errors.FitError`
-with the bytes needed before allocating anything.
+Examples are processed in chunks sized to the budget (``example_chunk`` in the meta), so
+``V.T @ Y`` and the weights of many examples (ImageNet: 50,000) are never all held in
+working memory at once; the result itself is written once, as float32.
 """
 
 from __future__ import annotations
@@ -51,34 +57,52 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._engine import progress_bar
 from ..errors import FitError
-from . import _cg, _stats
+from . import _cg, _cost, _dual, _refit, _rows, _stats
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("auto", "eig", "cg")
+SOLVERS = ("auto", "eig", "dual", "cg")
 
 
-# --------------------------------------------------------------------------- memory
+# --------------------------------------------------------------------------- primal
 
 
-def _eig_bytes(N: int, E: int, s: int, *, validate: bool) -> int:
-    """Peak bytes of the eigendecomposition solver (see the module docstring)."""
-    block = _stats.BLOCK_BYTES
-    if validate:
-        return s * (6 * N * N + 6 * N * E) + _stats.WORK_BYTES + block
-    return s * (4 * N * N + 3 * N * E) + _stats.WORK_BYTES + block
+def _low_rank(F: Tensor) -> tuple[Tensor, Tensor]:
+    """F (K, m) = C @ B with C (K, r), B (r, m): a truncated SVD, exact to K * eps."""
+    U, sig, B = torch.linalg.svd(F, full_matrices=False)
+    r = max(1, int((sig > sig[0] * F.shape[0] * torch.finfo(F.dtype).eps).sum()))
+    return U[:, :r] * sig[:r], B[:r]
 
 
-def _chunk(n_cols_per_item: int, s: int, total: int) -> int:
-    return max(1, min(total, _stats.WORK_BYTES // max(1, n_cols_per_item * s)))
+def _errors_chunk(
+    P: Tensor, R: Tensor, Szz: Tensor, F: Tensor, C: Tensor, B: Tensor, H: Tensor, n_val: int
+) -> Tensor:
+    """(K, c) validation mean squared error for one chunk of examples (see below)."""
+    N, c = P.shape
+    r = B.shape[0]
+    linear = F @ (P * R)  # (K, c): a.R for every l2
+    BP = (B.T[:, :, None] * P[:, None, :]).reshape(N, r * c)  # (N, r*c): B[q] * P
+    HBP = (H @ BP).reshape(N, r, c)  # (N, r, c)
+    del BP
+    M = (B @ (HBP * P[:, None, :]).reshape(N, r * c)).reshape(r, r, c)  # (B[p]*P).H(B[q]*P)
+    quad = torch.einsum("kp,kq,pqc->kc", C, C, M)  # (K, c): a.H a for every l2
+    return (Szz[None] - 2.0 * linear + quad) / n_val
 
 
-# --------------------------------------------------------------------------- eig
-
-
-def _validation_errors_eig(train: _stats.Moments, val: _stats.Moments, grid: Tensor) -> Tensor:
-    """(K, E) validation mean squared error of the training-row ridge fit for every l2.
+def _primal_validation(
+    rows: _rows.Rows,
+    grid: Tensor,
+    *,
+    chunk: int,
+    cache: Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool | None,
+) -> tuple[Tensor, float]:
+    """(K, E) validation mean squared error of the training-row ridge fit for every l2,
+    and the smallest eigenvalue that matters for the refit (see :mod:`._refit`).
 
     With w = Q a (Q: eigenvectors of the training Gram, a = F[k] * P the filtered
     projections), the validation error of w is Szz - 2 a.R + a.H a, where R = Q.T Suz and
@@ -89,70 +113,146 @@ def _validation_errors_eig(train: _stats.Moments, val: _stats.Moments, grid: Ten
     F[k, i] = 1 / (d_i + n l2_k) are smooth in l2, so the (K, N) matrix F has numerical
     rank r of about 10 whatever K is: with F = C @ B (a truncated SVD, exact to K * eps)
     a.H a = sum_{p,q} C[k,p] C[k,q] (B[p] * P).H (B[q] * P) needs r products with H, not K.
+
+    ``V.T @ Y`` is formed a chunk of examples at a time; with ``cache`` given (N, E), the
+    all-rows products are kept there for the refit.
     """
-    N = train.sv.shape[0]
-    s = train.sv.element_size()
+    train, val = rows.parts
+    nt, n, N, E = rows.n_train, rows.n, rows.n_components, rows.n_examples
+    s = torch.finfo(dtype).bits // 8
+    train.gram = rows.gram(0, nt, dtype, device, progress)
+    val.gram = rows.gram(nt, n, dtype, device, progress)
     mv, my = train.means()
     Gc = _stats.centered_gram_(train, mv)  # (N, N)
-    d, Q = torch.linalg.eigh(Gc)  # (N,), (N, N)
+    with progress_bar(1, progress, desc=f"fit: eigendecomposition {N}x{N}", unit="") as bar:
+        d, Q = torch.linalg.eigh(Gc)  # (N,), (N, N)
+        bar.update(1)
     del Gc
     Suu = _stats.centered_gram_(val, mv)  # (N, N) validation rows, centred at the training means
     H = Q.T @ Suu
     del Suu
     H = H @ Q  # (N, N)
-    P = Q.T @ _stats.centered_cross_(train, mv, my)  # (N, E)
-    R = Q.T @ _stats.centered_cross_(val, mv, my)  # (N, E)
-    del Q
     Szz = _stats.centered_yy(val, my)  # (E,)
     F = _stats.ridge_filter(d, train.n, grid)  # (K, N)
-    U, sig, B = torch.linalg.svd(F, full_matrices=False)  # F = U diag(sig) B
-    r = max(1, int((sig > sig[0] * F.shape[0] * torch.finfo(F.dtype).eps).sum()))
-    C, B = U[:, :r] * sig[:r], B[:r]  # (K, r), (r, N)
-    K, E = F.shape[0], P.shape[1]
-    out = torch.empty(K, E, dtype=P.dtype, device=P.device)
-    Bt = B.T.contiguous()  # (N, r)
-    step = _chunk(3 * r * N, s, E)  # B * P, H @ (B * P), P * H @ (B * P)
-    for e0 in range(0, E, step):
-        sl = slice(e0, min(e0 + step, E))
-        Pc, Rc = P[:, sl], R[:, sl]  # (N, c)
-        c = Pc.shape[1]
-        linear = F @ (Pc * Rc)  # (K, c): a.R for every l2
-        BP = (Bt[:, :, None] * Pc[:, None, :]).reshape(N, r * c)  # (N, r*c): B[q] * P
-        HBP = (H @ BP).reshape(N, r, c)  # (N, r, c)
-        del BP
-        M = (B @ (HBP * Pc[:, None, :]).reshape(N, r * c)).reshape(r, r, c)  # (B[p]*P).H(B[q]*P)
-        quad = torch.einsum("kp,kq,pqc->kc", C, C, M)  # (K, c): a.H a for every l2
-        out[:, sl] = (Szz[sl][None] - 2.0 * linear + quad) / val.n
-    return out
+    # A component that never varies has an exact zero row in the Gram: a harmless null.
+    constant = int((train.sv - train.n * mv * mv == 0).sum())
+    min_eig = _refit.smallest_relevant(d, N, exact_nulls=constant)
+    C, B = _low_rank(F)
+    K = F.shape[0]
+    out = torch.empty(K, E, dtype=dtype, device=device)
+    inner = max(1, min(chunk, _stats.WORK_BYTES // max(1, 3 * B.shape[0] * N * s)))
+    with progress_bar(E, progress, desc="fit: validation", unit="example") as bar:
+        for e0 in range(0, E, chunk):
+            sl = slice(e0, min(e0 + chunk, E))
+            raw_t = rows.cross(0, nt, sl, dtype, device)  # (N, c)
+            raw_v = rows.cross(nt, n, sl, dtype, device)
+            if cache is not None:
+                torch.add(raw_t, raw_v, out=cache[:, sl])
+            tr = _stats.Moments(train.n, train.sv, train.sy[sl], train.syy[sl], None, raw_t)
+            va = _stats.Moments(val.n, val.sv, val.sy[sl], val.syy[sl], None, raw_v)
+            P = Q.T @ _stats.centered_cross_(tr, mv, my[sl], inplace=True)  # (N, c)
+            R = Q.T @ _stats.centered_cross_(va, mv, my[sl], inplace=True)
+            del raw_t, raw_v
+            for i0 in range(0, P.shape[1], inner):
+                j = slice(i0, i0 + inner)
+                out[:, e0 + i0 : e0 + min(i0 + inner, P.shape[1])] = _errors_chunk(
+                    P[:, j], R[:, j], Szz[sl][j], F, C, B, H, val.n
+                )
+            bar.update(sl.stop - sl.start)
+    return out, min_eig
 
 
-def _solve_eig(m: _stats.Moments, l2: Tensor, choice: Tensor) -> tuple[Tensor, Tensor]:
-    """Ridge on all of m's rows with penalty l2[choice[e]] for example e.
+def _primal(
+    rows: _rows.Rows,
+    grid: Tensor,
+    *,
+    validate: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    plan: _cost.Estimate,
+    progress: bool | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, dict]:
+    """Ridge through the N x N Gram. Returns (weights (E, N) float32, bias (E,),
+    choice (E,), val_mse (K, E) or None, info)."""
+    n, N, E = rows.n, rows.n_components, rows.n_examples
+    cache = None
+    min_eig = 0.0
+    if validate:
+        if plan.keep:
+            cache = torch.empty(N, E, dtype=dtype, device=device)
+        val_mse, min_eig = _primal_validation(
+            rows, grid, chunk=plan.chunk, cache=cache, dtype=dtype, device=device,
+            progress=progress,
+        )  # fmt: skip
+        choice = val_mse.argmin(0)
+        every = rows.parts[0].merge_(rows.parts[1])
+    else:
+        val_mse = None
+        choice = torch.zeros(E, dtype=torch.long, device=device)
+        every = rows.parts[0]
+        every.gram = rows.gram(0, n, dtype, device, progress)
+    mv, my = every.means()
+    Gc = _stats.centered_gram_(every, mv, inplace=True)
+    every.gram = None
+    weights = torch.empty(E, N, dtype=torch.float32, device=device)
+    bias = torch.empty(E, dtype=dtype, device=device)
 
-    Returns (weights (N, E), bias (E,)). Consumes m.gram and m.vty.
-    """
-    mv, my = m.means()
-    N, E = m.vty.shape
-    s = m.sv.element_size()
-    Gc = _stats.centered_gram_(m, mv, inplace=True)
-    m.gram = None
-    d, Q = torch.linalg.eigh(Gc)
-    del Gc
-    P = Q.T @ _stats.centered_cross_(m, mv, my, inplace=True)  # (N, E)
-    m.vty = None
-    F = _stats.ridge_filter(d, m.n, l2)  # (K, N)
-    W = torch.empty_like(P)
-    step = _chunk(2 * N, s, E)
-    for k in torch.unique(choice).tolist():
-        cols = (choice == k).nonzero().squeeze(1)
-        for c0 in range(0, cols.numel(), step):
-            idx = cols[c0 : c0 + step]
-            W[:, idx] = Q @ (F[k][:, None] * P[:, idx])
-    bias = my - W.T @ mv
-    return W, bias
+    def rhs(idx: Tensor) -> Tensor:
+        raw = cache[:, idx] if cache is not None else rows.cross(0, n, idx, dtype, device)
+        m = _stats.Moments(every.n, every.sv, every.sy[idx], every.syy[idx], None, raw)
+        return _stats.centered_cross_(m, mv, my[idx], inplace=True)  # (N, c)
+
+    def done(idx: Tensor, W: Tensor) -> None:
+        weights[idx] = W.T.to(torch.float32)
+        bias[idx] = my[idx] - W.T @ mv
+
+    info = _refit.refit(
+        Gc, n, grid, choice, rhs, done, chunk=plan.chunk, progress=progress, min_eig=min_eig
+    )
+    return weights, bias, choice, val_mse, info
 
 
 # --------------------------------------------------------------------------- the fit
+
+
+def _plan(
+    src: _stats.Source,
+    *,
+    n: int,
+    n_val: int,
+    K: int,
+    dtype: torch.dtype,
+    budget: int | None,
+    solver: str,
+    l2_ratio: float,
+    max_iter: int,
+    rate: float,
+) -> _cost.Plan:
+    """Estimate every solver for this shape; the chosen one, or FitError if it does not fit."""
+    s = torch.finfo(dtype).bits // 8
+    y_bytes = src.Y.element_size() if src.store is None else 4
+    shape = _cost.Shape(
+        n=n, n_val=n_val, N=src.n_components, E=src.n_examples, K=K, s=s, y_bytes=y_bytes,
+        l2_ratio=l2_ratio, max_iter=max_iter,
+    )  # fmt: skip
+    plan = _cost.choose(shape, budget, solver, rate, _cost.ESTIMATORS)
+    if solver != "auto":
+        fixes = {
+            "eig": "Use solver='dual' (fewer masks than components) or solver='cg' "
+            "(bounded memory), dtype=torch.float32 (halves it), or fewer components.",
+            "dual": "Use solver='eig' (fewer components than masks) or solver='cg' "
+            "(bounded memory), dtype=torch.float32 (halves it), or fewer masks.",
+            "cg": "Use fewer l2 values, dtype=torch.float32, or a machine with more memory.",
+        }
+        names = {"eig": "eigendecomposition", "dual": "dual", "cg": "CG"}
+        _stats.need_memory(
+            plan.estimate.bytes,
+            budget,
+            f"The {names[solver]} solver with {src.n_components} components, {n} rows and "
+            f"{src.n_examples} examples",
+            fixes[solver],
+        )
+    return plan
 
 
 @torch.no_grad()
@@ -176,11 +276,13 @@ def _fit_ridge(
     max_iter = _stats.check_max_iter(max_iter)
     tol = _stats.default_tol(tol, dtype, float64=1e-10, float32=1e-5)
     if solver not in SOLVERS:
-        raise FitError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+        raise FitError(
+            f"solver must be one of {SOLVERS}, got {solver!r}. 'auto' picks by estimated "
+            "time and memory."
+        )
     src = _stats.Source(source)
     dev = _stats.resolve_device(device, src)
-    N, E = src.n_components, src.n_examples
-    s = torch.finfo(dtype).bits // 8
+    N = src.n_components
     grid_given = None if l2_grid is None else _stats.as_grid(l2_grid, "l2_grid", dtype, dev)
     validate = grid_given is None or grid_given.numel() > 1
     if validate and val_fraction <= 0:
@@ -189,31 +291,32 @@ def _fit_ridge(
             "val_fraction > 0 (e.g. 0.1) or a single l2 value."
         )
     budget = _stats.budget(dev, max_memory)
-    need = _eig_bytes(N, E, s, validate=validate)
-    if solver == "auto":
-        solver = "eig" if budget is None or need <= budget else "cg"
-        log.info("fit: solver=%s (eig needs %s, budget %s)", solver, _stats.gib(need), budget)
-    if solver == "eig":
-        _stats.need_memory(
-            need,
-            budget,
-            f"The eigendecomposition solver with {N} components and {E} examples",
-            "Use solver='cg' (streams the store, bounded memory), dtype=torch.float32 "
-            "(halves it), or fewer components.",
-        )
-    parts = _stats.accumulate(
+    K = 1 if not validate else (grid_given.numel() if grid_given is not None else 21)
+    rate = _cost.gemm_rate(dev, dtype)
+
+    def ratio(var: float) -> float:  # the smallest penalty over the mask variance
+        if grid_given is None:
+            return float(_stats.DEFAULT_L2_RELATIVE[0])
+        return float(grid_given.min()) / var
+
+    plan_kw = dict(K=K, dtype=dtype, budget=budget, solver=solver, max_iter=max_iter, rate=rate)
+    if src.n_rows:  # refuse up front, before the pass, when nothing fits
+        n_guess = src.n_rows
+        v_guess = max(1, round(val_fraction * n_guess)) if validate else 0
+        _plan(src, n=n_guess, n_val=v_guess, l2_ratio=ratio(0.25), **plan_kw)
+    rows = _rows.read(
         src,
         validate=validate,
         seed=seed,
         val_fraction=val_fraction,
-        with_gram=solver == "eig",
         device=dev,
         dtype=dtype,
         progress=progress,
     )
+    parts = rows.parts
     _stats.check_rows(parts, validate=validate, val_fraction=val_fraction, need=2)
-    n_all = sum(m.n for m in parts)
-    n_val = parts[1].n if validate else 0
+    n_all = rows.n
+    n_val = n_all - rows.n_train if validate else 0
     if method == "ols" and n_all < N + 1:
         raise FitError(
             f"OLS with {N} components and an intercept needs at least {N + 1} finished rows to "
@@ -223,35 +326,23 @@ def _fit_ridge(
     grid = grid_given
     if grid is None:
         grid = var * torch.tensor(_stats.DEFAULT_L2_RELATIVE, dtype=dtype, device=dev)
-    info: dict[str, Any] = {}
+    plan = _plan(src, n=n_all, n_val=n_val, l2_ratio=ratio(var), **plan_kw)
+    log.info("fit: solver=%s", plan.log_line)
+    solver = plan.solver
+    kw = dict(validate=validate, dtype=dtype, device=dev, progress=progress)
     if solver == "eig":
-        if validate:
-            val_mse = _validation_errors_eig(parts[0], parts[1], grid)
-            choice = val_mse.argmin(0)
-            every = parts[0].merge_(parts[1])
-        else:
-            val_mse, every = None, parts[0]
-            choice = torch.zeros(E, dtype=torch.long, device=dev)
-        W, bias = _solve_eig(every, grid, choice)
+        W, bias, choice, val_mse, info = _primal(rows, grid, plan=plan.estimate, **kw)
+    elif solver == "dual":
+        W, bias, choice, val_mse, info = _dual.solve(rows, grid, chunk=plan.estimate.chunk, **kw)
     else:
         W, bias, choice, val_mse, info = _cg.solve(
-            src,
-            parts,
-            grid,
-            validate=validate,
-            seed=seed,
-            val_fraction=val_fraction,
-            device=dev,
-            dtype=dtype,
-            budget=budget,
-            max_iter=max_iter,
-            tol=tol,
-            progress=progress,
+            rows, grid, chunk=plan.estimate.chunk, max_iter=max_iter, tol=tol, **kw
         )
     l2 = grid[choice]
     meta = {
         "method": method,
         "solver": solver,
+        **plan.meta(),
         "dtype": str(dtype).removeprefix("torch."),
         "seed": int(seed),
         "val_fraction": float(val_fraction) if validate else 0.0,
@@ -280,10 +371,12 @@ class RidgePath:
         ``(seed, i)``.
     seed : int
         Seed of the training/validation split.
-    solver : {"auto", "eig", "cg"}
-        ``"eig"``: one eigendecomposition of the Gram (memory ``~ 6 N**2`` numbers).
-        ``"cg"``: conjugate gradients over streamed passes (no ``N x N`` matrix).
-        ``"auto"``: ``"eig"`` if it fits the memory budget, else ``"cg"``.
+    solver : {"auto", "eig", "dual", "cg"}
+        ``"eig"``: the primal, one eigendecomposition of the ``N x N`` Gram.
+        ``"dual"``: the same through the ``n x n`` kernel of the masks (fewer masks than
+        components). ``"cg"``: conjugate gradients over the kept rows (no ``N x N`` or
+        ``n x n`` matrix). ``"auto"``: the fastest by estimate that fits the memory
+        budget (see the module docstring).
     device, dtype :
         Where and in what precision to accumulate and solve (default: the source's device,
         float64).
