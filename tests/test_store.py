@@ -201,7 +201,8 @@ def test_growing_n_masks_recomputes_the_partial_last_block(
     store_copy, tmp_path, trained_cnn, conv, examples
 ):
     old = ComponentDataset(store_copy).meta
-    identity = {k: old[k] for k in ("components", "n_examples", "fingerprint", "data_fingerprint")}
+    keys = ("components", "n_examples", "fingerprint", "structure", "data_fingerprint")
+    identity = {k: old[k] for k in keys}
     grown = ComponentDataset.create(store_copy, **identity, **{**SETTINGS, "n_masks": 11})
     # before the next collect: the old 1-row block 2 is not a finished 3-row block
     assert grown.n_masks == 11 and len(grown) == 6 and grown.missing_blocks() == [2, 3]
@@ -320,7 +321,7 @@ def test_verify_repair_and_collect_restore_the_exact_bytes(store_copy, trained_c
     data = bytearray(ds.block_path(1).read_bytes())
     data[100] ^= 0xFF
     ds.block_path(1).write_bytes(bytes(data))
-    ds.block_path(2).write_bytes(before["b000002.blk"][:-5])
+    ds.block_path(2).write_bytes(before[ds.block_path(2).name][:-5])
     assert ds.verify(repair=True) == [1, 2]
     assert ds.done_blocks() == [0]
     collect(trained_cnn, conv, examples, path=store_copy, progress=False, **SETTINGS)
@@ -383,7 +384,7 @@ def _drop(field):
         (_edit("n_components", 25), r"groups add up to 24 units, but n_components is 25"),
         (_edit("components", [["features.0", "conv", "8"]]), r"\[module, kind, n_units\]"),
         (_edit("components", ["features.0"]), r"\[module, kind, n_units\].*\"features.0\""),
-        (_edit("format_version", 2), r"format version 2; this coarpy reads version 1"),
+        (_edit("format_version", 3), r"format version 3; this coarpy reads versions 1, 2"),
     ],
 )
 def test_hand_edited_meta_is_refused_clearly(store_copy, edit, match):

@@ -31,12 +31,22 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import _checks, _fingerprint
 from . import outputs as _outputs
-from ._engine import ExampleSet, eval_mode, model_device, progress_bar, run_masks
-from .ablation import Ablator
+from ._engine import (
+    ExampleSet,
+    autocast_context,
+    eval_mode,
+    model_device,
+    progress_bar,
+    run_masks,
+)
+from .ablation import MODES, Ablator
 from .attributions import Attributions
 from .components import Components
-from .errors import ComponentError, EvaluationError
+from .correlation import average_ranks as average_ranks
+from .correlation import pearson, spearman, undefined
+from .errors import ArgumentError, ComponentError, EvaluationError
 from .masks import SAMPLERS, sample_masks
 from .store import ComponentDataset
 
@@ -82,81 +92,6 @@ def heldout_masks(
     )  # fmt: skip
 
 
-# -- correlations ----------------------------------------------------------------------
-
-
-def _undefined(*tensors: Tensor) -> Tensor:
-    """Columns where a correlation is undefined: constant or non-finite in any input."""
-    bad = torch.zeros(tensors[0].shape[1:], dtype=torch.bool, device=tensors[0].device)
-    for t in tensors:
-        bad |= (t.amax(0) == t.amin(0)) | ~torch.isfinite(t).all(0)
-    return bad
-
-
-def _pearson(x: Tensor, y: Tensor) -> Tensor:
-    xc = x - x.mean(0)  # (n, E)
-    yc = y - y.mean(0)
-    r = (xc * yc).sum(0) / torch.sqrt((xc * xc).sum(0) * (yc * yc).sum(0))  # (E,)
-    return r.clamp(-1.0, 1.0)
-
-
-def _check_pair(pred: Tensor, true: Tensor) -> tuple[Tensor, Tensor]:
-    if pred.shape != true.shape or pred.ndim < 1 or pred.shape[0] < 2:
-        raise EvaluationError(
-            f"pred and true must have the same shape (n_masks, ...) with n_masks >= 2, got "
-            f"{tuple(pred.shape)} and {tuple(true.shape)}."
-        )
-    return pred.double(), true.double()
-
-
-def average_ranks(x: Tensor) -> Tensor:
-    """Ranks 1..n along dim 0, ties given the average of their ranks (float64).
-
-    Examples
-    --------
-    >>> average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist()
-    [3.5, 1.0, 3.5, 2.0]
-    """
-    n = x.shape[0]
-    values, order = torch.sort(x, dim=0, stable=True)  # (n, ...)
-    pos = torch.arange(n, device=x.device).view(-1, *([1] * (x.ndim - 1))).expand(values.shape)
-    differs = values[1:] != values[:-1]  # (n-1, ...): a new group of ties starts below
-    edge = torch.ones_like(values[:1], dtype=torch.bool)
-    starts = torch.cat([edge, differs])
-    ends = torch.cat([differs, edge])
-    first = torch.where(starts, pos, 0).cummax(0).values  # first position of each tie group
-    last = torch.where(ends, pos, n - 1).flip(0).cummin(0).values.flip(0)
-    mean_rank = (first + last).double() / 2 + 1
-    return torch.empty_like(mean_rank).scatter_(0, order, mean_rank)
-
-
-def pearson(pred: Tensor, true: Tensor) -> Tensor:
-    """Pearson's r along dim 0, per column: (n, E), (n, E) -> (E,) float64.
-
-    Columns where either input is constant or not finite have no correlation: NaN.
-
-    Examples
-    --------
-    >>> pearson(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[2.0], [4.0], [7.0]]))
-    tensor([0.9934], dtype=torch.float64)
-    """
-    x, y = _check_pair(pred, true)
-    return torch.where(_undefined(x, y), torch.nan, _pearson(x, y))
-
-
-def spearman(pred: Tensor, true: Tensor) -> Tensor:
-    """Spearman's rho along dim 0 (Pearson's r of average ranks): (n, E) -> (E,) float64.
-
-    Examples
-    --------
-    >>> spearman(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[2.0], [4.0], [7.0]]))
-    tensor([1.], dtype=torch.float64)
-    """
-    x, y = _check_pair(pred, true)
-    rho = _pearson(average_ranks(x), average_ranks(y))
-    return torch.where(_undefined(x, y), torch.nan, rho)
-
-
 # -- the result --------------------------------------------------------------------------
 
 
@@ -194,6 +129,11 @@ class Evaluation:
     n_constant : per alpha, the number of examples whose true output did not vary over
         the masks. Their correlation is undefined (NaN) and summaries leave them out.
     meta : how the masks were made (seed, sampler, output, mode, source).
+
+    Summaries (:meth:`to_rows`, :meth:`summary`) average every attribution over the
+    same examples: at each alpha, those where every attribution's correlation is
+    defined. An example where one attribution predicts a constant is left out of all
+    of them, and the summary says how many were left out and why.
     """
 
     attribution_names: tuple[str, ...]
@@ -237,28 +177,46 @@ class Evaluation:
         m, a = self._where(attribution, alpha)
         return Correlations(self.pearson[m, a], self.spearman[m, a])
 
+    def common(self, alpha: float | None = None) -> Tensor:
+        """(n_examples,) bool: the examples every attribution is averaged over at
+        ``alpha``, those where all of them have defined correlations."""
+        a = self._where(self.attribution_names[0], alpha)[1]
+        return self._common(a)
+
+    def _common(self, a: int) -> Tensor:
+        undefined = torch.isnan(self.pearson[:, a]) | torch.isnan(self.spearman[:, a])
+        return ~undefined.any(0)
+
+    def _flat_predictions(self, m: int, a: int) -> int:
+        """Examples where attributions ``m`` alone lack a correlation (they predict a
+        constant, or a non-finite value), beyond the constant true outputs."""
+        own = torch.isnan(self.pearson[m, a]) | torch.isnan(self.spearman[m, a])
+        return max(0, int(own.sum()) - self.n_constant[a])
+
     def to_rows(self) -> list[dict[str, Any]]:
         """One dict per (attribution, alpha): counts and mean/median/quartiles of both
         correlations; ``row["attribution"]`` is the name.
 
-        ``n_defined`` examples enter the statistics; the others (constant true output,
-        or attributions predicting a constant) are NaN and left out. Statistics over no
-        example are None.
+        At each alpha every attribution is averaged over the same ``n_defined``
+        examples (:meth:`common`); the others are left out of all of them:
+        ``n_constant`` for a constant true output, and ``n_flat`` where this
+        attribution predicts a constant. Statistics over no example are None.
         """
         rows = []
         for m, name in enumerate(self.attribution_names):
             for a, alpha in enumerate(self.alphas):
-                defined = ~torch.isnan(self.pearson[m, a])
+                common = self._common(a)
                 row: dict[str, Any] = {
                     "attribution": name,
                     "alpha": alpha,
                     "n_masks": self.n_masks,
                     "n_examples": self.n_examples,
-                    "n_defined": int(defined.sum()),
+                    "n_defined": int(common.sum()),
                     "n_constant": self.n_constant[a],
+                    "n_flat": self._flat_predictions(m, a),
                 }
                 for metric in ("pearson", "spearman"):
-                    stats = _quartiles(getattr(self, metric)[m, a])
+                    stats = _quartiles(getattr(self, metric)[m, a][common])
                     row.update({f"{metric}_{k}": v for k, v in stats.items()})
                 rows.append(row)
         return rows
@@ -299,14 +257,21 @@ class Evaluation:
         excluded = [
             f"alpha={alpha:g}: {n}" for alpha, n in zip(self.alphas, self.n_constant, strict=True)
         ]
+        lines += ["", "n = examples every attribution is averaged over (all correlations defined)."]
         if any(self.n_constant):
-            lines += [
-                "",
-                "n = examples with a defined correlation. Left out for a constant true "
-                f"output over the masks: {', '.join(excluded)}.",
-            ]
-        else:
-            lines += ["", "n = examples with a defined correlation."]
+            lines.append(
+                f"Left out for a constant true output over the masks: {', '.join(excluded)}."
+            )
+        flat = [
+            f"{r['attribution']!r} at alpha={r['alpha']:g}: {r['n_flat']}"
+            for r in rows
+            if r["n_flat"]
+        ]
+        if flat:
+            lines.append(
+                "Left out of every average where an attribution predicts a constant output: "
+                f"{', '.join(flat)}."
+            )
         lines.append("p_ = Pearson, s_ = Spearman; q25/q75 are the quartiles.")
         return "\n".join(lines)
 
@@ -466,14 +431,14 @@ def _correlate(
     named: dict[str, Attributions], keep: Tensor, true: Tensor
 ) -> tuple[Tensor, Tensor, int]:
     """(pearson (A, E), spearman (A, E), n_constant) for masks keep (n, N) and true (n, E),
-    over the A attributions."""
+    over the A attributions; n_constant counts constant (or non-finite) true outputs."""
     true = true.double().cpu()
     pearsons, spearmans = [], []
     for attr in named.values():
         pred = attr.predict(keep).double().cpu()  # (n, E)
         pearsons.append(pearson(pred, true))
         spearmans.append(spearman(pred, true))
-    constant = int((true.amax(0) == true.amin(0)).sum())
+    constant = int(undefined(true).sum())
     return torch.stack(pearsons), torch.stack(spearmans), constant
 
 
@@ -513,7 +478,9 @@ def evaluate(
     device: torch.device | str | None = None,
     mode: str = "zero",
     means: dict[str, Tensor] | None = None,
+    autocast: str | None = None,
     progress: bool | None = None,
+    check: bool = True,
 ) -> Evaluation:
     """Correlate predicted and true outputs on fresh masks, per example and alpha.
 
@@ -533,8 +500,12 @@ def evaluate(
     n_masks : held-out masks per alpha (at least 3).
     seed, sampler : the held-out mask sequence; masks come from stream
         ``heldout_stream(alpha)``, never collection's stream 0.
-    batch_size, device, mode, means, progress : as for ``collect``. A batch_size
-        larger than the example set runs several masks per forward pass.
+    batch_size, device, mode, means, autocast, progress : as for ``collect``. A
+        batch_size larger than the example set runs several masks per forward pass.
+    check : compare the model and settings with what each Attributions records (its
+        ``meta``, or the store it was fitted on): the weights, the model's structure,
+        the output function and its code, mode, means, autocast and the examples.
+        ``check=False`` evaluates anyway.
 
     Returns
     -------
@@ -543,7 +514,9 @@ def evaluate(
     Raises
     ------
     ComponentError : the attributions were fitted for other components.
-    EvaluationError : bad alphas or n_masks, or another number of examples.
+    EvaluationError : bad alphas or n_masks, another number of examples, or (with
+        ``check``) attributions recorded under another model or other settings.
+    ArgumentError : a bad seed, sampler, batch_size, device, mode or autocast.
 
     Examples
     --------
@@ -565,20 +538,36 @@ def evaluate(
     n_masks = _check_n_masks(n_masks)
     if sampler not in SAMPLERS:
         raise EvaluationError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+    _checks.seed(seed)
+    _checks.device(device)
+    _checks.choice(mode, "mode", MODES)
+    _checks.flag(check, "check")
+    _checks.optional_flag(progress, "progress")
+    if not isinstance(components, Components):
+        raise ArgumentError(
+            f"components must be a coarpy.Components, got {type(components).__name__}."
+        )
     _check_names(named, components.names, "these components")
     output_fn = _outputs.resolve(output)
     if device is not None:
         model.to(device)
     device = model_device(model)
+    cast = autocast_context(device, autocast)
     examples = ExampleSet(data, device, batch_size)
+    examples.check_labels(output_fn)
     _check_examples(named, examples.n_examples, "data")
+    actual = _fingerprint.record(
+        model, output_fn, mode=mode, means=means, autocast=autocast,
+        data_fingerprint=examples.fingerprint(),
+    )  # fmt: skip
+    _checks.check_attributions(named, actual, check=check, error=EvaluationError, use="evaluate")
 
     step = examples.pack * -(-_CHUNK // examples.pack)
     per_alpha = []
     ablator = Ablator(model, components, mode=mode, means=means)
     bar = progress_bar(len(alphas) * -(-n_masks // step), progress, desc="evaluate")
     try:
-        with eval_mode(model, "evaluate"), ablator, torch.inference_mode():
+        with eval_mode(model, "evaluate"), ablator, torch.inference_mode(), cast:
             for alpha in alphas:
                 keep = heldout_masks(
                     n_masks, len(components), alpha=alpha, seed=seed, sampler=sampler
@@ -600,12 +589,16 @@ def evaluate(
         "streams": [heldout_stream(a) for a in alphas],
         "output": _outputs.name_of(output_fn),
         "mode": mode,
+        "autocast": autocast,
     }
     return _build(named, alphas, n_masks, per_alpha, meta)
 
 
 def evaluate_store(
-    attributions: Attributions | Mapping[str, Attributions], ds: ComponentDataset
+    attributions: Attributions | Mapping[str, Attributions],
+    ds: ComponentDataset,
+    *,
+    check: bool = True,
 ) -> Evaluation:
     """Correlate predicted and true outputs on masks already collected into ``ds``.
 
@@ -617,15 +610,28 @@ def evaluate_store(
     ----------
     attributions : an Attributions (named ``"coar"``), or a mapping of names to them.
     ds : the held-out store, over the same components and examples.
+    check : compare the store's model and settings with what each Attributions
+        records, as ``evaluate`` does; ``check=False`` evaluates anyway.
 
     Raises
     ------
     ComponentError : the store's components differ from the attributions'.
-    EvaluationError : fewer than 3 finished rows, or another number of examples.
+    EvaluationError : fewer than 3 finished rows, another number of examples, or
+        (with ``check``) a store collected under another model or other settings.
     """
     named = _named(attributions)
+    if not isinstance(ds, ComponentDataset):
+        raise ArgumentError(
+            f"ds must be a ComponentDataset (the held-out store), got {type(ds).__name__}. "
+            "Open one with coarpy.ComponentDataset(path)."
+        )
+    _checks.flag(check, "check")
     _check_names(named, ds.names, f"the store {ds.path}")
     _check_examples(named, ds.n_examples, f"the store {ds.path}")
+    actual = {k: ds.meta[k] for k in _checks.RECORDED if k in ds.meta}
+    _checks.check_attributions(
+        named, actual, check=check, error=EvaluationError, use="evaluate_store"
+    )
     n_done = len(ds)
     if n_done < 3:
         raise EvaluationError(

@@ -68,9 +68,7 @@ def launch(
             "n_workers (its devices come from the cluster)."
         )
     if launcher == "slurm":
-        return slurm.launch(
-            config, n_workers=n_workers or 1, restarts=restarts, progress=progress
-        )
+        return slurm.launch(config, n_workers=n_workers or 1, restarts=restarts, progress=progress)
     return ray.launch(config, n_workers=n_workers, restarts=restarts, progress=progress)
 
 

@@ -120,5 +120,3 @@ def _rate(ds: ComponentDataset) -> float | None:
         return None
     rows = sum(ds.block_rows(b)[1] - ds.block_rows(b)[0] for _, b in window[1:])
     return rows / (last - start)
-
-

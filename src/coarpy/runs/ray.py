@@ -170,4 +170,3 @@ def launch(
             ray_lib.kill(actor)
     save_config(cfg)
     return ComponentDataset(cfg.path)
-

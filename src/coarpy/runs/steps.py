@@ -73,8 +73,7 @@ def evaluate_run(
     unknown = [name for name in baselines if name not in known]
     if unknown:
         raise ConfigError(
-            f"Unknown baseline(s) {', '.join(map(repr, unknown))}. Choose from "
-            f"{', '.join(known)}."
+            f"Unknown baseline(s) {', '.join(map(repr, unknown))}. Choose from {', '.join(known)}."
         )
     cfg = load_config(run)
     setup = cfg.build()
