@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from coarpy import _fs
-from coarpy.errors import ArgumentError
+from coarpy.errors import ArgumentError, StorageError
 
 fsspec = pytest.importorskip("fsspec")
 
@@ -67,7 +67,7 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_file(tmp_pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageError, match="disk .* is full .*No space left.*No partial file"):
         _fs.atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]

@@ -78,7 +78,7 @@ def _open_new(tmp: Path) -> int:
 def storage_error(err: OSError, path: object, nbytes: int) -> StorageError:
     """A StorageError for a failed write of ``nbytes`` to ``path``, saying what to do."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        why = "the disk (or your quota) is full"
+        why = f"the disk (or your quota) is full ({err.strerror or err})"
         fix = "Free space or move the run to a larger disk, then run the same command again"
     elif err.errno == errno.EROFS:
         why = "the filesystem is read-only"
@@ -159,12 +159,13 @@ def write_new(target: Path | RemotePath, data: bytes) -> bool:
             os.unlink(tmp)
 
 
-def _alive_here(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if process ``pid`` exists on this host and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError, ValueError):
         return True
     with contextlib.suppress(OSError, IndexError):
         # /proc/PID/stat: "pid (comm) S ...": a zombie is dead
@@ -196,7 +197,7 @@ def sweep_temp(folder: Path | RemotePath, *, older_than: float = STALE_TEMP_S) -
         except FileNotFoundError:
             continue
         m = _TEMP.match(entry.name)
-        dead = m is not None and m["host"] == host and not _alive_here(int(m["pid"]))
+        dead = m is not None and m["host"] == host and not pid_alive(int(m["pid"]))
         if dead or now - info.st_mtime > older_than:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)

@@ -37,7 +37,7 @@ from ._engine import (
 )
 from .ablation import MODES, Ablator
 from .components import Components
-from .errors import ArgumentError, CoarError, CollectError
+from .errors import ArgumentError, CoarError, CollectError, SplitError
 from .masks import SAMPLERS, sample_masks
 from .store import ComponentDataset
 
@@ -106,10 +106,23 @@ def collect(
         compiling takes seconds to minutes and fused kernels round differently, so
         outputs agree with eager ones to float tolerance, not bit for bit.
 
+    Every argument is checked before the model runs or anything is written. The store
+    records what each row depends on (the model's weights and structure, the output
+    function and its code, mode and means, autocast, dtype, sampler, seed, the
+    examples, a ``Split`` prefix) and refuses a resume under anything else; device,
+    batch size and a module-path prefix change rounding only and may differ between
+    workers. On a resume every finished block of this worker's part is checked once
+    (its checksum) and recomputed if damaged.
+
     Raises
     ------
+    ArgumentError : a bad argument (the message names it and says what to give).
+    DataError : unusable data, or labels a class-index output would misread.
     StoreMismatchError : the store at ``path`` was built with other settings.
     CollectError : a block failed; the message names it and the cause is chained.
+        Also a non-finite output (or one beyond float16's range with
+        ``dtype="float16"``) unless ``allow_nonfinite``.
+    StorageError : a block could not be written (disk full); nothing partial is left.
     """
     settings = _check_args(
         model=model, components=components, output=output, path=path, n_masks=n_masks,
@@ -251,9 +264,9 @@ def _check_args(**args: Any) -> dict[str, Any]:
     _checks.optional_flag(args["progress"], "progress")
     prefix = args["prefix"]
     if prefix is not None and not isinstance(prefix, (str, _prefix.Split)):
-        raise ArgumentError(
+        raise SplitError(
             f"prefix must be a module path (str) or a coarpy.prefix.Split, got "
-            f"{type(prefix).__name__}."
+            f"{type(prefix).__name__}. For two callables write Split(prefix_fn, suffix_fn)."
         )
     try:
         output_fn = _outputs.resolve(args["output"])
@@ -265,10 +278,18 @@ def _check_args(**args: Any) -> dict[str, Any]:
 
 
 def _prefix_name(prefix: str | _prefix.Split | None) -> str | None:
-    """How the store records ``prefix``: the module path, or the Split's description."""
+    """How the store's identity records ``prefix``.
+
+    A module path only caches the input of a module inside nested Sequentials: the
+    same modules run on the same tensors, so like ``batch_size`` it changes no row
+    (rounding aside) and a store may be resumed with or without it: None. A Split is
+    user code whose cut is verified on a few examples only: its description and the
+    code of its two parts.
+    """
     if prefix is None or isinstance(prefix, str):
-        return prefix
-    return f"split: {prefix.where}"
+        return None
+    code = [_fingerprint.output_fingerprint(f) for f in (prefix.prefix, prefix.suffix)]
+    return f"split: {prefix.where} {'/'.join(code)}"
 
 
 def _plan(
