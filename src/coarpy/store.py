@@ -398,12 +398,14 @@ class ComponentDataset:
                 f"Block {block} needs outputs of shape ({n_rows}, {self.n_examples}), got "
                 f"{tuple(outputs.shape)}."
             )
+        with np.errstate(over="ignore"):  # collect refuses overflow unless asked to keep it
+            values = outputs.detach().cpu().numpy().astype(self._np_dtype)
         body = b"".join(
             [
                 _MAGIC[self.version],
                 _HEADER[self.version].pack(*self._expected_header(block)),
                 _masks.pack(keep).tobytes(),
-                outputs.detach().cpu().numpy().astype(self._np_dtype).tobytes(),
+                values.tobytes(),
             ]
         )
         return body + hashlib.sha256(body).digest()
