@@ -106,8 +106,10 @@ def atomic_write(path: Path | RemotePath, data: bytes) -> None:
         path.write_bytes(data)
         return
     tmp = temp_name(path)
+    created = False
     try:
         fd = _open_new(tmp)
+        created = True
         try:
             _write_all(fd, data)
             os.fsync(fd)
@@ -115,8 +117,9 @@ def atomic_write(path: Path | RemotePath, data: bytes) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if created:  # never remove what another process put at that name
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         if isinstance(err, OSError) and not isinstance(err, StorageError):
             raise storage_error(err, path, len(data)) from err
         raise
@@ -140,8 +143,10 @@ def write_new(target: Path | RemotePath, data: bytes) -> bool:
     if isinstance(target, RemotePath):
         return target._write_new(data)
     tmp = temp_name(target)
+    created = False
     try:
         fd = _open_new(tmp)
+        created = True
         try:
             _write_all(fd, data)
             os.fsync(fd)
@@ -155,8 +160,9 @@ def write_new(target: Path | RemotePath, data: bytes) -> bool:
     except OSError as err:
         raise storage_error(err, target, len(data)) from err
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def pid_alive(pid: int) -> bool:
