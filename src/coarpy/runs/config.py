@@ -229,9 +229,11 @@ class Setup:
 def load_config(source: RunConfig | str | os.PathLike) -> RunConfig:
     """The run configuration ``source`` names: itself, a TOML file, or a run directory.
 
-    A run directory holds its configuration as ``config.toml``; a URL such as
+    A run directory holds its configuration as ``config.toml``; its store is the
+    directory itself (the ``path`` the file records is replaced by it, so a run that
+    was moved or copied is resumed where it is, never where it was). A URL such as
     ``s3://bucket/run/config.toml`` is read with fsspec. This is the only place a
-    configuration is read.
+    configuration is read; nothing it names is imported.
 
     Raises
     ------
@@ -256,7 +258,11 @@ def load_config(source: RunConfig | str | os.PathLike) -> RunConfig:
             f"No run configuration at {file}. Pass a TOML configuration file, a run "
             "directory made by `coar collect CONFIG`, or a coarpy.runs.RunConfig."
         ) from None
-    return RunConfig.from_text(text, where=str(file))
+    cfg = RunConfig.from_text(text, where=str(file))
+    if is_run and cfg.path != str(where):
+        # a run directory's store is the directory itself, wherever it was moved or copied
+        cfg = dataclasses.replace(cfg, path=str(where))
+    return cfg
 
 
 def build(run: RunConfig | str | os.PathLike) -> Setup:
@@ -292,17 +298,28 @@ def save_config(cfg: RunConfig) -> None:
     """Keep the configuration next to the run, as ``RUN/config.toml``.
 
     Workers finishing together write the same text; each write is atomic, and an
-    unchanged file is not rewritten.
+    unchanged file is not rewritten. A worker of a run that has grown since it started
+    (a saved configuration equal but for a larger ``n_masks``) leaves the file alone.
     """
     run = layout.where(cfg.path)
     run.mkdir(parents=True, exist_ok=True)
     target = run / layout.CONFIG
     text = cfg.to_toml()
     try:
-        if target.read_text() == text:
-            return
+        saved = target.read_text()
     except FileNotFoundError:
-        pass
+        saved = None
+    if saved == text:
+        return
+    if saved is not None:
+        try:
+            kept = RunConfig.from_text(saved)
+        except ConfigError:
+            kept = None
+        if kept is not None and kept.n_masks > cfg.n_masks:
+            grown = dataclasses.replace(cfg, n_masks=kept.n_masks, path=kept.path)
+            if grown == kept:
+                return
     _fs.atomic_write(target, text.encode())
 
 
