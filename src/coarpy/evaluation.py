@@ -245,7 +245,14 @@ class Evaluation:
         path = Path(path)
         fix = "Evaluate again (coar evaluate RUN) to rewrite it."
         try:
-            doc = json.loads(path.read_bytes().decode())
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise EvaluationError(
+                f"No saved evaluation at {path}. Evaluate first (coar evaluate RUN, or "
+                "Evaluation.save)."
+            ) from None
+        try:
+            doc = json.loads(raw.decode())
         except (UnicodeDecodeError, ValueError) as err:
             raise EvaluationError(f"{path} is not valid JSON ({err}). {fix}") from None
         if not isinstance(doc, dict) or doc.get("format") != "coarpy.evaluation":

@@ -247,8 +247,8 @@ def load_config(source: RunConfig | str | os.PathLike) -> RunConfig:
     is_run = where.is_dir()
     file = where / layout.CONFIG if is_run else where
     try:
-        text = file.read_text()
-    except FileNotFoundError:
+        raw = file.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
         if is_run:
             raise ConfigError(
                 f"{source} has no {layout.CONFIG}. Runs started from Python have none: use "
@@ -257,6 +257,12 @@ def load_config(source: RunConfig | str | os.PathLike) -> RunConfig:
         raise ConfigError(
             f"No run configuration at {file}. Pass a TOML configuration file, a run "
             "directory made by `coar collect CONFIG`, or a coarpy.runs.RunConfig."
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{file} is not valid TOML: it is not UTF-8 text ({err}). Restore the file."
         ) from None
     cfg = RunConfig.from_text(text, where=str(file))
     if is_run and cfg.path != str(where):
