@@ -134,12 +134,13 @@ class ExampleSet:
             )
         try:
             batches = [B.to_device(b, device) for b in B.as_batches(data, batch_size)]
+            sizes = [B.batch_size(b) for b in batches]
         except TypeError as err:
             raise DataError(f"data cannot be read as batches: {err}") from err
         if not batches:
             raise DataError("data yielded no batches; pass a non-empty DataLoader or list.")
-        self.n_examples = sum(B.batch_size(b) for b in batches)
-        largest = max(B.batch_size(b) for b in batches)
+        self.n_examples = sum(sizes)
+        largest = max(sizes)
         self.batch_size = batch_size or largest
         self.whole = B.concat(batches) if len(batches) > 1 else batches[0]
         self.batches = B.split(self.whole, self.batch_size)

@@ -12,6 +12,7 @@ uses that for run directories: workers, lease claiming, heartbeats and launchers
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _checks, _fingerprint
+from . import _checks, _fingerprint, _fs
 from . import outputs as _outputs
 from . import prefix as _prefix
 from ._engine import (
@@ -132,6 +133,8 @@ def collect(
         overwrite=overwrite, progress=progress, prefix=prefix, compile_model=compile_model,
     )  # fmt: skip
     output_fn, shard = settings["output_fn"], settings["shard"]
+    if isinstance(blocks, Collection):  # checked whole before anything is written
+        _check_blocks(blocks, _n_blocks_after(path, n_masks, block_size))
     if sampler == "exact":
         warnings.warn(
             "sampler='exact' ablates the same number of components in every mask, so a "
@@ -275,6 +278,19 @@ def _check_args(**args: Any) -> dict[str, Any]:
     except (ValueError, TypeError) as err:
         raise ArgumentError(str(err)) from err
     return {"output_fn": output_fn, "shard": _checks.shard(args["shard"])}
+
+
+def _n_blocks_after(path: str | os.PathLike, n_masks: int, block_size: int) -> int:
+    """How many blocks the store at ``path`` will have once ``n_masks`` is asked for (an
+    existing store keeps a larger n_masks); read only, nothing is written."""
+    existing = n_masks
+    try:
+        meta = json.loads((_fs.path(path) / "meta.json").read_text())
+        if isinstance(meta.get("n_masks"), int):
+            existing = max(existing, meta["n_masks"])
+    except (OSError, ValueError, AttributeError):
+        pass  # no store yet, or one the store itself will refuse with a clear message
+    return -(-existing // block_size)
 
 
 def _prefix_name(prefix: str | _prefix.Split | None) -> str | None:

@@ -146,7 +146,6 @@ def launch(
     cfg = load_config(run)
     slots_devices = parse_devices(devices)
     check_restarts(restarts)
-    logs = log_dir(cfg)
     n = len(slots_devices)
     if threads is None:
         threads = max(1, _cores() // n)
@@ -155,6 +154,8 @@ def launch(
     _checks.flag(claim, "claim")
     _checks.number(lease_s, "lease_s", positive_only=True, fix="e.g. lease_s=120.")
     _checks.number(poll_s, "poll_s", positive_only=True, fix="e.g. poll_s=0.5.")
+    _checks.optional_flag(progress, "progress")
+    logs = log_dir(cfg)  # the first thing written: after every argument is checked
     slots = [_Slot(k, dev, logs / f"worker-{k}.log") for k, dev in enumerate(slots_devices)]
     text = cfg.to_toml()
 
