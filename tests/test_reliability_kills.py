@@ -46,6 +46,7 @@ def _child(path: Path) -> int:
     return pid
 
 
+@pytest.mark.slow  # about 20 s: the longest campaign
 def test_sigkills_at_random_moments_never_change_the_resumed_store(tmp_path):
     made = tiny_setup()
     collect(made["model"], made["components"], made["data"], path=tmp_path / "reference",
