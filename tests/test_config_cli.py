@@ -261,7 +261,7 @@ BAD_COMMANDS = {
     "report of nothing": (lambda c, t: ["report", str(t / "x")], r"is not a directory"),
     "not a number": (
         lambda c, t: ["evaluate", str(t), "--n-masks", "many"],
-        r"argument --n-masks: invalid int value: 'many'",
+        r"argument --n-masks: expected an integer >= 3, got 'many'",
     ),
     "unknown command": (lambda c, t: ["frobnicate"], r"invalid choice: 'frobnicate'"),
     "no command": (lambda c, t: [], r"the following arguments are required: command"),
@@ -271,7 +271,35 @@ BAD_COMMANDS = {
     ),
     "negative restarts": (
         lambda c, t: ["collect", str(c), "--launcher", "local", "--restarts", "-1"],
-        r"restarts must be an int >= 0",
+        r"argument --restarts: expected an integer >= 0, got -1",
+    ),
+    "no workers": (
+        lambda c, t: ["collect", str(c), "--launcher", "slurm", "--workers", "0"],
+        r"argument --workers: expected an integer >= 1, got 0",
+    ),
+    "demo with no masks": (
+        lambda c, t: ["demo", "--out", str(t / "demo"), "--n-masks", "0"],
+        r"argument --n-masks: expected an integer >= 1, got 0",
+    ),
+    "demo with a negative seed": (
+        lambda c, t: ["demo", "--out", str(t / "demo"), "--seed", "-1"],
+        r"argument --seed: expected an integer >= 0, got -1",
+    ),
+    "evaluate with 2 masks": (
+        lambda c, t: ["evaluate", str(t), "--n-masks", "2"],
+        r"argument --n-masks: expected an integer >= 3, got 2",
+    ),
+    "edit before fit": (
+        lambda c, t: ["edit", str(t), "--targets", "0", "--k", "2"],
+        r"has no fitted attributions yet",
+    ),
+    "edit with a negative k": (
+        lambda c, t: ["edit", str(t), "--targets", "0", "--k", "-2"],
+        r"argument --k: expected an integer >= 0, got -2",
+    ),
+    "worker with a bad shard": (
+        lambda c, t: ["worker", str(t), "--shard", "2/2"],
+        r"argument --shard: expected k/K such as 0/4, got '2/2'",
     ),
     "factory raises on import": (
         lambda c, t: [

@@ -34,6 +34,24 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (a bad one is a one-line usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def _shard(text: str) -> tuple[int, int]:
     from .runs import parse_shard
 
@@ -53,10 +71,12 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole method on real data in a few minutes (CPU)")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    d.add_argument("--n-masks", type=int, default=None, help="training masks")
-    d.add_argument("--eval-masks", type=int, default=None, help="held-out masks per alpha")
-    d.add_argument("--n-examples", type=int, default=None, help="held-out digits to attribute")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n-masks", type=_at_least(1), default=None, help="training masks")
+    d.add_argument("--eval-masks", type=_at_least(3), default=None, help="held-out masks per alpha")
+    d.add_argument(
+        "--n-examples", type=_at_least(1), default=None, help="held-out digits to attribute"
+    )
+    d.add_argument("--seed", type=_at_least(0), default=0)
 
     c = sub.add_parser("collect", help="collect (or resume) a component dataset from CONFIG")
     c.add_argument("config", help="TOML run configuration (see coarpy.runs.config)")
@@ -69,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         "--devices", default=None,
         help="local launcher: cuda:0,cuda:1 or cpu:N (one process each; default cpu:1)",
     )  # fmt: skip
-    c.add_argument("--workers", type=int, default=None, help="slurm tasks / ray actors")
-    c.add_argument("--restarts", type=int, default=2, help="restarts of a dead worker")
+    c.add_argument("--workers", type=_at_least(1), default=None, help="slurm tasks / ray actors")
+    c.add_argument("--restarts", type=_at_least(0), default=2, help="restarts of a dead worker")
 
     w = sub.add_parser("worker", help="fill this worker's blocks of an existing run")
     w.add_argument("run", help="run directory made by `coar collect`")
@@ -96,8 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="held-out correlation of a run's attributions")
     e.add_argument("run")
     e.add_argument("--alphas", type=float, nargs="+", default=None)
-    e.add_argument("--n-masks", type=int, default=100)
-    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--n-masks", type=_at_least(3), default=100)
+    e.add_argument("--seed", type=_at_least(0), default=1)
     e.add_argument(
         "--baselines",
         nargs="*",
@@ -118,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         "--references", type=int, nargs="+", default=None, metavar="I",
         help="indices of the examples to keep (default: every other example)",
     )  # fmt: skip
-    ed.add_argument("--k", type=int, required=True, help="number of components to ablate")
+    ed.add_argument("--k", type=_at_least(0), required=True, help="number of components to ablate")
     ed.add_argument(
         "--direction", choices=("raise", "lower"), default="raise",
         help="raise (default) or lower the target outputs relative to the references",
