@@ -191,6 +191,20 @@ def mapping(value: Any, name: str) -> Mapping:
     return value
 
 
+def module(value: Any, name: str = "model") -> torch.nn.Module:
+    """The ``torch.nn.Module`` to run: ``value`` itself, or the module a wrapper holds
+    as ``_module`` (an nnsight envoy)."""
+    if isinstance(value, torch.nn.Module):
+        return value
+    inner = getattr(value, "_module", None)
+    if isinstance(inner, torch.nn.Module):
+        return inner
+    raise ArgumentError(
+        f"{name} must be a torch.nn.Module (or an nnsight wrapper of one), got "
+        f"{type(value).__name__}. Pass the model itself."
+    )
+
+
 def _tail(fix: str) -> str:
     return f" {fix}" if fix else ""
 

@@ -65,11 +65,10 @@ def _meta(method: str, model: nn.Module, examples: ExampleSet, output_fn, **sett
 
 def _prepare(
     model: nn.Module, components: Any, data: Iterable, **args: Any
-) -> tuple[Any, torch.device, ExampleSet, Any]:
-    """Check the arguments a baseline shares with ``collect``; (output fn, device,
+) -> tuple[nn.Module, Any, torch.device, ExampleSet, Any]:
+    """Check the arguments a baseline shares with ``collect``; (model, output fn, device,
     examples, autocast context)."""
-    if not isinstance(model, nn.Module):
-        raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    model = _checks.module(model)
     if not isinstance(components, Components):
         raise ArgumentError(
             f"components must be a coarpy.Components, got {type(components).__name__}."
@@ -84,7 +83,7 @@ def _prepare(
     cast = autocast_context(device, args["autocast"])
     examples = ExampleSet(data, device, args["batch_size"])
     examples.check_labels(output_fn)
-    return output_fn, device, examples, cast
+    return model, output_fn, device, examples, cast
 
 
 def leave_one_out(
@@ -126,7 +125,7 @@ def leave_one_out(
     >>> loo.weights.tolist(), loo.bias.tolist()
     ([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], [0.5, 0.5])
     """
-    output_fn, device, examples, cast = _prepare(
+    model, output_fn, device, examples, cast = _prepare(
         model, components, data, output=output, batch_size=batch_size, device=device,
         mode=mode, autocast=autocast, progress=progress,
     )  # fmt: skip
@@ -209,7 +208,7 @@ def gradient(
     >>> grad.weights.tolist(), grad.bias.tolist()
     ([[1.0, 2.0, 6.0]], [0.5])
     """
-    output_fn, device, examples, cast = _prepare(
+    model, output_fn, device, examples, cast = _prepare(
         model, components, data, output=output, batch_size=batch_size, device=device,
         mode=mode, autocast=autocast, progress=progress,
     )  # fmt: skip

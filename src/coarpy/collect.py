@@ -133,6 +133,7 @@ def collect(
         overwrite=overwrite, progress=progress, prefix=prefix, compile_model=compile_model,
     )  # fmt: skip
     output_fn, shard = settings["output_fn"], settings["shard"]
+    model = _checks.module(model)  # an nnsight envoy runs as the module it wraps
     if isinstance(blocks, Collection):  # checked whole before anything is written
         _check_blocks(blocks, _n_blocks_after(path, n_masks, block_size))
     if sampler == "exact":
@@ -236,8 +237,7 @@ def collect(
 def _check_args(**args: Any) -> dict[str, Any]:
     """Check every argument of ``collect`` (ArgumentError) before anything runs or is
     written; the resolved output function and shard."""
-    if not isinstance(args["model"], nn.Module):
-        raise ArgumentError(f"model must be a torch.nn.Module, got {type(args['model']).__name__}.")
+    _checks.module(args["model"])
     if not isinstance(args["components"], Components):
         raise ArgumentError(
             f"components must be a coarpy.Components, got {type(args['components']).__name__}."

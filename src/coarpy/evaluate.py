@@ -295,6 +295,7 @@ def evaluate(
     n_masks = _check_n_masks(n_masks)
     if sampler not in SAMPLERS:
         raise EvaluationError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+    model = _checks.module(model)
     _checks.seed(seed)
     _checks.device(device)
     _checks.choice(mode, "mode", MODES)
