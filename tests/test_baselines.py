@@ -10,7 +10,7 @@ from coarpy.ablation import ablate
 from coarpy.attributions import Attributions
 from coarpy.baselines import gradient, leave_one_out
 from coarpy.components import Components
-from coarpy.errors import ComponentError
+from coarpy.errors import ComponentError, EvaluationError
 from coarpy.evaluate import evaluate
 
 # Integer weights and inputs: every output below is an exact float32 integer.
@@ -186,3 +186,98 @@ def test_baselines_return_attributions_named_for_their_method(additive):
         assert attr.meta["method"] == method
         assert attr.names == comps.names
         assert attr.meta["output"].endswith("readout")
+
+
+def test_baselines_record_what_their_weights_depend_on(additive):
+    net, comps = additive
+    loo = leave_one_out(net, comps, X, output=readout, progress=False)
+    for key in ("fingerprint", "structure", "output", "output_code", "mode", "autocast"):
+        assert key in loo.meta, key
+    assert loo.meta["output"].endswith("readout") and loo.meta["output_code"]
+    with pytest.raises(EvaluationError, match=r"fitted on a model with other weights"):
+        evaluate(loo, additive_net().train(False).requires_grad_(False).apply(_bump), comps, X,
+                 output=readout, n_masks=5)  # fmt: skip
+
+
+def _bump(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        with torch.no_grad():
+            module.bias.add_(1.0)
+
+
+# -- a bi-encoder: modules see 2n sequences for n examples (issue #16) ---------------------
+
+
+class PairScorer(nn.Module):
+    """Scores a pair of 4-d "sentences" per example with one shared encoder.
+
+    Each example is (2, 4): both halves go through ``encoder`` as 2n rows of one batch,
+    and the logits are (-s, s) for the similarity s of the two encodings, so the
+    encoder's modules see twice as many rows as there are examples.
+    """
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        n = pairs.shape[0]
+        z = self.encoder(pairs.reshape(2 * n, 4)).view(n, 2, 5)  # (2n, 5) -> (n, 2, 5)
+        s = (z[:, 0] * z[:, 1]).sum(-1)  # (n,)
+        return torch.stack([-s, s], 1)
+
+
+@pytest.fixture
+def pairs():
+    net = PairScorer().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 2, 4, generator=gen)
+    y = torch.randint(0, 2, (6,), generator=gen)
+    return net, Components.from_spec(net, {"encoder.0": "linear"}), (x, y)
+
+
+def _one_at_a_time(net, comps, data, keep):
+    """(n_masks, E) margins under each mask, one shared mask per plain forward pass."""
+    x, y = data
+    rows = []
+    with torch.no_grad():
+        for k in keep:
+            with ablate(net, comps, k):
+                logits = net(x)
+            rows.append(logits.gather(1, y[:, None])[:, 0] - logits.gather(1, 1 - y[:, None])[:, 0])
+    return torch.stack(rows)
+
+
+def test_a_bi_encoder_collects_and_evaluates_with_packed_masks(pairs, tmp_path, caplog):
+    from coarpy.collect import collect
+    from coarpy.masks import sample_masks
+
+    net, comps, data = pairs
+    with caplog.at_level("INFO", logger="coarpy._engine"):
+        ds = collect(net, comps, data, path=tmp_path / "run", n_masks=8, alpha=0.3,
+                     batch_size=64, block_size=4, progress=False)  # fmt: skip
+    # detected once (in the first block), said once; later blocks go straight to shared masks
+    assert sum("per-row masks do not apply" in r.getMessage() for r in caplog.records) == 1
+    keep = sample_masks(0, 8, len(comps), alpha=0.3, seed=0)
+    torch.testing.assert_close(ds.outputs(), _one_at_a_time(net, comps, data, keep))
+    attr = Attributions(weights=torch.zeros(6, 6), bias=torch.zeros(6), names=comps.names)
+    res = evaluate(attr, net, comps, data, n_masks=5, batch_size=64, check=False)
+    assert res.n_masks == 5
+
+
+def test_a_bi_encoder_gets_the_same_baselines_as_one_example_at_a_time(pairs, caplog):
+    net, comps, data = pairs
+    x, y = data
+    with caplog.at_level("INFO", logger="coarpy.baselines"):
+        grad = gradient(net, comps, data, progress=False)
+    assert any("gradient runs one example at a time" in r.getMessage() for r in caplog.records)
+    for i in range(len(x)):
+        alone = gradient(net, comps, (x[i : i + 1], y[i : i + 1]), progress=False)
+        torch.testing.assert_close(grad.weights[i], alone.weights[0])
+        torch.testing.assert_close(grad.bias[i], alone.bias[0])
+    loo = leave_one_out(net, comps, data, batch_size=64, progress=False)
+    keep = torch.ones(len(comps) + 1, len(comps), dtype=torch.bool)
+    keep[1:].fill_diagonal_(False)
+    values = _one_at_a_time(net, comps, data, keep)
+    torch.testing.assert_close(loo.weights, (values[0] - values[1:]).T)

@@ -18,7 +18,7 @@ from coarpy import outputs
 from coarpy.ablation import ablate, mean_values
 from coarpy.collect import collect
 from coarpy.components import Components
-from coarpy.errors import ArgumentError, CollectError, StoreMismatchError
+from coarpy.errors import ArgumentError, CollectError, DataError, StoreMismatchError
 from coarpy.masks import sample_masks
 from coarpy.store import ComponentDataset
 
@@ -417,3 +417,75 @@ def test_exact_size_masks_come_with_a_warning_but_are_collected(
             sampler="exact", block_size=2, progress=False,
         )  # fmt: skip
     assert (~ds.masks()).sum(1).tolist() == [round(0.25 * len(comps))] * 4
+
+
+# -- validation at the door: nothing is written before the inputs are valid (issue #16) -------
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"seed": -1}, r"seed must be >= 0, got -1"),
+        ({"batch_size": -1}, r"batch_size must be >= 1, got -1"),
+        ({"batch_size": 0}, r"batch_size must be >= 1, got 0"),
+        ({"batch_size": 2.5}, r"batch_size must be an integer, got 2.5 \(float\)"),
+        ({"n_masks": 0}, r"n_masks must be >= 1, got 0"),
+        ({"alpha": 1.5}, r"alpha is the fraction of components ablated .* got 1.5"),
+        ({"block_size": 0}, r"block_size must be >= 1"),
+        ({"dtype": "float64"}, r"dtype must be one of \('float32', 'float16'\)"),
+        ({"mode": "max"}, r"mode must be one of \('zero', 'mean'\)"),
+        ({"device": "gpu0"}, r"device 'gpu0' is not a device torch knows"),
+    ],
+)
+@pytest.mark.parametrize("as_loader", [False, True])
+def test_bad_arguments_are_refused_before_anything_is_written(
+    tmp_path, trained_cnn, comps, examples, bad, match, as_loader
+):
+    data = examples
+    if as_loader:  # a list of batches, as a DataLoader yields them
+        data = [(examples[0][i : i + 25], examples[1][i : i + 25]) for i in range(0, 100, 25)]
+    settings = {"n_masks": 4, "alpha": 0.1, "seed": 0, "block_size": 2, **bad}
+    with pytest.raises(ArgumentError, match=match):
+        collect(trained_cnn, comps, data, path=tmp_path / "run", progress=False, **settings)
+    assert not (tmp_path / "run").exists()
+    # the store is not poisoned: the same directory then works with good settings
+    good = {"n_masks": 4, "alpha": 0.1, "seed": 0, "block_size": 2}
+    assert len(collect(trained_cnn, comps, data, path=tmp_path / "run", progress=False, **good))
+
+
+def test_float16_outputs_beyond_its_range_stop_collection(tmp_path, trained_cnn, comps, examples):
+    def huge(model, batch):
+        return outputs.margin(model, batch) * 1e6
+
+    settings = {"n_masks": 2, "alpha": 0.1, "block_size": 2, "output": huge, "dtype": "float16"}
+    with pytest.raises(CollectError, match=r"beyond float16's range .* dtype='float32'"):
+        collect(trained_cnn, comps, examples, path=tmp_path / "a", progress=False, **settings)
+    assert ComponentDataset(tmp_path / "a").done_blocks() == []
+    ds = collect(
+        trained_cnn, comps, examples, path=tmp_path / "b", progress=False,
+        allow_nonfinite=True, **settings,
+    )  # fmt: skip
+    assert torch.isinf(ds.outputs()).any()
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (lambda y: y.float() + 0.5, r"non-integer value \(\d\.5 at position 0\).*truncate"),
+        (lambda y: y - 1 - y.max(), r"negative value"),
+    ],
+)
+def test_labels_a_class_output_would_misread_are_refused(
+    tmp_path, trained_cnn, comps, examples, labels, match
+):
+    x, y = examples
+    with pytest.raises(DataError, match=match):
+        collect(trained_cnn, comps, (x, labels(y)), path=tmp_path / "r", n_masks=2, alpha=0.1,
+                progress=False)  # fmt: skip
+    assert not (tmp_path / "r").exists()
+    # integral float labels are read exactly
+    ds = collect(trained_cnn, comps, (x, y.float()), path=tmp_path / "f", n_masks=2, alpha=0.1,
+                 progress=False)  # fmt: skip
+    ref = collect(trained_cnn, comps, (x, y), path=tmp_path / "i", n_masks=2, alpha=0.1,
+                  progress=False)  # fmt: skip
+    assert torch.equal(ds.outputs(), ref.outputs())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -221,3 +222,147 @@ def test_worker_with_claim_finishes_every_block(config_file):
     runs.collect_run(cfg, shard=(0, 3), progress=False)
     assert main(["worker", cfg.path, "--shard", "1/3", "--claim"]) == 0
     assert ComponentDataset(cfg.path).missing_blocks() == []
+
+
+# -- every error in one line, exit status 2 (issue #16) ---------------------------------------
+
+
+def _bad_config(config_file: Path, old: str, new: str) -> str:
+    config_file.write_text(config_file.read_text().replace(old, new))
+    return str(config_file)
+
+
+BAD_COMMANDS = {
+    "alpha 1.5": (
+        lambda c, t: ["collect", _bad_config(c, "alpha = 0.25", "alpha = 1.5")],
+        r"alpha is the fraction of components ablated",
+    ),
+    "shard 5/2": (
+        lambda c, t: ["collect", str(c), "--shard", "5/2"],
+        r"argument --shard: expected k/K such as 0/4, got '5/2'",
+    ),
+    "missing factory": (
+        lambda c, t: ["collect", _bad_config(c, "cfgfactory:build", "nomodule:build")],
+        r"Cannot import module 'nomodule'",
+    ),
+    "not TOML": (
+        lambda c, t: ["collect", _bad_config(c, "alpha = 0.25", "alpha = ")],
+        r"is not valid TOML",
+    ),
+    "unknown field": (
+        lambda c, t: ["collect", _bad_config(c, "alpha = 0.25", "alfa = 0.25")],
+        r"unknown field\(s\) alfa",
+    ),
+    "no config file": (lambda c, t: ["collect", str(t / "nowhere.toml")], r"No run config"),
+    "worker without a run": (lambda c, t: ["worker", str(t)], r"has no config.toml"),
+    "status of nothing": (lambda c, t: ["status", str(t / "x")], r"No component dataset"),
+    "fit of nothing": (lambda c, t: ["fit", str(t / "x")], r"No component dataset"),
+    "verify of nothing": (lambda c, t: ["verify", str(t / "x")], r"No component dataset"),
+    "report of nothing": (lambda c, t: ["report", str(t / "x")], r"is not a directory"),
+    "not a number": (
+        lambda c, t: ["evaluate", str(t), "--n-masks", "many"],
+        r"argument --n-masks: expected an integer >= 3, got 'many'",
+    ),
+    "unknown command": (lambda c, t: ["frobnicate"], r"invalid choice: 'frobnicate'"),
+    "no command": (lambda c, t: [], r"the following arguments are required: command"),
+    "bad devices": (
+        lambda c, t: ["collect", str(c), "--launcher", "local", "--devices", "gpu:0"],
+        r"devices must list cuda:INDEX entries or cpu:N",
+    ),
+    "negative restarts": (
+        lambda c, t: ["collect", str(c), "--launcher", "local", "--restarts", "-1"],
+        r"argument --restarts: expected an integer >= 0, got -1",
+    ),
+    "no workers": (
+        lambda c, t: ["collect", str(c), "--launcher", "slurm", "--workers", "0"],
+        r"argument --workers: expected an integer >= 1, got 0",
+    ),
+    "demo with no masks": (
+        lambda c, t: ["demo", "--out", str(t / "demo"), "--n-masks", "0"],
+        r"argument --n-masks: expected an integer >= 1, got 0",
+    ),
+    "demo with a negative seed": (
+        lambda c, t: ["demo", "--out", str(t / "demo"), "--seed", "-1"],
+        r"argument --seed: expected an integer >= 0, got -1",
+    ),
+    "evaluate with 2 masks": (
+        lambda c, t: ["evaluate", str(t), "--n-masks", "2"],
+        r"argument --n-masks: expected an integer >= 3, got 2",
+    ),
+    "edit before fit": (
+        lambda c, t: ["edit", str(t), "--targets", "0", "--k", "2"],
+        r"has no fitted attributions yet",
+    ),
+    "edit with a negative k": (
+        lambda c, t: ["edit", str(t), "--targets", "0", "--k", "-2"],
+        r"argument --k: expected an integer >= 0, got -2",
+    ),
+    "worker with a bad shard": (
+        lambda c, t: ["worker", str(t), "--shard", "2/2"],
+        r"argument --shard: expected k/K such as 0/4, got '2/2'",
+    ),
+    "factory raises on import": (
+        lambda c, t: [
+            "collect",
+            _bad_config(c, "cfgfactory:build", "cfgboom:build"),
+        ],
+        r"importing it raised ZeroDivisionError",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COMMANDS))
+def test_every_command_reports_bad_input_in_one_line_with_status_2(
+    case, config_file, tmp_path, capsys
+):
+    (tmp_path / "cfgboom.py").write_text("1 / 0\n")
+    make, match = BAD_COMMANDS[case]
+    assert main(make(config_file, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(match, err), err
+
+
+# -- coar verify --------------------------------------------------------------------------------
+
+
+def test_verify_reports_damage_and_repair_lets_a_worker_restore_it(config_file, capsys):
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    pristine = {p.name: p.read_bytes() for p in (Path(cfg.path) / "blocks").iterdir()}
+    assert main(["verify", cfg.path]) == 0
+    assert "every file checked is intact" in capsys.readouterr().out
+    block = Path(cfg.path) / "blocks" / "b000001.blk"
+    data = bytearray(block.read_bytes())
+    data[-40] ^= 1
+    block.write_bytes(bytes(data))
+    assert main(["verify", cfg.path]) == 1
+    assert "1 damaged block(s): " in capsys.readouterr().out
+    assert main(["verify", cfg.path, "--repair"]) == 0
+    assert "repaired" in capsys.readouterr().out and not block.exists()
+    assert main(["worker", cfg.path]) == 0
+    assert {p.name: p.read_bytes() for p in (Path(cfg.path) / "blocks").iterdir()} == pristine
+
+
+# -- commands that need no model import nothing a configuration names -------------------------
+
+
+def test_status_fit_report_and_verify_import_nothing_from_the_configuration(
+    config_file, tmp_path, monkeypatch, capsys
+):
+    pytest.importorskip("matplotlib")
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    marker = tmp_path / "imported"
+    (tmp_path / "trap.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise RuntimeError('the factory was imported')\n"
+    )
+    saved = Path(cfg.path) / "config.toml"
+    saved.write_text(saved.read_text().replace("cfgfactory:build", "trap:build"))
+    for argv in (["status", cfg.path], ["fit", cfg.path], ["verify", cfg.path],
+                 ["report", cfg.path, "--examples", "0"]):  # fmt: skip
+        assert main(argv) == 0, capsys.readouterr().err
+    assert not marker.exists() and "trap" not in sys.modules
+    assert main(["worker", cfg.path]) == 2  # a command that needs the model does import it
+    assert marker.exists()
+    assert "the factory was imported" in capsys.readouterr().err

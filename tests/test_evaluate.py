@@ -253,6 +253,7 @@ def test_an_evaluation_saved_as_version_1_loads_with_its_names(additive, tmp_pat
     path = res.save(tmp_path / "eval.json")
     doc = json.loads(path.read_text())
     doc["methods"], doc["version"] = doc.pop("attribution_names"), 1
+    del doc["sha256"]  # version 1 recorded no checksum
     path.write_text(json.dumps(doc))
     back = Evaluation.load(path)
     assert back.attribution_names == ("coar",)
@@ -410,3 +411,86 @@ def test_coar_predicts_held_out_ablations_better_than_the_baselines(trained_cnn,
     assert mean["coar"] > mean["loo"] + 0.03, res.summary()
     assert mean["coar"] > mean["grad"] + 0.15, res.summary()
     assert mean["coar"] > 0.85, res.summary()
+
+
+# -- attributions are checked against the model and settings (issue #16) -----------------
+
+
+def _fitted(net, comps, tmp_path, **settings):
+    """Attributions fitted on a small store of the additive model (their meta records it)."""
+    ds = collect(net, comps, X, output=readout, path=tmp_path / "train", n_masks=40,
+                 alpha=0.3, block_size=20, progress=False, **settings)  # fmt: skip
+    return fit(ds, progress=False)
+
+
+def logit_of_first(model, batch):
+    return model(batch)[:, 0] * 2.0
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("weights", r"fitted on a model with other weights .* fingerprint"),
+        ("structure", r"the model's structure .* differ"),
+        ("output", r"the output function: recorded '.*readout', here '.*logit_of_first'"),
+        ("autocast", r"autocast: recorded None, here 'bf16'"),
+        ("data", r"the examples differ"),
+    ],
+)
+def test_evaluate_refuses_another_model_or_settings_unless_check_is_false(
+    additive, tmp_path, change, match
+):
+    net, comps = additive
+    attr = _fitted(net, comps, tmp_path)
+    kwargs = {"output": readout, "n_masks": 5}
+    x = X
+    if change == "weights":
+        with torch.no_grad():
+            net[1].bias.add_(1.0)
+    elif change == "structure":
+        net = nn.Sequential(net[0], nn.Identity(), net[1]).eval()
+        comps = Components.from_spec(net, {"0": "linear"})
+    elif change == "output":
+        kwargs["output"] = logit_of_first
+    elif change == "autocast":
+        kwargs["autocast"] = "bf16"
+    else:
+        x = X + 1.0
+    with pytest.raises(EvaluationError, match=match):
+        evaluate(attr, net, comps, x, **kwargs)
+    assert "check=False" in str(
+        pytest.raises(EvaluationError, evaluate, attr, net, comps, x, **kwargs).value
+    )
+    assert evaluate(attr, net, comps, x, check=False, **kwargs).n_masks == 5
+
+
+def test_evaluate_store_refuses_a_store_collected_under_other_settings(additive, tmp_path):
+    net, comps = additive
+    attr = _fitted(net, comps, tmp_path)
+    other = collect(net, comps, X, output=logit_of_first, path=tmp_path / "held", n_masks=10,
+                    alpha=0.3, seed=5, block_size=10, progress=False)  # fmt: skip
+    with pytest.raises(EvaluationError, match=r"the output function: recorded"):
+        evaluate_store(attr, other)
+    assert evaluate_store(attr, other, check=False).n_masks == 10
+
+
+def test_every_attribution_is_averaged_over_the_same_examples(additive):
+    net, comps = additive
+    exact = exact_attributions(X, comps.names)
+    flat = exact.weights.clone()
+    flat[1] = 0.0  # predicts a constant for example 1: no correlation there
+    flat_attr = Attributions(weights=flat, bias=exact.bias, names=exact.names, meta={})
+    res = evaluate({"exact": exact, "flat": flat_attr}, net, comps, X, output=readout,
+                   alphas=(0.3,), n_masks=20)  # fmt: skip
+    assert math.isnan(res.per_example("flat").pearson[1])
+    assert not math.isnan(res.per_example("exact").pearson[1])
+    rows = {r["attribution"]: r for r in res.to_rows()}
+    assert rows["exact"]["n_defined"] == rows["flat"]["n_defined"] == len(X) - 1
+    assert (rows["exact"]["n_flat"], rows["flat"]["n_flat"]) == (0, 1)
+    common = res.common()
+    assert common.tolist() == [True, False, True, True, True]
+    want = res.per_example("exact").pearson[common].mean().item()
+    assert rows["exact"]["pearson_mean"] == pytest.approx(want)
+    assert (
+        "where an attribution predicts a constant output: 'flat' at alpha=0.3: 1" in res.summary()
+    )

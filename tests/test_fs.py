@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from coarpy import _fs
-from coarpy.errors import ArgumentError
+from coarpy.errors import ArgumentError, StorageError
 
 fsspec = pytest.importorskip("fsspec")
 
@@ -67,7 +67,7 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_file(tmp_pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageError, match="disk .* is full .*No space left.*No partial file"):
         _fs.atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]
@@ -124,3 +124,76 @@ def test_memory_filesystem_round_trip(memory):
     (run / "meta.json").unlink(missing_ok=True)
     with pytest.raises(FileNotFoundError):
         (run / "meta.json").unlink()
+
+
+# -- safety of temporary files, locks and full disks (issue #16) ------------------------------
+
+
+def test_atomic_write_never_writes_through_a_symlink_at_its_temporary_name(tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    planted = tmp_path / ".meta.json.tmp"
+    planted.symlink_to(victim)
+    monkeypatch.setattr(_fs, "temp_name", lambda path: planted)
+    with pytest.raises(StorageError, match=r"Could not write .*meta.json"):
+        _fs.atomic_write(tmp_path / "meta.json", b"new")
+    assert victim.read_bytes() == b"precious" and planted.is_symlink()
+
+
+def test_a_failed_exclusive_create_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def full_disk(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_fs, "_write_all", full_disk)
+    with pytest.raises(StorageError, match="No space left"):
+        _fs.write_new(tmp_path / "meta.json", b"x" * 100)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_removes_temporary_files_of_dead_writers_and_old_ones_only(tmp_path):
+    import platform
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    host = platform.node()
+    dead = tmp_path / f".b000001.blk~{host}~{proc.pid}~ab.tmp"
+    live = tmp_path / f".b000002.blk~{host}~{os.getpid()}~cd.tmp"
+    distant = tmp_path / f".b000003.blk~another-host~{proc.pid}~ef.tmp"
+    old = tmp_path / ".b000004.blk~another-host~1~ef.tmp"
+    block = tmp_path / "b000005.blk"
+    for f in (dead, live, distant, old, block):
+        f.write_bytes(b"x")
+    then = time.time() - 2 * _fs.STALE_TEMP_S
+    os.utime(old, (then, then))
+    assert _fs.sweep_temp(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (live, distant, block)
+    )
+
+
+def test_a_lock_is_held_by_one_holder_at_a_time_and_a_long_wait_is_an_error(tmp_path):
+    lock = tmp_path / ".meta.lock"
+    inside, order = threading.Event(), []
+
+    def hold():
+        with _fs.locked(lock):
+            order.append("first in")
+            inside.set()
+            threading.Event().wait(0.3)
+            order.append("first out")
+
+    t = threading.Thread(target=hold)
+    t.start()
+    inside.wait()
+    with (
+        pytest.raises(StorageError, match=r"Waited 0.05 s for the lock"),
+        _fs.locked(lock, timeout_s=0.05),
+    ):
+        pass
+    with _fs.locked(lock, timeout_s=5):
+        order.append("second in")
+    t.join()
+    assert order == ["first in", "first out", "second in"]

@@ -135,7 +135,7 @@ def test_a_worker_leaves_a_heartbeat_that_status_reports(tmp_path):
     run = tmp_path / "run"
     runs.collect_run(config(run), shard="0/1")
     beat = json.loads((run / "workers" / f"{platform.node()}-{os.getpid()}.json").read_text())
-    assert set(beat) == {"host", "pid", "shard", "device", "time", "state"}
+    assert set(beat) == {"host", "pid", "shard", "device", "time", "state", "progress_s"}
     assert (beat["shard"], beat["device"], beat["state"]) == ([0, 1], "cpu", "finished")
     seen = runs.status(run)["workers_recent"]
     assert [(w["host"], w["pid"]) for w in seen] == [(platform.node(), os.getpid())]

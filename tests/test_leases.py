@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coarpy.errors import ArgumentError
+from coarpy.errors import ArgumentError, CollectError
 from coarpy.runs import leases
 from coarpy.store import ComponentDataset
 
@@ -163,3 +163,72 @@ def test_claiming_refuses_a_store_on_an_object_store():
 def test_a_lease_time_that_is_not_a_positive_number_is_refused(store, lease_s):
     with pytest.raises(ArgumentError, match="lease_s must be a positive number of seconds"):
         leases.Claims(store, [0], lease_s=lease_s)
+
+
+# -- liveness (issue #16) -----------------------------------------------------------------
+
+
+def test_a_holder_that_makes_no_progress_stops_renewing_and_is_taken_over(store):
+    with leases.Claims(store, [0], lease_s=0.4, stall_s=0.2) as hung:
+        assert hung.acquire(0)
+        time.sleep(1.2)  # no forward pass in this process meanwhile
+        with leases.Claims(store, [0], lease_s=0.4) as other:
+            other.host = "elsewhere"  # judge by age alone, as another machine would
+            assert other.acquire(0)
+
+
+def test_a_holder_that_makes_progress_keeps_its_lease(store):
+    from coarpy._engine import mark_progress
+
+    with leases.Claims(store, [0], lease_s=0.4, stall_s=0.2) as busy:
+        assert busy.acquire(0)
+        for _ in range(12):
+            mark_progress()  # a forward pass finished
+            time.sleep(0.1)
+        with leases.Claims(store, [0], lease_s=0.4) as other:
+            other.host = "elsewhere"
+            assert not other.acquire(0)
+
+
+def test_a_waiting_worker_says_what_it_waits_for_and_gives_up_after_max_wait_s(store, caplog):
+    path = write_lease(store, 0, host="gpu7", pid=4242)
+    stop = threading.Event()
+
+    def renew():  # a live, distant holder that never finishes its block
+        while not stop.wait(0.05):
+            os.utime(path)
+
+    keeper = threading.Thread(target=renew)
+    keeper.start()
+    try:
+        with (
+            caplog.at_level("INFO", logger="coarpy.runs.leases"),
+            leases.Claims(store, [0], lease_s=5, max_wait_s=0.5) as claims,
+            pytest.raises(CollectError, match=r"Waited \d+ s \(max_wait_s=0.5\)"),
+        ):
+            list(claims)
+    finally:
+        stop.set()
+        keeper.join()
+    said = [r.getMessage() for r in caplog.records]
+    assert any(
+        "Waiting for blocks other workers hold: block 0 (gpu7:4242, renewed" in m for m in said
+    )
+
+
+def test_a_stray_file_in_leases_is_ignored_with_a_warning(store):
+    keep = torch.ones(3, store.n_components, dtype=torch.bool)
+    for b in range(store.n_blocks):
+        start, stop = store.block_rows(b)
+        store.write_block(b, keep[: stop - start], torch.zeros(stop - start, store.n_examples))
+    folder = Path(store.path) / "leases"
+    folder.mkdir(exist_ok=True)
+    (folder / "notes.lease").write_text("mine")
+    (folder / "b12x.lease").write_text("")
+    with (
+        pytest.warns(UserWarning, match=r"is not a lease file") as seen,
+        leases.Claims(store) as claims,
+    ):
+        assert list(claims) == []
+    assert {Path(str(w.message).split()[0]).name for w in seen} == {"notes.lease", "b12x.lease"}
+    assert sorted(p.name for p in folder.iterdir()) == ["b12x.lease", "notes.lease"]

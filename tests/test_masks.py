@@ -114,7 +114,7 @@ def test_a_reversed_or_negative_row_range_is_refused():
 
 
 def test_zero_components_are_refused():
-    with pytest.raises(ValueError, match=r"n_components must be positive, got 0"):
+    with pytest.raises(ValueError, match=r"n_components must be >= 1, got 0"):
         sample_masks(0, 2, 0, alpha=0.1, seed=0)
 
 

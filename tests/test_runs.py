@@ -270,3 +270,115 @@ def test_launch_names_the_options_of_each_launcher(tmp_path):
         runs.launch(cfg, "local", n_workers=2)
     with pytest.raises(ArgumentError, match="devices='cuda:0' is for the local launcher"):
         runs.launch(cfg, "ray", devices="cuda:0")
+
+
+# -- liveness and configuration at the door (issue #16) -----------------------------------
+
+
+def _beat(folder: Path, name: str, **fields) -> None:
+    (folder / f"{name}.json").write_text(json.dumps(fields))
+
+
+def test_status_shows_dead_stalled_finished_and_active_workers(finished, tmp_path):
+    from _launch_setup import dead_pid
+
+    folder = _copy(finished, tmp_path)
+    beats = folder / runs.WORKERS
+    shutil.rmtree(beats)
+    beats.mkdir()
+    now, here = time.time(), platform.node()
+    _beat(beats, "a", host="gpu1", pid=1, shard=[0, 4], time=now - 2, state="collecting")
+    _beat(beats, "b", host="gpu2", pid=2, shard=[1, 4], time=now - 120, state="collecting")
+    _beat(beats, "c", host=here, pid=dead_pid(), shard=[2, 4], time=now - 1, state="collecting")
+    _beat(beats, "d", host="gpu4", pid=4, shard=[3, 4], time=now - 1, state="collecting",
+          progress_s=5000.0)  # fmt: skip
+    _beat(beats, "e", host="gpu5", pid=5, shard=None, time=now - 100, state="finished")
+    info = runs.status(folder)
+    states = {w["host"]: w["state"] for w in info["workers_recent"]}
+    assert states == {"gpu1": "active", "gpu2": "dead", here: "dead", "gpu4": "stalled",
+                      "gpu5": "finished"}  # fmt: skip
+    text = runs.format_status(info)
+    assert "gpu2:2 (shard 1/4) dead" in text and "3 dead or stalled" in text
+
+
+def test_a_collecting_worker_beats_between_blocks(tmp_path):
+    beat = heartbeat.Heartbeat(tmp_path, beat_s=0.05)
+    seen = []
+    for _ in beat.around([0]):  # one long block: the thread beats while it runs
+        first = json.loads(beat.path.read_text())["time"]
+        time.sleep(0.4)
+        seen.append(json.loads(beat.path.read_text())["time"] - first)
+    assert seen[0] > 0.1
+
+
+def test_old_heartbeats_of_dead_and_finished_workers_are_swept(tmp_path):
+    beats = tmp_path / runs.WORKERS
+    beats.mkdir()
+    old = time.time() - 2 * heartbeat.SWEEP_S
+    _beat(beats, "gone", host="gpu1", pid=1, time=old, state="collecting")
+    _beat(beats, "done", host="gpu2", pid=2, time=old, state="finished")
+    _beat(beats, "now", host="gpu3", pid=3, time=time.time(), state="collecting")
+    assert heartbeat.sweep(tmp_path) == 2
+    assert [p.name for p in beats.iterdir()] == ["now.json"]
+
+
+def test_a_first_collect_killed_before_any_block_resumes_from_its_run_directory(
+    tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    cfg = config(run)
+
+    def killed(self):
+        raise KeyboardInterrupt  # the process dies while building the model
+
+    monkeypatch.setattr(RunConfig, "build", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runs.collect_run(cfg, progress=False)
+    monkeypatch.undo()
+    assert RunConfig.load(run) == cfg  # written first, whole
+    ds = runs.collect_run(run, progress=False)  # what `coar worker RUN` does
+    assert len(ds) == cfg.n_masks
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("alpha", 1.5, r"alpha is the fraction of components ablated .* got 1.5"),
+        ("n_masks", 0, r"n_masks must be >= 1, got 0"),
+        ("seed", -1, r"seed must be >= 0, got -1"),
+        ("block_size", -2, r"block_size must be >= 1"),
+        ("batch_size", 0, r"batch_size must be >= 1, got 0"),
+        ("batch_size", 2.5, r"batch_size must be an integer, got 2.5"),
+        ("sampler", "sobol", r"sampler must be one of \('bernoulli', 'exact'\)"),
+        ("dtype", "int8", r"dtype must be one of"),
+        ("autocast", "fp8", r"autocast must be one of \('bf16', 'fp16'\)"),
+        ("mode", "mean", r"mode must be 'zero' in a run configuration"),
+        ("factory", "nocolon", r"factory must be 'package.module:function'"),
+        ("device", "gpu0", r"device 'gpu0' is not a device torch knows"),
+        ("kinds", "conv", r"kinds must be a list of strings"),
+        ("components", {"a": 1}, r"components must be a table of module = kind"),
+        ("compile_model", "yes", r"compile_model must be True or False"),
+        ("factory_args", [1], r"factory_args must be a mapping"),
+    ],
+)
+def test_every_config_field_is_checked_when_read(tmp_path, field, value, match):
+    raw = {"factory": "m:f", "path": str(tmp_path / "run"), "n_masks": 4, "alpha": 0.1}
+    raw[field] = value
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_dict(raw, where="run.toml")
+    with pytest.raises(ConfigError, match=r"run.toml: "):
+        RunConfig.from_dict(raw, where="run.toml")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_factory_that_raises_on_import_or_takes_other_arguments_is_a_config_error(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "broken_factory.py").write_text("1 / 0\n")
+    (tmp_path / "strict_factory.py").write_text("def make(width):\n    return {}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = {"path": str(tmp_path / "run"), "n_masks": 4, "alpha": 0.1}
+    with pytest.raises(ConfigError, match=r"importing it raised ZeroDivisionError"):
+        RunConfig(factory="broken_factory:make", **base).build()
+    with pytest.raises(ConfigError, match=r"\[factory_args\] \['depth'\] do not fit"):
+        RunConfig(factory="strict_factory:make", factory_args={"depth": 2}, **base).build()

@@ -4,9 +4,16 @@ and damage that is detected instead of read as data."""
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import os
 import pickle
+import platform
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +24,17 @@ from hypothesis import strategies as st
 
 from coarpy.collect import collect
 from coarpy.components import Components
-from coarpy.errors import StoreCorruptError, StoreMismatchError
+from coarpy.errors import CoarError, StorageError, StoreCorruptError, StoreMismatchError
 from coarpy.masks import sample_masks
 from coarpy.store import ComponentDataset
 
 SETTINGS = {"n_masks": 7, "alpha": 0.1, "seed": 0, "block_size": 3}
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def block_bytes(path: Path) -> dict[str, bytes]:
@@ -201,7 +214,8 @@ def test_growing_n_masks_recomputes_the_partial_last_block(
     store_copy, tmp_path, trained_cnn, conv, examples
 ):
     old = ComponentDataset(store_copy).meta
-    identity = {k: old[k] for k in ("components", "n_examples", "fingerprint", "data_fingerprint")}
+    keys = ("components", "n_examples", "fingerprint", "structure", "data_fingerprint")
+    identity = {k: old[k] for k in keys}
     grown = ComponentDataset.create(store_copy, **identity, **{**SETTINGS, "n_masks": 11})
     # before the next collect: the old 1-row block 2 is not a finished 3-row block
     assert grown.n_masks == 11 and len(grown) == 6 and grown.missing_blocks() == [2, 3]
@@ -320,7 +334,7 @@ def test_verify_repair_and_collect_restore_the_exact_bytes(store_copy, trained_c
     data = bytearray(ds.block_path(1).read_bytes())
     data[100] ^= 0xFF
     ds.block_path(1).write_bytes(bytes(data))
-    ds.block_path(2).write_bytes(before["b000002.blk"][:-5])
+    ds.block_path(2).write_bytes(before[ds.block_path(2).name][:-5])
     assert ds.verify(repair=True) == [1, 2]
     assert ds.done_blocks() == [0]
     collect(trained_cnn, conv, examples, path=store_copy, progress=False, **SETTINGS)
@@ -383,7 +397,7 @@ def _drop(field):
         (_edit("n_components", 25), r"groups add up to 24 units, but n_components is 25"),
         (_edit("components", [["features.0", "conv", "8"]]), r"\[module, kind, n_units\]"),
         (_edit("components", ["features.0"]), r"\[module, kind, n_units\].*\"features.0\""),
-        (_edit("format_version", 2), r"format version 2; this coarpy reads version 1"),
+        (_edit("format_version", 3), r"format version 3; this coarpy reads versions 1, 2"),
     ],
 )
 def test_hand_edited_meta_is_refused_clearly(store_copy, edit, match):
@@ -449,3 +463,248 @@ def test_reading_never_unpickles(store_copy, monkeypatch):
     reopened.consolidate()
     assert torch.equal(reopened.masks(), plain[0]) and torch.equal(reopened.outputs(), plain[1])
     assert reopened.verify() == []
+
+
+# -- identity: a store's blocks are its own (issue #16) ------------------------------------
+
+
+def _v1(path: Path) -> None:
+    """Rewrite a format-2 store as an older coarpy (format 1) wrote it: no identity."""
+    import hashlib
+    import struct
+
+    meta = json.loads((path / "meta.json").read_text())
+    for key in ("structure", "output_code", "autocast", "prefix", "compile_model", "identity"):
+        meta.pop(key)
+    meta["format_version"] = 1
+    (path / "meta.json").write_text(json.dumps(meta))
+    for f in sorted((path / "blocks").glob("*.blk")):
+        data = f.read_bytes()
+        head = struct.unpack_from("<QQQQQB16s", data, 8)
+        body = b"COARBLK1" + struct.pack("<QQQQQB", *head[:6]) + data[8 + 57 : -32]
+        f.unlink()
+        (path / "blocks" / f"b{head[0]:06d}.blk").write_bytes(body + hashlib.sha256(body).digest())
+
+
+def test_a_block_copied_from_another_store_is_never_counted_done(
+    store_copy, tmp_path, trained_cnn, conv, examples
+):
+    other = tmp_path / "other"
+    collect(trained_cnn, conv, examples, path=other, progress=False, **{**SETTINGS, "seed": 1})
+    pristine = block_bytes(store_copy)
+    shutil.copy(other / "blocks" / "b000001.blk", store_copy / "blocks" / "b000001.blk")
+    ds = ComponentDataset(store_copy)
+    assert ds.done_blocks() == [0, 2] and ds.verify() == [1]
+    with pytest.raises(StoreCorruptError, match=r"b000001.blk belongs to another store"):
+        ds.outputs()
+    collect(trained_cnn, conv, examples, path=store_copy, progress=False, **SETTINGS)
+    assert block_bytes(store_copy) == pristine
+
+
+def test_after_meta_loss_a_resume_with_another_model_adopts_none_of_the_old_blocks(
+    store_copy, tmp_path, trained_cnn, conv, examples
+):
+    (store_copy / "meta.json").unlink()
+    other = copy.deepcopy(trained_cnn)
+    with torch.no_grad():
+        other.classifier[3].bias.add_(1.0)  # same architecture, other weights
+    ds = collect(other, conv, examples, path=store_copy, progress=False, **SETTINGS)
+    fresh = collect(other, conv, examples, path=tmp_path / "fresh", progress=False, **SETTINGS)
+    assert block_bytes(store_copy) == block_bytes(tmp_path / "fresh")  # all recomputed
+    assert torch.equal(ds.outputs(), fresh.outputs())
+
+
+def test_after_meta_loss_a_resume_with_the_same_settings_adopts_its_own_blocks(
+    store_copy, trained_cnn, conv, examples, monkeypatch
+):
+    pristine = block_bytes(store_copy)
+    (store_copy / "meta.json").unlink()
+    calls = []
+    monkeypatch.setattr(ComponentDataset, "write_block", lambda *a: calls.append(a))
+    collect(trained_cnn, conv, examples, path=store_copy, progress=False, **SETTINGS)
+    assert calls == []  # every block proved its own by the identity in its header
+    assert block_bytes(store_copy) == pristine
+
+
+def test_meta_edited_after_creation_is_refused_by_its_identity(store_copy):
+    meta = json.loads((store_copy / "meta.json").read_text())
+    meta["seed"] = 5  # a valid value, but not the one the blocks were computed with
+    (store_copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreCorruptError, match=r"edited after the store was created"):
+        ComponentDataset(store_copy)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ("activation", "structure"),
+        ("output_body", "output_code"),
+        ("autocast", "autocast"),
+        ("split", "prefix"),
+    ],
+)
+def test_the_identity_covers_structure_output_code_precision_and_a_split(
+    tmp_path, trained_cnn, conv, examples, change, field
+):
+    from coarpy.prefix import Split
+
+    def first(model, batch):
+        return model(batch[0])[:, 0]
+
+    def second(model, batch):  # the same name, another body
+        return model(batch[0])[:, 1]
+
+    second.__qualname__ = first.__qualname__
+    path = tmp_path / "run"
+    collect(trained_cnn, conv, examples, path=path, output=first, progress=False, **SETTINGS)
+    model, kwargs = trained_cnn, {"output": first}
+    if change == "activation":
+        model = copy.deepcopy(trained_cnn)
+        model.features[2] = torch.nn.GELU()  # the same weights, another function
+    elif change == "output_body":
+        kwargs["output"] = second
+    elif change == "autocast":
+        kwargs["autocast"] = "bf16"
+    else:
+        kwargs["prefix"] = Split(lambda x: x, trained_cnn, where="identity cut")
+    with pytest.raises(StoreMismatchError, match=rf"{field}: stored"):
+        collect(model, conv, examples, path=path, progress=False, **kwargs, **SETTINGS)
+
+
+def test_a_format_1_store_is_read_but_not_resumed(store_copy, trained_cnn, conv, examples):
+    plain = ComponentDataset(store_copy)
+    masks, outputs = plain.masks(), plain.outputs()
+    _v1(store_copy)
+    old = ComponentDataset(store_copy)
+    assert old.version == 1 and len(old) == 7 and old.verify() == []
+    assert torch.equal(old.masks(), masks) and torch.equal(old.outputs(), outputs)
+    with pytest.raises(StoreMismatchError, match=r"older coarpy \(store format 1\)"):
+        collect(trained_cnn, conv, examples, path=store_copy, progress=False, **SETTINGS)
+    ds = collect(
+        trained_cnn, conv, examples, path=store_copy, progress=False, overwrite=True, **SETTINGS
+    )
+    assert ds.version == 2 and torch.equal(ds.outputs(), outputs)
+
+
+def test_a_bit_flipped_block_is_not_counted_done_on_resume(store_copy, trained_cnn, conv, examples):
+    pristine = block_bytes(store_copy)
+    path = ComponentDataset(store_copy).block_path(0)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10  # same size, same header: only the checksum tells
+    path.write_bytes(bytes(data))
+    assert ComponentDataset(store_copy).is_done(0) and not ComponentDataset(store_copy).intact(0)
+    collect(trained_cnn, conv, examples, path=store_copy, progress=False, **SETTINGS)
+    assert block_bytes(store_copy) == pristine
+
+
+# -- growth under concurrency ---------------------------------------------------------------
+
+
+def test_racing_growers_of_n_masks_end_with_the_largest(store_copy):
+    old = ComponentDataset(store_copy).meta
+    keys = ("components", "n_examples", "fingerprint", "structure", "data_fingerprint")
+    identity = {k: old[k] for k in keys}
+    sizes = list(range(8, 40))
+    start = threading.Barrier(len(sizes))
+
+    def grow(n):
+        start.wait()
+        ComponentDataset.create(store_copy, **identity, **{**SETTINGS, "n_masks": n})
+
+    threads = [threading.Thread(target=grow, args=(n,)) for n in sizes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ComponentDataset(store_copy).n_masks == max(sizes)
+
+
+def test_a_worker_with_the_old_n_masks_never_replaces_a_block_of_the_grown_run(store_copy):
+    old = ComponentDataset(store_copy)  # n_masks 7: block 2 holds 1 row
+    keys = ("components", "n_examples", "fingerprint", "structure", "data_fingerprint")
+    identity = {k: old.meta[k] for k in keys}
+    grown = ComponentDataset.create(store_copy, **identity, **{**SETTINGS, "n_masks": 11})
+    full = sample_masks(6, 9, 24, alpha=0.1, seed=0)
+    grown.write_block(2, full, torch.ones(3, 40))
+    keep, y = old.read_block(2)
+    old.write_block(2, keep, y)  # the old worker commits its 1-row block 2 afterwards
+    reopened = ComponentDataset(store_copy)
+    assert reopened.is_done(2) and torch.equal(reopened.read_block(2)[0], full)
+    assert reopened.sweep() == 1  # the old short block, useless to the grown run
+
+
+# -- consolidated copies ---------------------------------------------------------------------
+
+
+def test_an_edited_consolidated_copy_is_never_read(store_copy):
+    ds = ComponentDataset(store_copy)
+    truth = ds.outputs()
+    ds.consolidate()
+    arr = np.load(store_copy / "consolidated" / "outputs.npy")
+    arr[0, 0] += 1.0
+    np.save(store_copy / "consolidated" / "outputs.npy", arr)
+    reopened = ComponentDataset(store_copy)
+    with pytest.warns(UserWarning, match=r"outputs.npy fails its checksum"):
+        assert torch.equal(reopened.outputs(), truth)
+    assert "fails its checksum" in reopened.consolidated_problem()
+    reopened.verify(repair=True)
+    assert not (store_copy / "consolidated" / "outputs.npy").exists()
+
+
+def test_consolidate_never_writes_through_a_symlink(store_copy, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (store_copy / "consolidated").symlink_to(target)
+    with pytest.raises(StoreCorruptError, match="is a symbolic link"):
+        ComponentDataset(store_copy).consolidate()
+    assert list(target.iterdir()) == []
+    (store_copy / "consolidated").unlink()
+    folder = store_copy / "consolidated"
+    folder.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    for name in (".masks.npy.tmp", ".outputs.npy.tmp"):  # the fixed names of old
+        (folder / name).symlink_to(victim)
+    ComponentDataset(store_copy).consolidate()
+    assert victim.read_bytes() == b"precious"
+
+
+# -- leftovers and failed writes ---------------------------------------------------------------
+
+
+def test_collect_sweeps_temporary_files_of_dead_writers_only(
+    store_copy, trained_cnn, conv, examples
+):
+    blocks = store_copy / "blocks"
+    dead = blocks / f".b000001.blk~{platform.node()}~{dead_pid()}~ab12.tmp"
+    live = blocks / f".b000002.blk~{platform.node()}~{os.getpid()}~cd34.tmp"
+    old = blocks / ".b000003.blk.123.456.tmp"  # an older coarpy's name: judged by age
+    for f in (dead, live, old):
+        f.write_bytes(b"half a block")
+    stale = time.time() - 2 * 3600
+    os.utime(old, (stale, stale))
+    collect(trained_cnn, conv, examples, path=store_copy, progress=False, **SETTINGS)
+    assert not dead.exists() and not old.exists() and live.exists()
+
+
+def test_a_full_disk_stops_collect_with_a_clear_error_and_no_partial_file(
+    tmp_path, trained_cnn, conv, examples, monkeypatch
+):
+    from coarpy import _fs
+
+    written = []
+    real = _fs._write_all
+
+    def fill_up(fd, data):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(len(data))
+        real(fd, data)
+
+    monkeypatch.setattr(_fs, "_write_all", fill_up)
+    path = tmp_path / "run"
+    with pytest.raises(StorageError, match=r"disk \(or your quota\) is full.*No partial file"):
+        collect(trained_cnn, conv, examples, path=path, progress=False, **SETTINGS)
+    assert isinstance(StorageError("x"), CoarError)
+    assert not [f for f in (path / "blocks").iterdir() if f.name.endswith(".tmp")]
+    assert ComponentDataset(path).done_blocks() == [0]  # meta.json, then block 0

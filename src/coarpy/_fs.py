@@ -11,16 +11,19 @@ is written in one call, with no temporary name and no rename.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import os
+import platform
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .errors import ArgumentError, MissingExtraError
+from .errors import ArgumentError, MissingExtraError, StorageError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -46,26 +49,79 @@ def is_remote(location: object) -> bool:
     return isinstance(location, RemotePath)
 
 
+_TEMP = re.compile(r"^\.(?P<name>.+)~(?P<host>[^~]*)~(?P<pid>\d+)~[0-9a-f]+\.tmp$")
+STALE_TEMP_S = 3600.0  # a temporary file this old is a dead writer's, whoever wrote it
+
+
+def temp_name(path: Path) -> Path:
+    """A fresh temporary name next to ``path``: ``.NAME~HOST~PID~RANDOM.tmp``.
+
+    Host and pid say whose it is, so :func:`sweep_temp` can tell a dead writer's
+    leftover from a live writer's file in progress.
+    """
+    host = platform.node().replace("~", "-").replace("/", "-")
+    return path.with_name(f".{path.name}~{host}~{os.getpid()}~{secrets.token_hex(6)}.tmp")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _open_new(tmp: Path) -> int:
+    """Create ``tmp`` exclusively, never following a symlink planted at its name."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    return os.open(tmp, flags, 0o666)
+
+
+def storage_error(err: OSError, path: object, nbytes: int) -> StorageError:
+    """A StorageError for a failed write of ``nbytes`` to ``path``, saying what to do."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = f"the disk (or your quota) is full ({err.strerror or err})"
+        fix = "Free space or move the run to a larger disk, then run the same command again"
+    elif err.errno == errno.EROFS:
+        why = "the filesystem is read-only"
+        fix = "Use a writable directory"
+    else:
+        why = f"{type(err).__name__}: {err.strerror or err}"
+        fix = "Check the directory's permissions and free space, then run again"
+    out = StorageError(
+        f"Could not write {path} ({nbytes} bytes): {why}. No partial file was left behind; "
+        f"finished work is kept. {fix}."
+    )
+    out.errno = err.errno
+    return out
+
+
 def atomic_write(path: Path | RemotePath, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temporary name, fsync, rename.
 
     Readers see the old file or the new one, never a part. If the write fails (a full
-    disk, say) the temporary file is removed and the error raised; the old file stays.
+    disk, say) the temporary file is removed and a ``StorageError`` raised; the old
+    file stays. The temporary file is created exclusively and never through a symlink.
     On an object store (``RemotePath``) one PUT is atomic by itself.
     """
     if isinstance(path, RemotePath):
         path.write_bytes(data)
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    tmp = temp_name(path)
+    created = False
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = _open_new(tmp)
+        created = True
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as err:
+        if created:  # never remove what another process put at that name
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, StorageError):
+            raise storage_error(err, path, len(data)) from err
         raise
     with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
         fd = os.open(path.parent, os.O_RDONLY)
@@ -86,15 +142,114 @@ def write_new(target: Path | RemotePath, data: bytes) -> bool:
     """
     if isinstance(target, RemotePath):
         return target._write_new(data)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    tmp.write_bytes(data)
+    tmp = temp_name(target)
+    created = False
     try:
-        os.link(tmp, target)  # fails if another writer created it first
-        return True
-    except FileExistsError:
-        return False
+        fd = _open_new(tmp)
+        created = True
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, target)  # fails if another writer created it first
+            return True
+        except FileExistsError:
+            return False
+    except OSError as err:
+        raise storage_error(err, target, len(data)) from err
     finally:
-        tmp.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if process ``pid`` exists on this host and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        # /proc/PID/stat: "pid (comm) S ...": a zombie is dead
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    return True
+
+
+def sweep_temp(folder: Path | RemotePath, *, older_than: float = STALE_TEMP_S) -> int:
+    """Delete temporary files in ``folder`` that no live writer will rename; their count.
+
+    A temporary file is a dead writer's when its pid is not alive on this host, or
+    when it is older than ``older_than`` seconds (any writer renames within seconds).
+    """
+    if isinstance(folder, RemotePath):
+        return 0  # object stores write in one PUT: no temporary files
+    host = platform.node().replace("~", "-").replace("/", "-")
+    now = time.time()
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        m = _TEMP.match(entry.name)
+        dead = m is not None and m["host"] == host and not pid_alive(int(m["pid"]))
+        if dead or now - info.st_mtime > older_than:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def locked(lock: Path | RemotePath, *, timeout_s: float = 60.0, what: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (created if needed) inside the block.
+
+    ``fcntl.flock`` locks are released by the OS when their holder dies, so a killed
+    process never leaves the lock held. On an fsspec filesystem, or without fcntl,
+    nothing is locked. Waiting longer than ``timeout_s`` raises a ``StorageError``.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        fcntl = None
+    if isinstance(lock, RemotePath) or fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as err:
+        raise storage_error(err, lock, 0) from err
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StorageError(
+                        f"Waited {timeout_s:g} s for the lock {lock}{what}, which another "
+                        "process holds. If no other coarpy process uses this run, the "
+                        "filesystem's locks are broken: collect on a local disk."
+                    ) from None
+                time.sleep(0.01)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 class RemotePath:
@@ -179,6 +334,10 @@ class RemotePath:
 
     def read_bytes(self) -> bytes:
         return self.fs.cat_file(self._fs_path)
+
+    def read_range(self, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` (exclusive) of the file: one ranged read."""
+        return self.fs.cat_file(self._fs_path, start=start, end=end)
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)

@@ -11,37 +11,79 @@ model g(v) = b + w . v of the keep-mask v (v_j = 1 keeps component j), so
 
 On a model whose output is exactly additive in its components, both recover the
 true weights and bias.
+
+Both record in ``meta`` what their weights depend on (``coarpy._fingerprint.record``:
+the model's weights and structure, the output function, mode, autocast, the
+examples), so ``evaluate`` and ``edit`` refuse them on another model or settings. On a
+model whose modules see another batch than the examples (a bi-encoder scoring sentence
+pairs runs 2n sequences for n examples), per-row masks do not apply: both fall back
+to one shared mask per pass (``gradient``: one example at a time), and say so in a
+log line.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from contextlib import closing
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import _batching as B
+from . import _checks, _fingerprint
 from . import outputs as _outputs
-from ._engine import ExampleSet, eval_mode, model_device, progress_bar, run_masks
-from ._fingerprint import model_fingerprint
-from .ablation import Ablator
+from ._engine import (
+    ExampleSet,
+    autocast_context,
+    eval_mode,
+    mark_progress,
+    model_device,
+    progress_bar,
+    run_masks,
+)
+from .ablation import MODES, Ablator
 from .attributions import Attributions
 from .components import Components
-from .errors import ComponentError
+from .errors import ArgumentError, ComponentError, MaskError
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 64  # masks per progress step (rounded up to a multiple of the packing)
 
 
-def _meta(method: str, model: nn.Module, examples: ExampleSet, output_fn, mode: str) -> dict:
+def _meta(method: str, model: nn.Module, examples: ExampleSet, output_fn, **settings) -> dict:
     return {
         "method": method,
-        "output": _outputs.name_of(output_fn),
-        "mode": mode,
         "n_examples": examples.n_examples,
-        "fingerprint": model_fingerprint(model),
-        "data_fingerprint": examples.fingerprint(),
+        **_fingerprint.record(
+            model, output_fn, data_fingerprint=examples.fingerprint(), **settings
+        ),
     }
+
+
+def _prepare(
+    model: nn.Module, components: Any, data: Iterable, **args: Any
+) -> tuple[nn.Module, Any, torch.device, ExampleSet, Any]:
+    """Check the arguments a baseline shares with ``collect``; (model, output fn, device,
+    examples, autocast context)."""
+    model = _checks.module(model)
+    if not isinstance(components, Components):
+        raise ArgumentError(
+            f"components must be a coarpy.Components, got {type(components).__name__}."
+        )
+    _checks.device(args["device"])
+    _checks.choice(args["mode"], "mode", MODES)
+    _checks.optional_flag(args["progress"], "progress")
+    output_fn = _outputs.resolve(args["output"])
+    if args["device"] is not None:
+        model.to(args["device"])
+    device = model_device(model)
+    cast = autocast_context(device, args["autocast"])
+    examples = ExampleSet(data, device, args["batch_size"])
+    examples.check_labels(output_fn)
+    return model, output_fn, device, examples, cast
 
 
 def leave_one_out(
@@ -54,6 +96,7 @@ def leave_one_out(
     device: torch.device | str | None = None,
     mode: str = "zero",
     means: dict[str, Tensor] | None = None,
+    autocast: str | None = None,
     progress: bool | None = None,
 ) -> Attributions:
     """Leave-one-out attributions: the output change when one component alone is ablated.
@@ -64,8 +107,8 @@ def leave_one_out(
 
     Parameters
     ----------
-    model, components, data, output, batch_size, device, mode, means, progress :
-        as for ``collect``.
+    model, components, data, output, batch_size, device, mode, means, autocast,
+    progress : as for ``collect``.
 
     Returns
     -------
@@ -82,11 +125,10 @@ def leave_one_out(
     >>> loo.weights.tolist(), loo.bias.tolist()
     ([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], [0.5, 0.5])
     """
-    output_fn = _outputs.resolve(output)
-    if device is not None:
-        model.to(device)
-    device = model_device(model)
-    examples = ExampleSet(data, device, batch_size)
+    model, output_fn, device, examples, cast = _prepare(
+        model, components, data, output=output, batch_size=batch_size, device=device,
+        mode=mode, autocast=autocast, progress=progress,
+    )  # fmt: skip
     n = len(components)
     keep = torch.ones(n + 1, n, dtype=torch.bool)  # row 0: full model; row j+1: all but j
     keep[1:].fill_diagonal_(False)
@@ -95,7 +137,7 @@ def leave_one_out(
     ablator = Ablator(model, components, mode=mode, means=means)
     bar = progress_bar(-(-(n + 1) // step), progress, desc="leave_one_out")
     try:
-        with eval_mode(model, "leave_one_out"), ablator, torch.inference_mode():
+        with eval_mode(model, "leave_one_out"), ablator, torch.inference_mode(), cast:
             for start in range(0, n + 1, step):
                 rows = keep[start : start + step].to(device)
                 values[start : start + step] = run_masks(
@@ -111,7 +153,9 @@ def leave_one_out(
         weights=weights,
         bias=bias,
         names=list(components.names),
-        meta=_meta("leave_one_out", model, examples, output_fn, mode),
+        meta=_meta(
+            "leave_one_out", model, examples, output_fn, mode=mode, means=means, autocast=autocast
+        ),
     )
 
 
@@ -125,6 +169,7 @@ def gradient(
     device: torch.device | str | None = None,
     mode: str = "zero",
     means: dict[str, Tensor] | None = None,
+    autocast: str | None = None,
     progress: bool | None = None,
 ) -> Attributions:
     """Gradient attributions (attribution patching): d f_z / d v_j at the full model.
@@ -136,9 +181,11 @@ def gradient(
 
     Parameters
     ----------
-    model, components, data, output, batch_size, device, mode, means : as for
-        ``collect``. Examples must not interact within a batch (the model is run in
-        eval mode, so BatchNorm uses its running statistics).
+    model, components, data, output, batch_size, device, mode, means, autocast : as
+        for ``collect``. Examples must not interact within a batch (the model is run in
+        eval mode, so BatchNorm uses its running statistics). On a model whose modules
+        see another batch than the examples, each example is run alone with one shared
+        soft mask.
     progress : show a progress bar (one step per batch); None shows it on a terminal.
 
     Returns
@@ -161,6 +208,10 @@ def gradient(
     >>> grad.weights.tolist(), grad.bias.tolist()
     ([[1.0, 2.0, 6.0]], [0.5])
     """
+    model, output_fn, device, examples, cast = _prepare(
+        model, components, data, output=output, batch_size=batch_size, device=device,
+        mode=mode, autocast=autocast, progress=progress,
+    )  # fmt: skip
     for g in components.groups:
         if g.site == "param":
             raise ComponentError(
@@ -169,33 +220,42 @@ def gradient(
                 "float or per-example mask. Use leave_one_out for these components, or "
                 "select components outside nn.MultiheadAttention."
             )
-    output_fn = _outputs.resolve(output)
-    if device is not None:
-        model.to(device)
-    device = model_device(model)
-    examples = ExampleSet(data, device, batch_size)
     n = len(components)
     weights = torch.empty(examples.n_examples, n)  # (E, N)
     full = torch.empty(examples.n_examples)  # (E,)
     ablator = Ablator(model, components, mode=mode, means=means)
     bar = progress_bar(len(examples.batches), progress, desc="gradient", unit="batch")
-    with eval_mode(model, "gradient"), ablator, torch.enable_grad(), closing(bar):
+    with eval_mode(model, "gradient"), ablator, torch.enable_grad(), cast, closing(bar):
         row = 0
         for batch in examples.batches:
             size = B.batch_size(batch)
-            keep = torch.ones(size, n, device=device, requires_grad=True)  # (b, N) float
-            ablator.set(keep)
-            values = _outputs.check_values(output_fn(model, batch), size, output_fn)  # (b,)
-            # Row i of keep only reaches example i, so the gradient of the sum is
-            # every example's own gradient. autograd.grad leaves parameters' .grad alone.
-            if values.requires_grad:
-                (grad,) = torch.autograd.grad(values.sum(), keep, allow_unused=True)
-            else:  # the output does not depend on any component
-                grad = None
-            if grad is None:
-                grad = torch.zeros(size, n)
-            weights[row : row + size] = grad.detach().float().cpu()  # (b, N)
-            full[row : row + size] = values.detach().cpu()
+            grad = values = None
+            if examples.rows_ok is not False:
+                try:
+                    # Row i of keep only reaches example i, so the gradient of the sum is
+                    # every example's own gradient.
+                    keep = torch.ones(size, n, device=device, requires_grad=True)  # (b, N)
+                    grad, values = _gradient(model, ablator, batch, keep, size, output_fn)
+                    examples.rows_ok = True
+                except MaskError as err:
+                    if examples.rows_ok:
+                        raise
+                    examples.rows_ok = False
+                    log.info(
+                        "per-row masks do not apply to this model (%s); gradient runs one "
+                        "example at a time with a shared mask instead",
+                        err,
+                    )
+            if examples.rows_ok is False:  # one example at a time, one shared soft mask
+                parts = []
+                for i in range(size):
+                    keep = torch.ones(n, device=device, requires_grad=True)  # (N,)
+                    one = B.index(batch, slice(i, i + 1))
+                    parts.append(_gradient(model, ablator, one, keep, 1, output_fn))
+                grad = torch.cat([g.reshape(1, n) for g, _ in parts])
+                values = torch.cat([v for _, v in parts])
+            weights[row : row + size] = grad.float().cpu()  # (b, N)
+            full[row : row + size] = values.cpu()
             row += size
             bar.update(1)
         ablator.set(None)
@@ -204,5 +264,24 @@ def gradient(
         weights=weights,
         bias=bias,
         names=list(components.names),
-        meta=_meta("gradient", model, examples, output_fn, mode),
+        meta=_meta(
+            "gradient", model, examples, output_fn, mode=mode, means=means, autocast=autocast
+        ),
     )
+
+
+def _gradient(
+    model: nn.Module, ablator: Ablator, batch: Any, keep: Tensor, size: int, output_fn: Any
+) -> tuple[Tensor, Tensor]:
+    """(d output / d keep, output) of one batch under the float mask ``keep``, both
+    detached; keep is (size, N) per row or (N,) shared. autograd.grad leaves the
+    parameters' .grad alone."""
+    ablator.set(keep)
+    values = _outputs.check_values(output_fn(model, batch), size, output_fn)  # (size,)
+    grad = None
+    if values.requires_grad:
+        (grad,) = torch.autograd.grad(values.sum(), keep, allow_unused=True)
+    if grad is None:  # the output does not depend on any component
+        grad = torch.zeros_like(keep)
+    mark_progress()
+    return grad.detach(), values.detach().float()

@@ -1,7 +1,13 @@
 """The ``coar`` command: parses arguments and calls the library, nothing more.
 
 Each subcommand calls one function of ``coarpy.runs`` (or ``demo``, ``edit``,
-``report``). Every ``CoarError`` is printed as one line on stderr, exit status 2.
+``report``). Every error, a bad argument included, is printed as one line on stderr
+with exit status 2 (``--verbose`` adds the traceback of an unexpected one); ``coar
+verify`` exits with 1 when it finds damage it did not repair.
+
+``coar collect``, ``worker``, ``evaluate`` and ``edit`` import and run the factory a
+run configuration names (trust it like a pickle); ``status``, ``fit``, ``report`` and
+``verify`` import nothing from it.
 """
 
 from __future__ import annotations
@@ -10,9 +16,40 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .errors import CoarError
+
+USAGE_ERROR = 2  # every error: bad arguments, bad configuration, failed run
+DAMAGED = 1  # coar verify found damage it did not repair
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (a bad one is a one-line usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -25,19 +62,21 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="coar",
         description="COAR: attribute a model's predictions to its components, and edit it.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     d = sub.add_parser("demo", help="the whole method on real data in a few minutes (CPU)")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    d.add_argument("--n-masks", type=int, default=None, help="training masks")
-    d.add_argument("--eval-masks", type=int, default=None, help="held-out masks per alpha")
-    d.add_argument("--n-examples", type=int, default=None, help="held-out digits to attribute")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n-masks", type=_at_least(1), default=None, help="training masks")
+    d.add_argument("--eval-masks", type=_at_least(3), default=None, help="held-out masks per alpha")
+    d.add_argument(
+        "--n-examples", type=_at_least(1), default=None, help="held-out digits to attribute"
+    )
+    d.add_argument("--seed", type=_at_least(0), default=0)
 
     c = sub.add_parser("collect", help="collect (or resume) a component dataset from CONFIG")
     c.add_argument("config", help="TOML run configuration (see coarpy.runs.config)")
@@ -50,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         "--devices", default=None,
         help="local launcher: cuda:0,cuda:1 or cpu:N (one process each; default cpu:1)",
     )  # fmt: skip
-    c.add_argument("--workers", type=int, default=None, help="slurm tasks / ray actors")
-    c.add_argument("--restarts", type=int, default=2, help="restarts of a dead worker")
+    c.add_argument("--workers", type=_at_least(1), default=None, help="slurm tasks / ray actors")
+    c.add_argument("--restarts", type=_at_least(0), default=2, help="restarts of a dead worker")
 
     w = sub.add_parser("worker", help="fill this worker's blocks of an existing run")
     w.add_argument("run", help="run directory made by `coar collect`")
@@ -77,14 +116,18 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="held-out correlation of a run's attributions")
     e.add_argument("run")
     e.add_argument("--alphas", type=float, nargs="+", default=None)
-    e.add_argument("--n-masks", type=int, default=100)
-    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--n-masks", type=_at_least(3), default=100)
+    e.add_argument("--seed", type=_at_least(0), default=1)
     e.add_argument(
         "--baselines",
         nargs="*",
         default=["leave_one_out", "gradient"],
         help="baselines evaluated on the same masks (default: leave_one_out gradient)",
     )
+    e.add_argument(
+        "--no-check", action="store_true",
+        help="evaluate even if the attributions were fitted under another model or settings",
+    )  # fmt: skip
     ed = sub.add_parser("edit", help="ablate the components that move target examples (Coar-Edit)")
     ed.add_argument("run", help="run directory with fitted attributions (`coar fit RUN`)")
     ed.add_argument(
@@ -95,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         "--references", type=int, nargs="+", default=None, metavar="I",
         help="indices of the examples to keep (default: every other example)",
     )  # fmt: skip
-    ed.add_argument("--k", type=int, required=True, help="number of components to ablate")
+    ed.add_argument("--k", type=_at_least(0), required=True, help="number of components to ablate")
     ed.add_argument(
         "--direction", choices=("raise", "lower"), default="raise",
         help="raise (default) or lower the target outputs relative to the references",
@@ -108,6 +151,13 @@ def _parser() -> argparse.ArgumentParser:
         help="edit sizes measured for the curve (default: 0, powers of two below k, k)",
     )  # fmt: skip
 
+    v = sub.add_parser("verify", help="check every file of a run (blocks, meta, copies)")
+    v.add_argument("run")
+    v.add_argument(
+        "--repair", action="store_true",
+        help="delete damaged blocks (recomputed by the next `coar worker RUN`) and leftovers",
+    )  # fmt: skip
+
     r = sub.add_parser("report", help="write a self-contained HTML report of a run")
     r.add_argument("run")
     r.add_argument("--examples", type=int, nargs="+", default=[0], help="examples to show")
@@ -116,14 +166,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad argument (already reported in one line)
+        return int(stop.code or 0)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         return _dispatch(args)
-    except (CoarError, FileNotFoundError) as err:  # a message for the user, not a traceback
-        print(f"coar {args.command}: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"coar {args.command}: interrupted; finished blocks are kept", file=sys.stderr)
+        return 130
+    except Exception as err:  # a message for the user, not a traceback
+        if not isinstance(err, (CoarError, OSError)):
+            if args.verbose:
+                traceback.print_exc()
+            hint = "" if args.verbose else " (run with --verbose for the traceback)"
+            print(
+                f"coar {args.command}: {type(err).__name__}: {_one_line(err)}{hint}",
+                file=sys.stderr,
+            )
+        else:
+            print(f"coar {args.command}: {_one_line(err)}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (a multi-line message joined with " | ")."""
+    parts = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " | ".join(parts) or type(err).__name__
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -163,8 +234,19 @@ def _dispatch(args: argparse.Namespace) -> int:
             n_masks=args.n_masks,
             seed=args.seed,
             baselines=args.baselines,
+            check=not args.no_check,
         )
         print(result.summary())
+    elif args.command == "verify":
+        found = runs.verify_run(args.run, repair=args.repair)
+        print(f"{found['run']}: {found['done_blocks']} of {found['n_blocks']} blocks done")
+        for line in found["problems"]:
+            print(f"  {line}")
+        if not found["problems"]:
+            print("  every file checked is intact")
+        elif found["repaired"]:
+            print("  repaired: damaged blocks deleted; `coar worker RUN` recomputes them")
+        return DAMAGED if found["unrepaired"] else 0
     elif args.command == "edit":
         from .edit import edit_run
 

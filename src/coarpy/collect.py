@@ -12,19 +12,23 @@ uses that for run directories: workers, lease claiming, heartbeats and launchers
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import warnings
 from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import _checks, _fingerprint, _fs
 from . import outputs as _outputs
 from . import prefix as _prefix
 from ._engine import (
+    AUTOCAST,
     ExampleSet,
     autocast_context,
     eval_mode,
@@ -32,11 +36,10 @@ from ._engine import (
     progress_bar,
     run_masks,
 )
-from ._fingerprint import model_fingerprint, tensors_fingerprint
-from .ablation import Ablator
+from .ablation import MODES, Ablator
 from .components import Components
-from .errors import ArgumentError, CoarError, CollectError
-from .masks import sample_masks
+from .errors import ArgumentError, CoarError, CollectError, SplitError
+from .masks import SAMPLERS, sample_masks
 from .store import ComponentDataset
 
 log = logging.getLogger(__name__)
@@ -104,12 +107,35 @@ def collect(
         compiling takes seconds to minutes and fused kernels round differently, so
         outputs agree with eager ones to float tolerance, not bit for bit.
 
+    Every argument is checked before the model runs or anything is written. The store
+    records what each row depends on (the model's weights and structure, the output
+    function and its code, mode and means, autocast, dtype, sampler, seed, the
+    examples, a ``Split`` prefix) and refuses a resume under anything else; device,
+    batch size and a module-path prefix change rounding only and may differ between
+    workers. On a resume every finished block of this worker's part is checked once
+    (its checksum) and recomputed if damaged.
+
     Raises
     ------
+    ArgumentError : a bad argument (the message names it and says what to give).
+    DataError : unusable data, or labels a class-index output would misread.
     StoreMismatchError : the store at ``path`` was built with other settings.
     CollectError : a block failed; the message names it and the cause is chained.
+        Also a non-finite output (or one beyond float16's range with
+        ``dtype="float16"``) unless ``allow_nonfinite``.
+    StorageError : a block could not be written (disk full); nothing partial is left.
     """
-    output_fn = _outputs.resolve(output)
+    settings = _check_args(
+        model=model, components=components, output=output, path=path, n_masks=n_masks,
+        alpha=alpha, seed=seed, sampler=sampler, block_size=block_size,
+        batch_size=batch_size, device=device, mode=mode, means=means, shard=shard,
+        autocast=autocast, dtype=dtype, allow_nonfinite=allow_nonfinite,
+        overwrite=overwrite, progress=progress, prefix=prefix, compile_model=compile_model,
+    )  # fmt: skip
+    output_fn, shard = settings["output_fn"], settings["shard"]
+    model = _checks.module(model)  # an nnsight envoy runs as the module it wraps
+    if isinstance(blocks, Collection):  # checked whole before anything is written
+        _check_blocks(blocks, _n_blocks_after(path, n_masks, block_size))
     if sampler == "exact":
         warnings.warn(
             "sampler='exact' ablates the same number of components in every mask, so a "
@@ -118,12 +144,19 @@ def collect(
             " Use the paper's sampler='bernoulli' unless you need exact sizes.",
             stacklevel=2,
         )
-    shard = _check_shard(shard)
     if device is not None:
         model.to(device)
     device = model_device(model)
     autocast_context(device, autocast)  # validates the name before anything is written
     examples = ExampleSet(data, device, batch_size)
+    examples.check_labels(output_fn)
+    # Shared masks go into the weights where that is exact: no hook runs per forward.
+    # Made before the store: a bad mode or means is refused before anything is written.
+    ablator = Ablator(model, components, mode=mode, means=means, edit_weights=True)
+    row_record = _fingerprint.record(
+        model, output_fn, mode=mode, means=means, autocast=autocast,
+        data_fingerprint=examples.fingerprint(),
+    )  # fmt: skip
     ds = ComponentDataset.create(
         path,
         components=components.to_dict()["groups"],
@@ -133,19 +166,14 @@ def collect(
         seed=seed,
         sampler=sampler,
         block_size=block_size,
-        output=_outputs.name_of(output_fn),
-        mode=mode,
         dtype=dtype,
-        fingerprint=model_fingerprint(model),
-        data_fingerprint=examples.fingerprint(),
-        # the ablation values are part of what a row means: other means, other data
-        means_fingerprint=(
-            tensors_fingerprint(means[k] for k in sorted(means))
-            if mode == "mean" and means is not None
-            else ""
-        ),
+        prefix=_prefix_name(prefix),
+        compile_model=compile_model,
         overwrite=overwrite,
+        **row_record,
     )
+    if ds.sweep():
+        log.info("%s: removed files left by killed workers or a smaller n_masks", ds.path)
     n_blocks = ds.n_blocks
     done_before = len(ds.done_blocks())
     if done_before:
@@ -155,8 +183,6 @@ def collect(
     if first is None:
         return ComponentDataset(ds.path)
 
-    # Shared masks go into the weights where that is exact: no hook runs per forward.
-    ablator = Ablator(model, components, mode=mode, means=means, edit_weights=True)
     # No autocast weight cache: weights change between masks (it is off under
     # inference_mode already; saying so keeps it off whatever torch decides).
     cast = autocast_context(device, autocast)
@@ -193,7 +219,7 @@ def collect(
                         f"{type(err).__name__}: {err}"
                     ) from err
                 if not allow_nonfinite:
-                    _check_finite(values, start)
+                    _check_finite(values, start, dtype)
                 # Commit off the critical path; keep at most one write in flight.
                 while pending:
                     pending.pop().result()
@@ -208,23 +234,78 @@ def collect(
     return ComponentDataset(ds.path)
 
 
-def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
-    if shard is None:
-        return None
-    if isinstance(shard, str) or not (
-        isinstance(shard, (tuple, list))
-        and len(shard) == 2
-        and all(isinstance(x, int) and not isinstance(x, bool) for x in shard)
-    ):
+def _check_args(**args: Any) -> dict[str, Any]:
+    """Check every argument of ``collect`` (ArgumentError) before anything runs or is
+    written; the resolved output function and shard."""
+    _checks.module(args["model"])
+    if not isinstance(args["components"], Components):
         raise ArgumentError(
-            f"shard must be a tuple (k, K): this worker's index k of K workers, e.g. (0, 4); "
-            f"got {shard!r}. For 'k/K' text or SLURM/torchrun variables use "
-            "coarpy.runs.collect_run(config, shard='k/K' or 'env')."
+            f"components must be a coarpy.Components, got {type(args['components']).__name__}."
+            " Build one with Components.discover(model, ...) or Components.from_spec(...)."
         )
-    k, n = shard
-    if not (n >= 1 and 0 <= k < n):
-        raise ArgumentError(f"shard must be (k, K) with 0 <= k < K, got {tuple(shard)}.")
-    return k, n
+    if not isinstance(args["path"], (str, os.PathLike)) or not str(args["path"]).strip():
+        raise ArgumentError(
+            f"path must be the store's directory (a str or Path), got {args['path']!r}."
+        )
+    _checks.positive(args["n_masks"], "n_masks", fix="Collect at least one mask.")
+    _checks.fraction(args["alpha"])
+    _checks.seed(args["seed"])
+    _checks.choice(args["sampler"], "sampler", SAMPLERS)
+    _checks.positive(args["block_size"], "block_size", fix="Masks per block file, e.g. 100.")
+    _checks.batch_size(args["batch_size"])
+    _checks.device(args["device"])
+    _checks.choice(args["mode"], "mode", MODES)
+    if args["means"] is not None:
+        _checks.mapping(args["means"], "means")
+    _checks.choice(args["dtype"], "dtype", ("float32", "float16"))
+    if args["autocast"] is not None and args["autocast"] not in AUTOCAST:
+        raise ArgumentError(
+            f"autocast must be one of {tuple(AUTOCAST)} or None, got {args['autocast']!r}."
+        )
+    for name in ("allow_nonfinite", "overwrite", "compile_model"):
+        _checks.flag(args[name], name)
+    _checks.optional_flag(args["progress"], "progress")
+    prefix = args["prefix"]
+    if prefix is not None and not isinstance(prefix, (str, _prefix.Split)):
+        raise SplitError(
+            f"prefix must be a module path (str) or a coarpy.prefix.Split, got "
+            f"{type(prefix).__name__}. For two callables write Split(prefix_fn, suffix_fn)."
+        )
+    try:
+        output_fn = _outputs.resolve(args["output"])
+    except CoarError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ArgumentError(str(err)) from err
+    return {"output_fn": output_fn, "shard": _checks.shard(args["shard"])}
+
+
+def _n_blocks_after(path: str | os.PathLike, n_masks: int, block_size: int) -> int:
+    """How many blocks the store at ``path`` will have once ``n_masks`` is asked for (an
+    existing store keeps a larger n_masks); read only, nothing is written."""
+    existing = n_masks
+    try:
+        meta = json.loads((_fs.path(path) / "meta.json").read_text())
+        if isinstance(meta.get("n_masks"), int):
+            existing = max(existing, meta["n_masks"])
+    except (OSError, ValueError, AttributeError):
+        pass  # no store yet, or one the store itself will refuse with a clear message
+    return -(-existing // block_size)
+
+
+def _prefix_name(prefix: str | _prefix.Split | None) -> str | None:
+    """How the store's identity records ``prefix``.
+
+    A module path only caches the input of a module inside nested Sequentials: the
+    same modules run on the same tensors, so like ``batch_size`` it changes no row
+    (rounding aside) and a store may be resumed with or without it: None. A Split is
+    user code whose cut is verified on a few examples only: its description and the
+    code of its two parts.
+    """
+    if prefix is None or isinstance(prefix, str):
+        return None
+    code = [_fingerprint.output_fingerprint(f) for f in (prefix.prefix, prefix.suffix)]
+    return f"split: {prefix.where} {'/'.join(code)}"
 
 
 def _plan(
@@ -233,7 +314,13 @@ def _plan(
     """The unfinished blocks to compute, in order, and how many at most (for the bar)."""
 
     def wanted(b: int) -> bool:
-        return (shard is None or b % shard[1] == shard[0]) and not ds.is_done(b)
+        if shard is not None and b % shard[1] != shard[0]:
+            return False
+        if ds.intact(b):  # done, and its bytes pass the checksum (read once per resume)
+            return False
+        if ds.is_done(b):
+            log.warning("%s fails its checksum: recomputing block %d", ds.block_path(b), b)
+        return True
 
     if blocks is None or isinstance(blocks, Collection):  # checked whole, before any work
         candidates = range(ds.n_blocks) if blocks is None else blocks
@@ -267,7 +354,8 @@ def _check_blocks(blocks: Iterable[int], n_blocks: int) -> list[int]:
     return chosen
 
 
-def _check_finite(values: Tensor, first_row: int) -> None:
+def _check_finite(values: Tensor, first_row: int, dtype: str) -> None:
+    """Refuse NaN/inf outputs, checked in the stored precision (float16 overflows)."""
     bad = ~torch.isfinite(values)
     if bad.any():
         row, example = (int(i) for i in bad.nonzero()[0])
@@ -276,3 +364,13 @@ def _check_finite(values: Tensor, first_row: int) -> None:
             f" on example {example}. Check the model and output function, or pass "
             "allow_nonfinite=True to store such values."
         )
+    if dtype == "float16":
+        bad = ~torch.isfinite(values.to(torch.float16))
+        if bad.any():
+            row, example = (int(i) for i in bad.nonzero()[0])
+            raise CollectError(
+                f"Mask row {first_row + row} gave the output {values[row, example].item():g} on "
+                f"example {example}, beyond float16's range (+-65504): stored as float16 it "
+                "would be infinite. Collect with dtype='float32', or pass "
+                "allow_nonfinite=True to store it as inf."
+            )

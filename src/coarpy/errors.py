@@ -80,3 +80,8 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
 
 class DatasetFormatError(DatasetError, ValueError):
     """A data file is not in the format it should be."""
+
+
+class StorageError(CoarError, OSError):
+    """Writing a file of a run failed (disk full, quota, read-only filesystem); nothing
+    partial was left behind."""

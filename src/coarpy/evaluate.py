@@ -19,30 +19,34 @@ attributions were made, ``attr.meta["method"]``). ``evaluate`` runs the model;
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from . import _checks, _fingerprint
 from . import outputs as _outputs
-from ._engine import ExampleSet, eval_mode, model_device, progress_bar, run_masks
-from .ablation import Ablator
+from ._engine import (
+    ExampleSet,
+    autocast_context,
+    eval_mode,
+    model_device,
+    progress_bar,
+    run_masks,
+)
+from .ablation import MODES, Ablator
 from .attributions import Attributions
 from .components import Components
-from .errors import ComponentError, EvaluationError
+from .correlation import average_ranks as average_ranks
+from .correlation import pearson, spearman, undefined
+from .errors import ArgumentError, ComponentError, EvaluationError
+from .evaluation import DEFAULT_NAME, Evaluation
+from .evaluation import Correlations as Correlations
 from .masks import SAMPLERS, sample_masks
 from .store import ComponentDataset
 
-DEFAULT_NAME = "coar"
 _CHUNK = 64  # masks per progress step (rounded up to a multiple of the packing)
-_STATS = ("mean", "median", "q25", "q75")
 
 
 # -- held-out masks --------------------------------------------------------------------
@@ -80,288 +84,6 @@ def heldout_masks(
         0, n_masks, n_components, alpha=alpha, seed=seed, sampler=sampler,
         stream=heldout_stream(alpha),
     )  # fmt: skip
-
-
-# -- correlations ----------------------------------------------------------------------
-
-
-def _undefined(*tensors: Tensor) -> Tensor:
-    """Columns where a correlation is undefined: constant or non-finite in any input."""
-    bad = torch.zeros(tensors[0].shape[1:], dtype=torch.bool, device=tensors[0].device)
-    for t in tensors:
-        bad |= (t.amax(0) == t.amin(0)) | ~torch.isfinite(t).all(0)
-    return bad
-
-
-def _pearson(x: Tensor, y: Tensor) -> Tensor:
-    xc = x - x.mean(0)  # (n, E)
-    yc = y - y.mean(0)
-    r = (xc * yc).sum(0) / torch.sqrt((xc * xc).sum(0) * (yc * yc).sum(0))  # (E,)
-    return r.clamp(-1.0, 1.0)
-
-
-def _check_pair(pred: Tensor, true: Tensor) -> tuple[Tensor, Tensor]:
-    if pred.shape != true.shape or pred.ndim < 1 or pred.shape[0] < 2:
-        raise EvaluationError(
-            f"pred and true must have the same shape (n_masks, ...) with n_masks >= 2, got "
-            f"{tuple(pred.shape)} and {tuple(true.shape)}."
-        )
-    return pred.double(), true.double()
-
-
-def average_ranks(x: Tensor) -> Tensor:
-    """Ranks 1..n along dim 0, ties given the average of their ranks (float64).
-
-    Examples
-    --------
-    >>> average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist()
-    [3.5, 1.0, 3.5, 2.0]
-    """
-    n = x.shape[0]
-    values, order = torch.sort(x, dim=0, stable=True)  # (n, ...)
-    pos = torch.arange(n, device=x.device).view(-1, *([1] * (x.ndim - 1))).expand(values.shape)
-    differs = values[1:] != values[:-1]  # (n-1, ...): a new group of ties starts below
-    edge = torch.ones_like(values[:1], dtype=torch.bool)
-    starts = torch.cat([edge, differs])
-    ends = torch.cat([differs, edge])
-    first = torch.where(starts, pos, 0).cummax(0).values  # first position of each tie group
-    last = torch.where(ends, pos, n - 1).flip(0).cummin(0).values.flip(0)
-    mean_rank = (first + last).double() / 2 + 1
-    return torch.empty_like(mean_rank).scatter_(0, order, mean_rank)
-
-
-def pearson(pred: Tensor, true: Tensor) -> Tensor:
-    """Pearson's r along dim 0, per column: (n, E), (n, E) -> (E,) float64.
-
-    Columns where either input is constant or not finite have no correlation: NaN.
-
-    Examples
-    --------
-    >>> pearson(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[2.0], [4.0], [7.0]]))
-    tensor([0.9934], dtype=torch.float64)
-    """
-    x, y = _check_pair(pred, true)
-    return torch.where(_undefined(x, y), torch.nan, _pearson(x, y))
-
-
-def spearman(pred: Tensor, true: Tensor) -> Tensor:
-    """Spearman's rho along dim 0 (Pearson's r of average ranks): (n, E) -> (E,) float64.
-
-    Examples
-    --------
-    >>> spearman(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[2.0], [4.0], [7.0]]))
-    tensor([1.], dtype=torch.float64)
-    """
-    x, y = _check_pair(pred, true)
-    rho = _pearson(average_ranks(x), average_ranks(y))
-    return torch.where(_undefined(x, y), torch.nan, rho)
-
-
-# -- the result --------------------------------------------------------------------------
-
-
-class Correlations(NamedTuple):
-    """One Attributions' per-example correlations at one alpha, each (n_examples,)."""
-
-    pearson: Tensor
-    spearman: Tensor
-
-
-def _quartiles(r: Tensor) -> dict[str, float | None]:
-    if torch.isnan(r).all():
-        return dict.fromkeys(_STATS)
-    q = torch.nanquantile(r, torch.tensor([0.5, 0.25, 0.75], dtype=r.dtype))
-    values = [torch.nanmean(r), *q]
-    return {k: float(v) for k, v in zip(_STATS, values, strict=True)}
-
-
-def _nan_to_none(x: Tensor) -> list:
-    return [None if math.isnan(v) else v for v in x.flatten().tolist()]
-
-
-@dataclass(frozen=True, eq=False, repr=False)
-class Evaluation:
-    """Held-out correlations of one or more Attributions at one or more alphas.
-
-    Attributes
-    ----------
-    attribution_names : the name of each Attributions evaluated, in the order given
-        (the keys of the mapping passed to ``evaluate``; ``"coar"`` for a lone one).
-    alphas : ablation fractions of the held-out masks.
-    n_masks : held-out masks per alpha.
-    pearson : (n_attributions, n_alphas, n_examples) float64; NaN where undefined.
-    spearman : same shape, Spearman's rho (average ranks for ties).
-    n_constant : per alpha, the number of examples whose true output did not vary over
-        the masks. Their correlation is undefined (NaN) and summaries leave them out.
-    meta : how the masks were made (seed, sampler, output, mode, source).
-    """
-
-    attribution_names: tuple[str, ...]
-    alphas: tuple[float, ...]
-    n_masks: int
-    pearson: Tensor
-    spearman: Tensor
-    n_constant: tuple[int, ...]
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def n_examples(self) -> int:
-        return self.pearson.shape[-1]
-
-    def _where(self, attribution: str, alpha: float | None) -> tuple[int, int]:
-        names = self.attribution_names
-        if attribution not in names:
-            raise EvaluationError(
-                f"No attributions named {attribution!r} in this evaluation; it has "
-                f"{list(names)}. Pass one of those names."
-            )
-        if alpha is None:
-            if len(self.alphas) != 1:
-                raise EvaluationError(
-                    f"This evaluation has several alphas {list(self.alphas)}; pass alpha=."
-                )
-            return names.index(attribution), 0
-        for a, value in enumerate(self.alphas):
-            if math.isclose(value, alpha, rel_tol=1e-9, abs_tol=1e-12):
-                return names.index(attribution), a
-        raise EvaluationError(f"No alpha {alpha} in this evaluation; it has {list(self.alphas)}.")
-
-    def per_example(
-        self, attribution: str = DEFAULT_NAME, alpha: float | None = None
-    ) -> Correlations:
-        """Per-example Pearson and Spearman (:class:`Correlations`, each (n_examples,)) of
-        the attributions named ``attribution`` at ``alpha``.
-
-        ``alpha`` may be left out when the evaluation has one alpha.
-        """
-        m, a = self._where(attribution, alpha)
-        return Correlations(self.pearson[m, a], self.spearman[m, a])
-
-    def to_rows(self) -> list[dict[str, Any]]:
-        """One dict per (attribution, alpha): counts and mean/median/quartiles of both
-        correlations; ``row["attribution"]`` is the name.
-
-        ``n_defined`` examples enter the statistics; the others (constant true output,
-        or attributions predicting a constant) are NaN and left out. Statistics over no
-        example are None.
-        """
-        rows = []
-        for m, name in enumerate(self.attribution_names):
-            for a, alpha in enumerate(self.alphas):
-                defined = ~torch.isnan(self.pearson[m, a])
-                row: dict[str, Any] = {
-                    "attribution": name,
-                    "alpha": alpha,
-                    "n_masks": self.n_masks,
-                    "n_examples": self.n_examples,
-                    "n_defined": int(defined.sum()),
-                    "n_constant": self.n_constant[a],
-                }
-                for metric in ("pearson", "spearman"):
-                    stats = _quartiles(getattr(self, metric)[m, a])
-                    row.update({f"{metric}_{k}": v for k, v in stats.items()})
-                rows.append(row)
-        return rows
-
-    def summary(self) -> str:
-        """A plain-text table: per attribution and alpha, mean/median/quartiles of both
-        correlations."""
-        head = (
-            f"Held-out correlation per example over {self.n_masks} masks, "
-            f"{self.n_examples} examples"
-        )
-        columns = ["attribution", "alpha", "n"] + [
-            f"{metric[0]}_{stat}" for metric in ("pearson", "spearman") for stat in _STATS
-        ]
-        rows = self.to_rows()
-        cells = [
-            [
-                r["attribution"],
-                f"{r['alpha']:g}",
-                str(r["n_defined"]),
-                *(
-                    "nan" if r[f"{m}_{s}"] is None else f"{r[f'{m}_{s}']:.3f}"
-                    for m in ("pearson", "spearman")
-                    for s in _STATS
-                ),
-            ]
-            for r in rows
-        ]
-        widths = [max(len(c[i]) for c in [columns, *cells]) for i in range(len(columns))]
-        lines = [head, ""]
-        for c in [columns, *cells]:
-            lines.append(
-                "  ".join(
-                    v.ljust(w) if i == 0 else v.rjust(w)
-                    for i, (v, w) in enumerate(zip(c, widths, strict=True))
-                ).rstrip()
-            )
-        excluded = [
-            f"alpha={alpha:g}: {n}" for alpha, n in zip(self.alphas, self.n_constant, strict=True)
-        ]
-        if any(self.n_constant):
-            lines += [
-                "",
-                "n = examples with a defined correlation. Left out for a constant true "
-                f"output over the masks: {', '.join(excluded)}.",
-            ]
-        else:
-            lines += ["", "n = examples with a defined correlation."]
-        lines.append("p_ = Pearson, s_ = Spearman; q25/q75 are the quartiles.")
-        return "\n".join(lines)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the evaluation as JSON (NaN as null); :meth:`load` reads it back."""
-        path = Path(path)
-        doc = {
-            "format": "coarpy.evaluation",
-            "version": 2,  # 1 named the attributions "methods"
-            "attribution_names": list(self.attribution_names),
-            "alphas": list(self.alphas),
-            "n_masks": self.n_masks,
-            "n_examples": self.n_examples,
-            "n_constant": list(self.n_constant),
-            "meta": self.meta,
-            "pearson": _nan_to_none(self.pearson),
-            "spearman": _nan_to_none(self.spearman),
-            "summary": self.to_rows(),
-        }
-        path.write_text(json.dumps(doc, indent=1))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Evaluation:
-        """Read an evaluation written by :meth:`save` (version 2, or 1 with "methods")."""
-        path = Path(path)
-        doc = json.loads(path.read_text())
-        if not isinstance(doc, dict) or doc.get("format") != "coarpy.evaluation":
-            raise EvaluationError(
-                f"{path} is not a saved coarpy evaluation (no 'format': 'coarpy.evaluation'). "
-                "Write one with Evaluation.save."
-            )
-        names = doc["attribution_names"] if "attribution_names" in doc else doc["methods"]
-        shape = (len(names), len(doc["alphas"]), doc["n_examples"])
-
-        def tensor(values: list) -> Tensor:
-            flat = [math.nan if v is None else v for v in values]
-            return torch.tensor(flat, dtype=torch.float64).reshape(shape)
-
-        return cls(
-            attribution_names=tuple(names),
-            alphas=tuple(float(a) for a in doc["alphas"]),
-            n_masks=int(doc["n_masks"]),
-            pearson=tensor(doc["pearson"]),
-            spearman=tensor(doc["spearman"]),
-            n_constant=tuple(int(n) for n in doc["n_constant"]),
-            meta=doc["meta"],
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"Evaluation(attribution_names={list(self.attribution_names)}, "
-            f"alphas={list(self.alphas)}, "
-            f"n_masks={self.n_masks}, n_examples={self.n_examples})"
-        )
 
 
 # -- checks ------------------------------------------------------------------------------
@@ -466,14 +188,14 @@ def _correlate(
     named: dict[str, Attributions], keep: Tensor, true: Tensor
 ) -> tuple[Tensor, Tensor, int]:
     """(pearson (A, E), spearman (A, E), n_constant) for masks keep (n, N) and true (n, E),
-    over the A attributions."""
+    over the A attributions; n_constant counts constant (or non-finite) true outputs."""
     true = true.double().cpu()
     pearsons, spearmans = [], []
     for attr in named.values():
         pred = attr.predict(keep).double().cpu()  # (n, E)
         pearsons.append(pearson(pred, true))
         spearmans.append(spearman(pred, true))
-    constant = int((true.amax(0) == true.amin(0)).sum())
+    constant = int(undefined(true).sum())
     return torch.stack(pearsons), torch.stack(spearmans), constant
 
 
@@ -513,7 +235,9 @@ def evaluate(
     device: torch.device | str | None = None,
     mode: str = "zero",
     means: dict[str, Tensor] | None = None,
+    autocast: str | None = None,
     progress: bool | None = None,
+    check: bool = True,
 ) -> Evaluation:
     """Correlate predicted and true outputs on fresh masks, per example and alpha.
 
@@ -533,8 +257,12 @@ def evaluate(
     n_masks : held-out masks per alpha (at least 3).
     seed, sampler : the held-out mask sequence; masks come from stream
         ``heldout_stream(alpha)``, never collection's stream 0.
-    batch_size, device, mode, means, progress : as for ``collect``. A batch_size
-        larger than the example set runs several masks per forward pass.
+    batch_size, device, mode, means, autocast, progress : as for ``collect``. A
+        batch_size larger than the example set runs several masks per forward pass.
+    check : compare the model and settings with what each Attributions records (its
+        ``meta``, or the store it was fitted on): the weights, the model's structure,
+        the output function and its code, mode, means, autocast and the examples.
+        ``check=False`` evaluates anyway.
 
     Returns
     -------
@@ -543,7 +271,9 @@ def evaluate(
     Raises
     ------
     ComponentError : the attributions were fitted for other components.
-    EvaluationError : bad alphas or n_masks, or another number of examples.
+    EvaluationError : bad alphas or n_masks, another number of examples, or (with
+        ``check``) attributions recorded under another model or other settings.
+    ArgumentError : a bad seed, sampler, batch_size, device, mode or autocast.
 
     Examples
     --------
@@ -565,20 +295,37 @@ def evaluate(
     n_masks = _check_n_masks(n_masks)
     if sampler not in SAMPLERS:
         raise EvaluationError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+    model = _checks.module(model)
+    _checks.seed(seed)
+    _checks.device(device)
+    _checks.choice(mode, "mode", MODES)
+    _checks.flag(check, "check")
+    _checks.optional_flag(progress, "progress")
+    if not isinstance(components, Components):
+        raise ArgumentError(
+            f"components must be a coarpy.Components, got {type(components).__name__}."
+        )
     _check_names(named, components.names, "these components")
     output_fn = _outputs.resolve(output)
     if device is not None:
         model.to(device)
     device = model_device(model)
+    cast = autocast_context(device, autocast)
     examples = ExampleSet(data, device, batch_size)
+    examples.check_labels(output_fn)
     _check_examples(named, examples.n_examples, "data")
+    actual = _fingerprint.record(
+        model, output_fn, mode=mode, means=means, autocast=autocast,
+        data_fingerprint=examples.fingerprint(),
+    )  # fmt: skip
+    _checks.check_attributions(named, actual, check=check, error=EvaluationError, use="evaluate")
 
     step = examples.pack * -(-_CHUNK // examples.pack)
     per_alpha = []
     ablator = Ablator(model, components, mode=mode, means=means)
     bar = progress_bar(len(alphas) * -(-n_masks // step), progress, desc="evaluate")
     try:
-        with eval_mode(model, "evaluate"), ablator, torch.inference_mode():
+        with eval_mode(model, "evaluate"), ablator, torch.inference_mode(), cast:
             for alpha in alphas:
                 keep = heldout_masks(
                     n_masks, len(components), alpha=alpha, seed=seed, sampler=sampler
@@ -600,12 +347,16 @@ def evaluate(
         "streams": [heldout_stream(a) for a in alphas],
         "output": _outputs.name_of(output_fn),
         "mode": mode,
+        "autocast": autocast,
     }
     return _build(named, alphas, n_masks, per_alpha, meta)
 
 
 def evaluate_store(
-    attributions: Attributions | Mapping[str, Attributions], ds: ComponentDataset
+    attributions: Attributions | Mapping[str, Attributions],
+    ds: ComponentDataset,
+    *,
+    check: bool = True,
 ) -> Evaluation:
     """Correlate predicted and true outputs on masks already collected into ``ds``.
 
@@ -617,15 +368,28 @@ def evaluate_store(
     ----------
     attributions : an Attributions (named ``"coar"``), or a mapping of names to them.
     ds : the held-out store, over the same components and examples.
+    check : compare the store's model and settings with what each Attributions
+        records, as ``evaluate`` does; ``check=False`` evaluates anyway.
 
     Raises
     ------
     ComponentError : the store's components differ from the attributions'.
-    EvaluationError : fewer than 3 finished rows, or another number of examples.
+    EvaluationError : fewer than 3 finished rows, another number of examples, or
+        (with ``check``) a store collected under another model or other settings.
     """
     named = _named(attributions)
+    if not isinstance(ds, ComponentDataset):
+        raise ArgumentError(
+            f"ds must be a ComponentDataset (the held-out store), got {type(ds).__name__}. "
+            "Open one with coarpy.ComponentDataset(path)."
+        )
+    _checks.flag(check, "check")
     _check_names(named, ds.names, f"the store {ds.path}")
     _check_examples(named, ds.n_examples, f"the store {ds.path}")
+    actual = {k: ds.meta[k] for k in _checks.RECORDED if k in ds.meta}
+    _checks.check_attributions(
+        named, actual, check=check, error=EvaluationError, use="evaluate_store"
+    )
     n_done = len(ds)
     if n_done < 3:
         raise EvaluationError(

@@ -12,18 +12,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _checks
+from .errors import ArgumentError
+
 SAMPLERS = ("bernoulli", "exact")
 
 
 def _check(n_components: int, alpha: float, sampler: str) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(
-            f"alpha is the fraction of components ablated and must lie in [0, 1], got {alpha}."
-        )
-    if n_components < 1:
-        raise ValueError(f"n_components must be positive, got {n_components}.")
+    _checks.choice(sampler, "sampler", SAMPLERS)
+    _checks.fraction(alpha)
+    _checks.positive(n_components, "n_components")
 
 
 def sample_masks(
@@ -50,8 +48,10 @@ def sample_masks(
     True
     """
     _check(n_components, alpha, sampler)
-    if not 0 <= start <= stop:
-        raise ValueError(
+    _checks.seed(seed)
+    _checks.integer(stream, "stream", minimum=0)
+    if not (_checks.integer(start, "start") >= 0 and _checks.integer(stop, "stop") >= start):
+        raise ArgumentError(
             f"Mask rows start..stop-1 need 0 <= start <= stop, got start={start}, stop={stop}."
         )
     out = np.empty((stop - start, n_components), dtype=bool)

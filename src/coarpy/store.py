@@ -2,9 +2,10 @@
 
 Layout::
 
-    RUN/meta.json            settings; a resume with other settings is refused
-    RUN/blocks/b000017.blk   rows 17*B .. 18*B-1: packed masks + outputs + checksum
-    RUN/consolidated/        optional contiguous copies for memory-mapped reading
+    RUN/meta.json              settings and identity; a resume with other settings is refused
+    RUN/blocks/b000017.blk     rows 17*B .. 18*B-1: packed masks + outputs + checksum
+    RUN/blocks/b000020-42.blk  a last block of 42 rows, short of B (n_masks not a multiple)
+    RUN/consolidated/          optional contiguous copies for memory-mapped reading
 
 A block is the unit of work and of commit. It is written to a temporary name,
 fsynced and renamed into place, so it either exists whole or not at all: a killed
@@ -12,130 +13,64 @@ worker loses at most the block it was computing, and two workers computing the s
 block write identical bytes (masks are a function of (seed, row)). Block files are
 plain binary read with numpy: nothing is ever unpickled.
 
-Block file: magic ``COARBLK1``, a little-endian header (block, first_row, n_rows,
-n_components, n_examples, dtype code), the packed masks (n_rows, ceil(N/8)) uint8,
-the outputs (n_rows, n_examples) float32 or float16, then a SHA-256 of all of it.
+Identity. ``meta.json`` records every setting a row depends on (``IDENTITY``: the
+sampler, the model's weights and structure, the output function and its code, the
+ablation mode, autocast, the examples, ...) and ``identity``, a hash of them. Every
+block carries that hash in its header, so a block copied from a store with other
+settings, or left from before ``meta.json`` was lost and the run restarted with
+another model, is never counted done: it is recomputed. A block with this store's
+identity was computed under exactly these settings, whichever store wrote it. A short
+last block has its own name, so a worker still running with a smaller ``n_masks``
+never replaces the full block of a grown run. ``meta.json`` is updated under a lock
+(read, compare, write), so concurrent growth never loses a larger ``n_masks``.
+
+Block file (format 2): magic ``COARBLK2``, a little-endian header (block, first_row,
+n_rows, n_components, n_examples, dtype code, the store's 16-byte identity), the
+packed masks (n_rows, ceil(N/8)) uint8, the outputs (n_rows, n_examples) float32 or
+float16, then a SHA-256 of all of it. Stores of format 1 (no identity) stay readable
+(every block is checksummed) but are not resumed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
+import re
 import struct
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import _fs
+from . import _consolidated, _fs
 from . import masks as _masks
-from .errors import StoreCorruptError, StoreMismatchError
-
-FORMAT_VERSION = 1
-_MAGIC = b"COARBLK1"
-_HEADER = struct.Struct("<QQQQQB")
-_DTYPES = {"float32": (0, np.float32), "float16": (1, np.float16)}
-_DTYPE_BY_CODE = {code: (name, np_dtype) for name, (code, np_dtype) in _DTYPES.items()}
-_DIGEST = 32
-
-# Settings that must agree for a resume; n_masks may grow.
-_IDENTITY = (
-    "format_version",
-    "n_components",
-    "n_examples",
-    "alpha",
-    "sampler",
-    "seed",
-    "block_size",
-    "output",
-    "mode",
-    "dtype",
-    "fingerprint",
-    "data_fingerprint",
-    "means_fingerprint",
-    "components",
+from ._storemeta import (
+    DTYPES,
+    FORMAT_VERSION,
+    IDENTITY,
+    check_meta,
+    check_settings,
+    identity_of,
+    short,
 )
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "format_version": (int,),
-    "n_components": (int,),
-    "n_examples": (int,),
-    "n_masks": (int,),
-    "alpha": (int, float),
-    "sampler": (str,),
-    "seed": (int,),
-    "block_size": (int,),
-    "output": (str,),
-    "mode": (str,),
-    "dtype": (str,),
-    "fingerprint": (str,),
-    "data_fingerprint": (str,),
-    "components": (list,),
-}
+from .errors import ArgumentError, StoreCorruptError, StoreMismatchError
 
+log = logging.getLogger(__name__)
 
-def _check_meta(meta: Any, where: Path) -> dict:
-    if not isinstance(meta, dict):
-        raise StoreCorruptError(f"{where} should hold a JSON object, got {type(meta).__name__}.")
-    for field, types in _FIELD_TYPES.items():
-        if field not in meta:
-            raise StoreCorruptError(
-                f"{where} lacks the field {field!r}. The file was edited or is not a coarpy "
-                "store; restore it or start a new store directory."
-            )
-        value = meta[field]
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise StoreCorruptError(
-                f"{where}: field {field!r} should be {types[0].__name__}, got "
-                f"{type(value).__name__} {value!r}. Restore the file or start a new store."
-            )
-    if meta["format_version"] != FORMAT_VERSION:
-        raise StoreCorruptError(
-            f"{where} has format version {meta['format_version']}; this coarpy reads "
-            f"version {FORMAT_VERSION}. Use the coarpy version that wrote it."
-        )
-    checks = [
-        ("n_components", meta["n_components"] >= 1),
-        ("n_examples", meta["n_examples"] >= 1),
-        ("n_masks", meta["n_masks"] >= 0),
-        ("block_size", meta["block_size"] >= 1),
-        ("seed", meta["seed"] >= 0),
-        ("alpha", 0 <= meta["alpha"] <= 1),
-        ("sampler", meta["sampler"] in _masks.SAMPLERS),
-        ("dtype", meta["dtype"] in _DTYPES),
-    ]
-    for field, ok in checks:
-        if not ok:
-            raise StoreCorruptError(
-                f"{where}: field {field!r} has an impossible value {meta[field]!r}. Restore "
-                "the file or start a new store directory."
-            )
-    for group in meta["components"]:
-        if not (
-            isinstance(group, list)
-            and len(group) == 3
-            and isinstance(group[0], str)
-            and isinstance(group[1], str)
-            and isinstance(group[2], int)
-            and not isinstance(group[2], bool)
-            and group[2] >= 1
-        ):
-            raise StoreCorruptError(
-                f"{where}: field 'components' should list [module, kind, n_units] groups, "
-                f"got the entry {_short(group)}. Restore the file or start a new store."
-            )
-    if sum(g[2] for g in meta["components"]) != meta["n_components"]:
-        raise StoreCorruptError(
-            f"{where}: the component groups add up to {sum(g[2] for g in meta['components'])}"
-            f" units, but n_components is {meta['n_components']}. Restore the file."
-        )
-    return meta
+_MAGIC = {1: b"COARBLK1", 2: b"COARBLK2"}
+_HEADER = {1: struct.Struct("<QQQQQB"), 2: struct.Struct("<QQQQQB16s")}
+_DIGEST = 32
+_BLOCK_NAME = re.compile(r"^b(\d{6,})(?:-(\d+))?\.blk$")
+_LOCK = ".meta.lock"  # held while meta.json is read, compared and rewritten
 
 
 class ComponentDataset:
@@ -148,21 +83,27 @@ class ComponentDataset:
     def __init__(self, path: str | os.PathLike):
         self.path = _fs.path(path)  # a Path, or a RemotePath for s3://, gs://, ...
         meta_path = self.path / "meta.json"
-        if not meta_path.exists():
+        try:
+            text = meta_path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise FileNotFoundError(
                 f"No component dataset at {self.path} (no meta.json). Create one with "
                 "coarpy.collect(...) or check the path."
-            )
+            ) from None
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(text.decode())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise StoreCorruptError(
                 f"{meta_path} is not valid JSON ({err}). Restore it or start a new store."
             ) from err
-        self.meta: dict = _check_meta(meta, meta_path)
+        self.meta: dict = check_meta(meta, meta_path)
+        self.version: int = self.meta["format_version"]
         self._names: list[str] | None = None
         self._row_bytes = math.ceil(self.n_components / 8)
-        self._np_dtype = _DTYPES[self.meta["dtype"]][1]
+        self._np_dtype = DTYPES[self.meta["dtype"]][1]
+        self._identity = bytes.fromhex(self.meta["identity"]) if self.version >= 2 else b""
+        self._verified: dict[int, tuple] = {}  # block -> file stat that passed its checksum
+        self._consolidated_ok: tuple | None = None
 
     # -- creation -----------------------------------------------------------------
     @classmethod
@@ -178,11 +119,16 @@ class ComponentDataset:
         sampler: str = "bernoulli",
         block_size: int = 100,
         output: str = "margin",
+        output_code: str = "",
         mode: str = "zero",
         dtype: str = "float32",
         fingerprint: str = "",
+        structure: str = "",
         data_fingerprint: str = "",
         means_fingerprint: str = "",
+        autocast: str | None = None,
+        prefix: str | None = None,
+        compile_model: bool = False,
         overwrite: bool = False,
         extra: dict | None = None,
     ) -> ComponentDataset:
@@ -191,31 +137,20 @@ class ComponentDataset:
         ``components`` is ``Components.to_dict()["groups"]``. A store with other
         settings is refused (``StoreMismatchError`` naming the fields) unless
         ``overwrite``, which deletes its blocks first. A larger ``n_masks`` grows it.
+        Every argument is checked before anything is written.
         """
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}.")
-        _masks._check(sum(g[2] for g in components), alpha, sampler)
-        if block_size < 1 or n_masks < 0:
-            raise ValueError(
-                f"block_size must be >= 1 and n_masks >= 0, got {block_size} and {n_masks}."
-            )
+        settings = check_settings(
+            components=components, n_examples=n_examples, n_masks=n_masks, alpha=alpha,
+            seed=seed, sampler=sampler, block_size=block_size, output=output,
+            output_code=output_code, mode=mode, dtype=dtype, fingerprint=fingerprint,
+            structure=structure, data_fingerprint=data_fingerprint,
+            means_fingerprint=means_fingerprint, autocast=autocast, prefix=prefix,
+            compile_model=compile_model, overwrite=overwrite, extra=extra,
+        )  # fmt: skip
         path = _fs.path(path)
         meta = {
             "format_version": FORMAT_VERSION,
-            "n_components": int(sum(g[2] for g in components)),
-            "n_examples": int(n_examples),
-            "n_masks": int(n_masks),
-            "alpha": float(alpha),
-            "sampler": sampler,
-            "seed": int(seed),
-            "block_size": int(block_size),
-            "output": output,
-            "mode": mode,
-            "dtype": dtype,
-            "fingerprint": fingerprint,
-            "data_fingerprint": data_fingerprint,
-            "means_fingerprint": means_fingerprint,
-            "components": [list(g) for g in components],
+            **settings,
             "created": {
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "host": platform.node(),
@@ -223,39 +158,52 @@ class ComponentDataset:
             },
             **(extra or {}),
         }
+        meta["identity"] = identity_of(meta)
         meta_path = path / "meta.json"
         if meta_path.exists():
-            existing = cls(path)
-            # means_fingerprint may be absent (stores written before it existed): ""
-            diffs = [f for f in _IDENTITY if existing.meta.get(f, "") != meta[f]]
-            if diffs and not overwrite:
-                parts = [
-                    f"{f}: stored {_short(existing.meta.get(f))}, given {_short(meta[f])}"
-                    for f in diffs
-                ]
-                raise StoreMismatchError(
-                    f"{meta_path} was written with other settings ({'; '.join(parts)}). "
-                    "Resume with the settings and model the store was built from, pass "
-                    "overwrite=True to discard it, or use a new directory."
-                )
-            if diffs:
-                existing._clear_blocks()
-                _fs.atomic_write(meta_path, json.dumps(meta, indent=1).encode())
-            elif n_masks > existing.meta["n_masks"]:
-                existing.meta["n_masks"] = int(n_masks)
-                _fs.atomic_write(meta_path, json.dumps(existing.meta, indent=1).encode())
+            with _fs.locked(path / _LOCK, what=" (meta.json updates)"):
+                cls._reopen(path, meta, overwrite=overwrite)
             return cls(path)
         (path / "blocks").mkdir(parents=True, exist_ok=True)
         if not _fs.write_new(meta_path, json.dumps(meta, indent=1).encode()):
             # another worker created it first: reopen it (or refuse a mismatch)
-            return cls.create(
-                path, components=components, n_examples=n_examples, n_masks=n_masks,
-                alpha=alpha, seed=seed, sampler=sampler, block_size=block_size,
-                output=output, mode=mode, dtype=dtype, fingerprint=fingerprint,
-                data_fingerprint=data_fingerprint, means_fingerprint=means_fingerprint,
-                overwrite=overwrite, extra=extra,
-            )  # fmt: skip
+            with _fs.locked(path / _LOCK, what=" (meta.json updates)"):
+                cls._reopen(path, meta, overwrite=overwrite)
         return cls(path)
+
+    @classmethod
+    def _reopen(cls, path: Path, meta: dict, *, overwrite: bool) -> None:
+        """Compare ``meta`` with the store at ``path``; grow, overwrite or refuse.
+
+        Runs under the meta lock: the read, the comparison and the write are one step,
+        so two workers growing ``n_masks`` at once end with the larger.
+        """
+        meta_path = path / "meta.json"
+        existing = cls(path)
+        if existing.version != FORMAT_VERSION and not overwrite:
+            raise StoreMismatchError(
+                f"{meta_path} was written by an older coarpy (store format "
+                f"{existing.version}), whose blocks carry no identity, so new blocks cannot "
+                "be proven to match them. Its rows can still be read (fit, evaluate_store); "
+                "to collect more, start a new store directory, or pass overwrite=True to "
+                "recompute it in the new format."
+            )
+        diffs = [f for f in IDENTITY if existing.meta.get(f) != meta[f]]
+        if diffs and not overwrite:
+            parts = [
+                f"{f}: stored {short(existing.meta.get(f))}, given {short(meta[f])}" for f in diffs
+            ]
+            raise StoreMismatchError(
+                f"{meta_path} was written with other settings ({'; '.join(parts)}). "
+                "Resume with the settings and model the store was built from, pass "
+                "overwrite=True to discard it, or use a new directory."
+            )
+        if diffs or existing.version != FORMAT_VERSION:
+            existing._clear_blocks()
+            _fs.atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+        elif meta["n_masks"] > existing.meta["n_masks"]:
+            existing.meta["n_masks"] = meta["n_masks"]
+            _fs.atomic_write(meta_path, json.dumps(existing.meta, indent=1).encode())
 
     def _clear_blocks(self) -> None:
         for f in (self.path / "blocks").glob("*.blk"):
@@ -292,6 +240,11 @@ class ComponentDataset:
         return self.meta["seed"]
 
     @property
+    def identity(self) -> str:
+        """The hash of the settings every block of this store carries ("" for format 1)."""
+        return self.meta.get("identity", "")
+
+    @property
     def names(self) -> list[str]:
         if self._names is None:
             self._names = [f"{m}:{u}" for m, _, n in self.meta["components"] for u in range(n)]
@@ -307,40 +260,94 @@ class ComponentDataset:
         return start, min(start + self.block_size, self.n_masks)
 
     def block_path(self, block: int) -> Path:
+        """The file of ``block``; a last block short of ``block_size`` rows has its row
+        count in its name (format 2), so it never replaces a full block of a grown run."""
+        start, stop = self.block_rows(block)
+        if self.version >= 2 and stop - start != self.block_size:
+            return self.path / "blocks" / f"b{block:06d}-{stop - start}.blk"
         return self.path / "blocks" / f"b{block:06d}.blk"
 
     def _expected_size(self, n_rows: int) -> int:
         item = np.dtype(self._np_dtype).itemsize
         return (
-            len(_MAGIC)
-            + _HEADER.size
+            len(_MAGIC[self.version])
+            + _HEADER[self.version].size
             + n_rows * (self._row_bytes + self.n_examples * item)
             + _DIGEST
         )
 
+    def _expected_header(self, block: int) -> tuple:
+        start, stop = self.block_rows(block)
+        code = DTYPES[self.meta["dtype"]][0]
+        head = (block, start, stop - start, self.n_components, self.n_examples, code)
+        return head + ((self._identity,) if self.version >= 2 else ())
+
     # -- state --------------------------------------------------------------------
+    def _head(self, path: Path) -> bytes:
+        n = len(_MAGIC[self.version]) + _HEADER[self.version].size
+        if _fs.is_remote(path):
+            return path.read_range(0, n)
+        with open(path, "rb") as f:
+            return f.read(n)
+
     def is_done(self, block: int) -> bool:
-        """True iff the block's file exists with the size its rows need."""
+        """True iff the block's file exists with the size its rows need and a header
+        naming this block of this store (its identity). Cheap: the rest of the file is
+        checked by :meth:`intact` and on every read."""
+        path = self.block_path(block)
         start, stop = self.block_rows(block)
         try:
-            return self.block_path(block).stat().st_size == self._expected_size(stop - start)
+            if path.stat().st_size != self._expected_size(stop - start):
+                return False
+            head = self._head(path)
         except FileNotFoundError:
             return False
+        magic = _MAGIC[self.version]
+        if head[: len(magic)] != magic:
+            return False
+        return _HEADER[self.version].unpack_from(head, len(magic)) == self._expected_header(block)
+
+    def intact(self, block: int) -> bool:
+        """True iff the block is done and its whole file passes its checksum.
+
+        A block verified once is not read again while its file is unchanged (same
+        inode, size and time), so a resume reads each finished block once.
+        """
+        if not self.is_done(block):
+            return False
+        path = self.block_path(block)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        key = (getattr(st, "st_ino", None), st.st_size, getattr(st, "st_mtime_ns", st.st_mtime))
+        if self._verified.get(block) == key:
+            return True
+        try:
+            self.read_block(block)
+        except StoreCorruptError:
+            return False
+        self._verified[block] = key
+        return True
 
     def _damaged(self, block: int) -> bool:
-        """True if the block's file exists with a size no block of this store can have.
+        """True if a file at the block's name is not a finished block of this store:
+        truncated, appended to, altered, or from another store.
 
-        A shorter block left from before ``n_masks`` grew is not damaged: it is a
-        finished block of the smaller run, which the next ``collect`` recomputes.
-        Anything else (truncated, appended to) is damage, never read as data.
+        In a format-1 store a shorter block left from before ``n_masks`` grew is not
+        damaged (it is a finished block of the smaller run, which ``collect``
+        recomputes); in format 2 such a block has another name.
         """
-        start, stop = self.block_rows(block)
+        path = self.block_path(block)
         try:
-            size = self.block_path(block).stat().st_size
+            size = path.stat().st_size
         except FileNotFoundError:
             return False
-        if size == self._expected_size(stop - start):
+        if self.is_done(block):
             return False
+        if self.version >= 2:
+            return True
+        start, stop = self.block_rows(block)
         per_row = self._expected_size(1) - self._expected_size(0)
         rows, rest = divmod(size - self._expected_size(0), per_row)
         return not (rest == 0 and 0 < rows < stop - start)
@@ -358,7 +365,10 @@ class ComponentDataset:
         """Finished and total rows and blocks, and the time of the last finished block."""
         done = self.done_blocks()
         rows = sum(self.block_rows(b)[1] - self.block_rows(b)[0] for b in done)
-        times = [self.block_path(b).stat().st_mtime for b in done]
+        times = []
+        for b in done:
+            with contextlib.suppress(FileNotFoundError):
+                times.append(self.block_path(b).stat().st_mtime)
         return {
             "done_rows": rows,
             "n_masks": self.n_masks,
@@ -371,25 +381,31 @@ class ComponentDataset:
 
     # -- blocks -------------------------------------------------------------------
     def encode_block(self, block: int, keep: Tensor, outputs: Tensor) -> bytes:
+        if self.version != FORMAT_VERSION:
+            raise StoreMismatchError(
+                f"{self.path} is a store of format {self.version}; blocks are only written "
+                "to stores of the current format. Collect into a new directory."
+            )
         start, stop = self.block_rows(block)
         n_rows = stop - start
         if tuple(keep.shape) != (n_rows, self.n_components):
-            raise ValueError(
+            raise ArgumentError(
                 f"Block {block} needs masks of shape ({n_rows}, {self.n_components}), got "
                 f"{tuple(keep.shape)}."
             )
         if tuple(outputs.shape) != (n_rows, self.n_examples):
-            raise ValueError(
+            raise ArgumentError(
                 f"Block {block} needs outputs of shape ({n_rows}, {self.n_examples}), got "
                 f"{tuple(outputs.shape)}."
             )
-        code = _DTYPES[self.meta["dtype"]][0]
+        with np.errstate(over="ignore"):  # collect refuses overflow unless asked to keep it
+            values = outputs.detach().cpu().numpy().astype(self._np_dtype)
         body = b"".join(
             [
-                _MAGIC,
-                _HEADER.pack(block, start, n_rows, self.n_components, self.n_examples, code),
+                _MAGIC[self.version],
+                _HEADER[self.version].pack(*self._expected_header(block)),
                 _masks.pack(keep).tobytes(),
-                outputs.detach().cpu().numpy().astype(self._np_dtype).tobytes(),
+                values.tobytes(),
             ]
         )
         return body + hashlib.sha256(body).digest()
@@ -406,30 +422,33 @@ class ComponentDataset:
             data = path.read_bytes()
         except FileNotFoundError:
             raise StoreCorruptError(f"Block {block} is not finished ({path} is missing).") from None
-        return self._decode(data, block, start, stop - start, path)
+        return self._decode(data, block, stop - start, path)
 
-    def _decode(
-        self, data: bytes, block: int, start: int, n_rows: int, path: Path
-    ) -> tuple[Tensor, Tensor]:
-        fix = f"Delete {path} and run collect again to recompute it."
+    def _decode(self, data: bytes, block: int, n_rows: int, path: Path) -> tuple[Tensor, Tensor]:
+        fix = f"Delete {path} (or call verify(repair=True)) and run collect again to recompute it."
+        magic, header = _MAGIC[self.version], _HEADER[self.version]
         if len(data) != self._expected_size(n_rows):
             raise StoreCorruptError(
                 f"{path} has {len(data)} bytes, expected {self._expected_size(n_rows)} for "
                 f"{n_rows} rows: it is truncated or from another store. {fix}"
             )
-        if data[: len(_MAGIC)] != _MAGIC:
+        if data[: len(magic)] != magic:
             raise StoreCorruptError(f"{path} is not a coarpy block (bad magic). {fix}")
         if hashlib.sha256(data[:-_DIGEST]).digest() != data[-_DIGEST:]:
             raise StoreCorruptError(f"{path} fails its checksum: its bytes were altered. {fix}")
-        header = _HEADER.unpack_from(data, len(_MAGIC))
-        code = _DTYPES[self.meta["dtype"]][0]
-        expected = (block, start, n_rows, self.n_components, self.n_examples, code)
-        if header != expected:
+        got = header.unpack_from(data, len(magic))
+        expected = self._expected_header(block)
+        if got[6:] != expected[6:]:
             raise StoreCorruptError(
-                f"{path} describes block/first row/rows/components/examples/dtype {header}, "
-                f"but this store expects {expected}. {fix}"
+                f"{path} belongs to another store (identity {got[6].hex()}, this store's is "
+                f"{self.identity}): it was computed under other settings. {fix}"
             )
-        offset = len(_MAGIC) + _HEADER.size
+        if got != expected:
+            raise StoreCorruptError(
+                f"{path} describes block/first row/rows/components/examples/dtype {got[:6]}, "
+                f"but this store expects {expected[:6]}. {fix}"
+            )
+        offset = len(magic) + header.size
         mask_bytes = n_rows * self._row_bytes
         packed = np.frombuffer(data, np.uint8, mask_bytes, offset).reshape(n_rows, self._row_bytes)
         outputs = np.frombuffer(data, self._np_dtype, n_rows * self.n_examples, offset + mask_bytes)
@@ -439,8 +458,9 @@ class ComponentDataset:
     def iter_blocks(self) -> Iterator[tuple[int, Tensor, Tensor]]:
         """``(first_row, masks, outputs)`` of every finished block, in row order.
 
-        Unfinished rows are never read; a damaged block file (one whose size or
-        checksum is wrong) raises ``StoreCorruptError`` instead of being skipped.
+        Unfinished rows are never read; a damaged block file (one whose size, header,
+        identity or checksum is wrong) raises ``StoreCorruptError`` instead of being
+        skipped.
         """
         for b in range(self.n_blocks):
             if self.is_done(b):
@@ -448,32 +468,58 @@ class ComponentDataset:
                 yield self.block_rows(b)[0], keep, outputs
             elif self._damaged(b):
                 path = self.block_path(b)
-                raise StoreCorruptError(
-                    f"{path} has {path.stat().st_size} bytes, which no block of this store "
-                    "can have: it is truncated or was appended to. Delete it (or call "
-                    "verify(repair=True)) and run collect again to recompute it."
-                )
+                try:
+                    self._decode(path.read_bytes(), b, self._rows(b), path)
+                except (StoreCorruptError, FileNotFoundError) as err:
+                    raise StoreCorruptError(str(err)) from None
+                raise StoreCorruptError(f"{path} is not a finished block of {self.path}.")
+
+    def _rows(self, block: int) -> int:
+        start, stop = self.block_rows(block)
+        return stop - start
 
     def verify(self, *, repair: bool = False) -> list[int]:
-        """Check every block file (size and checksum); return the bad blocks.
+        """Check every block file (size, header, identity and checksum); return the bad
+        blocks.
 
         With ``repair=True`` the bad block files are deleted, so the next ``collect``
-        recomputes them (masks are deterministic, so nothing is lost).
+        recomputes them (masks are deterministic, so nothing is lost); temporary files
+        of dead writers, short blocks left from a smaller ``n_masks`` and a consolidated
+        copy that fails its checksum are deleted too.
         """
         bad = []
         for b in range(self.n_blocks):
             if self.is_done(b):
-                try:
-                    self.read_block(b)
+                self._verified.pop(b, None)
+                if self.intact(b):
                     continue
-                except StoreCorruptError:
-                    pass
             elif not self._damaged(b):
                 continue
             bad.append(b)
             if repair:
-                self.block_path(b).unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    self.block_path(b).unlink()
+        if repair:
+            self.sweep()
+            if self.consolidated_problem() is not None:
+                _consolidated.remove(self.path / "consolidated")
         return bad
+
+    def sweep(self) -> int:
+        """Delete what no reader will use: temporary files of dead writers, and short
+        last blocks of a smaller ``n_masks`` (format 2). Returns how many files."""
+        removed = sum(
+            _fs.sweep_temp(folder)
+            for folder in (self.path, self.path / "blocks", self.path / "consolidated")
+        )
+        if self.version >= 2:
+            for f in (self.path / "blocks").glob("b*-*.blk"):
+                m = _BLOCK_NAME.match(f.name)
+                if m and m[2] is not None and f != self.block_path(int(m[1])):
+                    with contextlib.suppress(FileNotFoundError):
+                        f.unlink()
+                        removed += 1
+        return removed
 
     # -- whole arrays -------------------------------------------------------------
     def rows(self) -> Tensor:
@@ -500,7 +546,9 @@ class ComponentDataset:
     def consolidate(self) -> Path:
         """Write the finished rows as contiguous .npy arrays that memory-map.
 
-        The copy is used for reading while the set of finished blocks is unchanged.
+        The copy is used for reading while the set of finished blocks is unchanged,
+        and only while both files match the SHA-256 recorded with them
+        (``coarpy._consolidated``).
         """
         if _fs.is_remote(self.path):
             raise NotImplementedError(
@@ -509,56 +557,54 @@ class ComponentDataset:
                 "(they stream the blocks), or copy the store to a local directory first."
             )
         folder = self.path / "consolidated"
-        folder.mkdir(exist_ok=True)
-        done = self.done_blocks()
-        n = len(self)
-        packed = np.lib.format.open_memmap(
-            folder / ".masks.npy.tmp", mode="w+", dtype=np.uint8, shape=(n, self._row_bytes)
-        )
-        outputs = np.lib.format.open_memmap(
-            folder / ".outputs.npy.tmp", mode="w+", dtype=np.float32, shape=(n, self.n_examples)
-        )
-        row = 0
-        for _, keep, y in self.iter_blocks():
-            packed[row : row + len(keep)] = _masks.pack(keep)
-            outputs[row : row + len(keep)] = y.numpy()
-            row += len(keep)
-        packed.flush()
-        outputs.flush()
-        del packed, outputs
-        os.replace(folder / ".masks.npy.tmp", folder / "masks.npy")
-        os.replace(folder / ".outputs.npy.tmp", folder / "outputs.npy")
-        _fs.atomic_write(
-            folder / "blocks.json", json.dumps({"blocks": done, "n_masks": self.n_masks}).encode()
-        )
+        record = self._consolidated_record()
+        rows = ((_masks.pack(k), y.numpy()) for _, k, y in self.iter_blocks())
+        _consolidated.write(folder, rows, shapes=self._consolidated_shapes(), record=record)
+        self._consolidated_ok = None
         return folder
+
+    def _consolidated_record(self) -> dict:
+        return {"blocks": self.done_blocks(), "n_masks": self.n_masks, "identity": self.identity}
+
+    def _consolidated_shapes(self) -> dict[str, tuple[int, int]]:
+        n = len(self)
+        return {"masks": (n, self._row_bytes), "outputs": (n, self.n_examples)}
+
+    def consolidated_problem(self) -> str | None:
+        """Why the consolidated copy, which describes the finished blocks, cannot be
+        used (a file altered or missing); None if it is sound, absent or out of date."""
+        if _fs.is_remote(self.path):
+            return None
+        folder = self.path / "consolidated"
+        info = _consolidated.current(folder, self._consolidated_record())
+        if info is None:
+            return None
+        key = _consolidated.stat_key(folder)
+        if key is not None and key == self._consolidated_ok:
+            return None
+        found = _consolidated.problem(folder, info)
+        if found is None:
+            self._consolidated_ok = key
+        return found
 
     def _consolidated(self) -> tuple[np.ndarray, np.ndarray] | None:
         folder = self.path / "consolidated"
-        try:
-            info = json.loads((folder / "blocks.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        if _fs.is_remote(self.path) or not (folder / _consolidated.INFO).exists():
             return None
-        if info != {"blocks": self.done_blocks(), "n_masks": self.n_masks}:
+        if _consolidated.current(folder, self._consolidated_record()) is None:
             return None
-        # copy-on-write maps: torch tensors over them are writable (a read-only map
-        # makes torch warn, and writing through it would crash), the file never changes
-        packed = np.load(folder / "masks.npy", mmap_mode="c", allow_pickle=False)
-        outputs = np.load(folder / "outputs.npy", mmap_mode="c", allow_pickle=False)
-        if packed.shape != (len(self), self._row_bytes) or outputs.shape != (
-            len(self),
-            self.n_examples,
-        ):
+        found = self.consolidated_problem()
+        if found is not None:
+            warnings.warn(
+                f"The consolidated copy of {self.path} is not used: {found}. Reading the "
+                "blocks instead; call consolidate() again (or verify(repair=True)).",
+                stacklevel=3,
+            )
             return None
-        return packed, outputs
+        return _consolidated.load(folder, self._consolidated_shapes())
 
     def __repr__(self) -> str:
         return (
             f"ComponentDataset({str(self.path)!r}: {len(self)}/{self.n_masks} masks, "
             f"{self.n_components} components, {self.n_examples} examples, alpha={self.alpha})"
         )
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."

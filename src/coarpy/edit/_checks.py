@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_attributions
 from .._engine import ExampleSet
-from .._fingerprint import model_fingerprint
+from .._fingerprint import model_fingerprint, structure_fingerprint
 from ..attributions import Attributions
 from ..components import Components
 from ..errors import EditError
@@ -132,13 +133,8 @@ def check_compatible(attributions: Attributions, model: nn.Module, components: C
             f"The attributions cover {detail}. Edit with the model and Components the "
             "attributions were fitted on."
         )
-    fingerprint = recorded(attr, "fingerprint")
-    if fingerprint and fingerprint != model_fingerprint(model):
-        raise EditError(
-            "The attributions were fitted on a model with other weights (their meta records "
-            f"fingerprint {fingerprint}, this model's is {model_fingerprint(model)}). Edit the "
-            "model they were fitted on, or fit attributions for this model."
-        )
+    actual = {"fingerprint": model_fingerprint(model), "structure": structure_fingerprint(model)}
+    check_attributions({"": attr}, actual, check=True, error=EditError, use="edit")
     mode = recorded(attr, "mode")
     if mode not in (None, "zero"):
         raise EditError(

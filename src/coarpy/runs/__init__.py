@@ -13,8 +13,11 @@ are the functions it calls:
   which share one signature and return the finished store.
 - :func:`status`, :func:`format_status`: progress, speed, ETA, workers.
 - :func:`fit_run`, :func:`evaluate_run`: the steps after collection.
+- :func:`verify_run`: check every file of a run, and repair what can be recomputed.
 
-A configuration names a factory that is imported and called: trust it like a pickle.
+A configuration names a factory that is imported and called: trust it like a pickle
+(:mod:`coarpy.runs.config` says which commands import it; ``status``, ``fit``,
+``report`` and ``verify`` never do).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from . import local, ray, slurm
 from .config import RunConfig, Setup, build, collect_settings, load_config, save_config
 from .layout import ATTRIBUTIONS, CONFIG, EDITS, EVALUATION, LEASES, LOGS, WORKERS
 from .monitor import format_status, status
-from .steps import evaluate_run, fit_run, write_csv
+from .steps import evaluate_run, fit_run, verify_run, write_csv
 from .worker import collect_run, parse_shard, shard_from_env
 
 LAUNCHERS = ("local", "slurm", "ray")
@@ -95,5 +98,6 @@ __all__ = [
     "save_config",
     "shard_from_env",
     "status",
+    "verify_run",
     "write_csv",
 ]

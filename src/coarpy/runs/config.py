@@ -9,8 +9,21 @@ Nothing is ``exec``'d: the factory is imported by name (``"package.module:functi
 and called with the ``[factory_args]`` table. It returns a mapping with ``model`` and
 ``data`` (the fixed examples), and optionally ``output`` (a callable or built-in
 name), ``components`` (a ``Components`` or a ``{module: kind}`` spec) and
-``heldout`` (other examples, e.g. for editing). Importing a factory runs its module's
-code: trust a configuration as you would a pickle.
+``heldout`` (other examples, e.g. for editing).
+
+Trust model: a configuration is code. Its ``factory`` names a module that is imported
+and a function that is called, with your permissions, so ``factory =
+"subprocess:run"`` runs a program: trust a configuration, and a run directory (its
+``config.toml``), exactly as you would a pickle from the same source. The commands that
+need the model import the factory: ``coar collect``, ``coar worker``, ``coar evaluate``
+and ``coar edit`` (and the launchers, whose workers run ``coar worker``). The commands
+that do not need it import nothing a configuration names: ``coar status``, ``coar
+fit``, ``coar report`` and ``coar verify`` read only the store, the attributions and
+the results. Loading a configuration (:func:`load_config`) parses and checks the TOML
+without importing anything; only :meth:`RunConfig.build` imports the factory.
+
+Every field is checked when a configuration is made or read (``ConfigError`` naming
+the file and the field), before anything is imported, built or written.
 
 Example ``run.toml``::
 
@@ -26,6 +39,7 @@ Example ``run.toml``::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import sys
 from collections.abc import Mapping
@@ -37,10 +51,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .. import _fs
+from .. import _checks, _fs
+from .._engine import AUTOCAST
 from .._imports import import_object
 from ..components import Components
 from ..errors import ArgumentError, ConfigError
+from ..masks import SAMPLERS
 from . import layout
 
 
@@ -68,6 +84,12 @@ class RunConfig:
     prefix: str | None = None
     compile_model: bool = False
     factory_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            _check_fields(self)
+        except ArgumentError as err:
+            raise ConfigError(f"{err} Fix the run configuration.") from None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, where: str = "config") -> RunConfig:
@@ -105,7 +127,10 @@ class RunConfig:
                 raise ConfigError(
                     f"{where}: {key} should be {types[0].__name__}, got {values[key]!r}."
                 )
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
     @classmethod
     def from_text(cls, text: str, *, where: str = "config") -> RunConfig:
@@ -139,11 +164,31 @@ class RunConfig:
         return "\n".join(lines) + "\n"
 
     def build(self) -> Setup:
-        """Call the factory and resolve components and the output function."""
+        """Import and call the factory (trusted code: see the module's docstring), and
+        resolve components and the output function."""
         try:
             factory = import_object(self.factory)
         except ArgumentError as err:
             raise ConfigError(f"factory = {self.factory!r}: {err}") from err
+        except Exception as err:  # the module raised while it was imported
+            raise ConfigError(
+                f"factory = {self.factory!r}: importing it raised {type(err).__name__}: {err}. "
+                "Fix the module the configuration names."
+            ) from err
+        if not callable(factory):
+            raise ConfigError(
+                f"factory = {self.factory!r} names a {type(factory).__name__}, not a function. "
+                "Name a function that returns {'model': ..., 'data': ...}."
+            )
+        try:
+            inspect.signature(factory).bind(**self.factory_args)
+        except TypeError as err:
+            raise ConfigError(
+                f"[factory_args] {sorted(self.factory_args)} do not fit {self.factory}: {err}. "
+                "Give the arguments the factory takes."
+            ) from None
+        except ValueError:
+            pass  # no signature to check (a builtin): let the call say
         made = factory(**self.factory_args)
         if not isinstance(made, Mapping) or "model" not in made or "data" not in made:
             keys = f" with keys {list(made)}" if isinstance(made, Mapping) else ""
@@ -184,9 +229,11 @@ class Setup:
 def load_config(source: RunConfig | str | os.PathLike) -> RunConfig:
     """The run configuration ``source`` names: itself, a TOML file, or a run directory.
 
-    A run directory holds its configuration as ``config.toml``; a URL such as
+    A run directory holds its configuration as ``config.toml``; its store is the
+    directory itself (the ``path`` the file records is replaced by it, so a run that
+    was moved or copied is resumed where it is, never where it was). A URL such as
     ``s3://bucket/run/config.toml`` is read with fsspec. This is the only place a
-    configuration is read.
+    configuration is read; nothing it names is imported.
 
     Raises
     ------
@@ -200,8 +247,8 @@ def load_config(source: RunConfig | str | os.PathLike) -> RunConfig:
     is_run = where.is_dir()
     file = where / layout.CONFIG if is_run else where
     try:
-        text = file.read_text()
-    except FileNotFoundError:
+        raw = file.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
         if is_run:
             raise ConfigError(
                 f"{source} has no {layout.CONFIG}. Runs started from Python have none: use "
@@ -211,7 +258,17 @@ def load_config(source: RunConfig | str | os.PathLike) -> RunConfig:
             f"No run configuration at {file}. Pass a TOML configuration file, a run "
             "directory made by `coar collect CONFIG`, or a coarpy.runs.RunConfig."
         ) from None
-    return RunConfig.from_text(text, where=str(file))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{file} is not valid TOML: it is not UTF-8 text ({err}). Restore the file."
+        ) from None
+    cfg = RunConfig.from_text(text, where=str(file))
+    if is_run and cfg.path != str(where):
+        # a run directory's store is the directory itself, wherever it was moved or copied
+        cfg = dataclasses.replace(cfg, path=str(where))
+    return cfg
 
 
 def build(run: RunConfig | str | os.PathLike) -> Setup:
@@ -247,18 +304,79 @@ def save_config(cfg: RunConfig) -> None:
     """Keep the configuration next to the run, as ``RUN/config.toml``.
 
     Workers finishing together write the same text; each write is atomic, and an
-    unchanged file is not rewritten.
+    unchanged file is not rewritten. A worker of a run that has grown since it started
+    (a saved configuration equal but for a larger ``n_masks``) leaves the file alone.
     """
     run = layout.where(cfg.path)
     run.mkdir(parents=True, exist_ok=True)
     target = run / layout.CONFIG
     text = cfg.to_toml()
     try:
-        if target.read_text() == text:
-            return
+        saved = target.read_text()
     except FileNotFoundError:
-        pass
+        saved = None
+    if saved == text:
+        return
+    if saved is not None:
+        try:
+            kept = RunConfig.from_text(saved)
+        except ConfigError:
+            kept = None
+        if kept is not None and kept.n_masks > cfg.n_masks:
+            grown = dataclasses.replace(cfg, n_masks=kept.n_masks, path=kept.path)
+            if grown == kept:
+                return
     _fs.atomic_write(target, text.encode())
+
+
+def _check_fields(cfg: RunConfig) -> None:
+    """Check every field's type and value (ArgumentError naming the field)."""
+    factory = _checks.text(cfg.factory, "factory")
+    module, sep, attr = factory.partition(":")
+    if not (sep and module.strip() and attr.strip()):
+        raise ArgumentError(
+            f"factory must be 'package.module:function', got {factory!r}, e.g. "
+            "'coarpy.demo:digits_setup'."
+        )
+    _checks.text(cfg.path, "path")
+    _checks.positive(cfg.n_masks, "n_masks", fix="Collect at least one mask.")
+    _checks.fraction(cfg.alpha)
+    _checks.seed(cfg.seed)
+    _checks.choice(cfg.sampler, "sampler", SAMPLERS)
+    _checks.positive(cfg.block_size, "block_size", fix="Masks per block file, e.g. 100.")
+    _checks.batch_size(cfg.batch_size)
+    _checks.device(cfg.device)
+    if cfg.mode != "zero":
+        raise ArgumentError(
+            f"mode must be 'zero' in a run configuration, got {cfg.mode!r}: mean ablation "
+            "needs means, which a configuration cannot give. Use coarpy.collect(..., "
+            "mode='mean', means=...) from Python."
+        )
+    if cfg.output is not None:
+        _checks.text(cfg.output, "output")
+    for name in ("kinds", "include", "exclude"):
+        value = getattr(cfg, name)
+        if value is not None and (
+            not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value)
+        ):
+            raise ArgumentError(f"{name} must be a list of strings, got {value!r}.")
+    if cfg.components is not None and not (
+        isinstance(cfg.components, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in cfg.components.items())
+    ):
+        raise ArgumentError(
+            "components must be a table of module = kind strings, e.g. [components] "
+            f'"features.0" = "conv"; got {cfg.components!r}.'
+        )
+    if cfg.autocast is not None and cfg.autocast not in AUTOCAST:
+        raise ArgumentError(
+            f"autocast must be one of {tuple(AUTOCAST)} (or left out), got {cfg.autocast!r}."
+        )
+    _checks.choice(cfg.dtype, "dtype", ("float32", "float16"))
+    if cfg.prefix is not None:
+        _checks.text(cfg.prefix, "prefix")
+    _checks.flag(cfg.compile_model, "compile_model")
+    _checks.mapping(cfg.factory_args, "factory_args")
 
 
 def _toml_key(key: str) -> str:

@@ -3,18 +3,26 @@
 A worker in claim mode takes a block by creating ``RUN/leases/b000017.lease`` with
 ``O_CREAT | O_EXCL`` (only one creator succeeds), holding ``{"host", "pid", "time",
 "token"}``. While it holds leases, a background thread touches them every
-``lease_s / 4`` seconds. A lease is stale when its file has not been touched for
-``lease_s`` seconds, or when its holder is a dead process on this host (a restarted
-worker need not wait). A stale lease is taken over atomically: the taker first creates
-``b000017.lease.takeover`` with ``O_EXCL`` (of several racing takers, one succeeds),
-checks that the lease file is still the stale one it inspected (same inode, not
-renewed since), and renames its own lease file over it. The lease file never goes
+``lease_s / 4`` seconds, but only while the worker makes progress: once it has run no
+forward pass for ``stall_s`` seconds (its main thread hangs in a driver call, say) the
+thread stops renewing, so the lease lapses although the process lives. A lease is
+stale when its file has not been touched for ``lease_s`` seconds, or when its holder
+is a dead process on this host (a restarted worker need not wait). A stale lease is
+taken over atomically: the taker first creates ``b000017.lease.takeover`` with
+``O_EXCL`` (of several racing takers, one succeeds), checks that the lease file is
+still the stale one it inspected (same inode, not renewed since), and renames its own
+lease file over it. The lease file never goes
 missing during a takeover, so no plain claimer can slip in between.
 
 Leases only avoid duplicate work; correctness never depends on them. A block is done
 iff its file exists, and two workers computing one block write identical bytes, so a
 lost race costs time, never data. Leases need a POSIX filesystem shared by the
 workers (local disk, NFS, Lustre); object stores use static shards or Ray instead.
+
+A worker waiting for blocks that live workers hold says so in the log (which blocks,
+whose leases, how fresh) and gives up with a ``CollectError`` when no block of the run
+has finished for ``max_wait_s`` seconds. A file in ``leases/`` that is not a lease is
+ignored, with a warning.
 """
 
 from __future__ import annotations
@@ -24,40 +32,32 @@ import json
 import logging
 import os
 import platform
+import re
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .. import _fs
-from ..errors import ArgumentError
+from .. import _checks, _fs
+from .._engine import seconds_since_progress
+from ..errors import ArgumentError, CollectError
 from ..store import ComponentDataset
 from .layout import LEASES
 
 log = logging.getLogger(__name__)
 
 LEASE_S = 120.0  # a lease untouched this long is stale; holders touch it every LEASE_S / 4
+STALL_S = 600.0  # a holder with no forward pass this long stops renewing its leases
+MAX_WAIT_S = 6 * 3600.0  # a waiting worker gives up when no block finishes this long
+_LOG_EVERY_S = 60.0  # how often a waiting worker says what it waits for
+_LEASE_NAME = re.compile(r"^b(\d{6,})\.lease$")
 
 
 def lease_path(run: Path, block: int) -> Path:
     """The lease file of ``block`` in the run directory ``run``."""
     return run / LEASES / f"b{block:06d}.lease"
-
-
-def _alive(pid: int) -> bool:
-    """True if process ``pid`` exists on this host and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):
-        # /proc/PID/stat: "pid (comm) S ..."; comm may hold spaces, so split after ")"
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    return True
 
 
 def _read(path: Path) -> dict:
@@ -86,6 +86,10 @@ class Claims:
         the store, those of ``shard`` first, so that workers start apart).
     shard : ``(k, K)``: this worker's share, tried first when ``blocks`` is None.
     lease_s : seconds after which an untouched lease is stale.
+    stall_s : seconds without a forward pass in this process after which its leases
+        are no longer renewed (a hung worker loses its blocks to others).
+    max_wait_s : seconds a worker waits for blocks other workers hold while no block
+        of the run finishes, before it stops with a ``CollectError``; None waits on.
     """
 
     def __init__(
@@ -95,6 +99,8 @@ class Claims:
         *,
         shard: tuple[int, int] | None = None,
         lease_s: float = LEASE_S,
+        stall_s: float = STALL_S,
+        max_wait_s: float | None = MAX_WAIT_S,
     ):
         self._ds = run if isinstance(run, ComponentDataset) else None
         self.run = _fs.path(run.path if isinstance(run, ComponentDataset) else run)
@@ -109,13 +115,22 @@ class Claims:
                 f"lease_s must be a positive number of seconds, got {lease_s!r}. Pass e.g. "
                 f"lease_s={LEASE_S:g}."
             )
+        fix = "Pass a number of seconds, e.g. 600."
+        self.stall_s = _checks.number(stall_s, "stall_s", positive_only=True, fix=fix)
+        self.max_wait_s = (
+            None
+            if max_wait_s is None
+            else _checks.number(max_wait_s, "max_wait_s", positive_only=True, fix=fix)
+        )
         self.blocks = None if blocks is None else list(blocks)
-        self.shard = shard
+        self.shard = _checks.shard(shard)
         self.lease_s = float(lease_s)
         self.poll_s = min(1.0, self.lease_s / 4)
         self.token = uuid.uuid4().hex
         self.host = platform.node()
         self.held: dict[int, Path] = {}
+        self._acquired: dict[int, float] = {}  # block -> monotonic time it was taken
+        self._lapsed: set[int] = set()  # held blocks no longer renewed (no progress)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
@@ -153,7 +168,19 @@ class Claims:
     def _keep_alive(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
             with self._lock:
-                for path in self.held.values():
+                now = time.monotonic()
+                for block, path in self.held.items():
+                    idle = min(seconds_since_progress(), now - self._acquired.get(block, now))
+                    if idle > self.stall_s:  # hung: let the lease lapse so others take it
+                        if block not in self._lapsed:
+                            self._lapsed.add(block)
+                            log.warning(
+                                "no forward pass for %.0f s: no longer renewing the lease of "
+                                "block %d, so another worker may take it over",
+                                idle,
+                                block,
+                            )
+                        continue
                     if _read(path).get("token") == self.token:  # still ours
                         with contextlib.suppress(OSError):
                             os.utime(path)
@@ -161,11 +188,12 @@ class Claims:
     # -- claiming ---------------------------------------------------------------------
     def __iter__(self) -> Iterator[int]:
         remaining = self._order()
+        waiting_since, last_log, done_seen = None, float("-inf"), -1
         while remaining:
             waiting = []
             for block in remaining:
                 self._release_finished()
-                if self.ds.is_done(block):
+                if self.ds.intact(block):  # done, and its bytes pass the checksum
                     continue
                 if not self.acquire(block):
                     waiting.append(block)
@@ -173,17 +201,63 @@ class Claims:
                     with self._lock:
                         self._release(block)
                 else:
+                    waiting_since = None
                     yield block
             remaining = [b for b in waiting if not self.ds.is_done(b)]
-            if remaining:  # leased by live workers: wait for them, or for their leases to lapse
-                time.sleep(self.poll_s)
+            if not remaining:
+                break
+            # leased by live workers: wait for them, or for their leases to lapse
+            now = time.monotonic()
+            done = len(self.ds.done_blocks())
+            if waiting_since is None or done != done_seen:
+                waiting_since, done_seen = now, done
+            if now - last_log >= _LOG_EVERY_S:
+                log.info("%s", self._waiting_for(remaining))
+                last_log = now
+            if self.max_wait_s is not None and now - waiting_since > self.max_wait_s:
+                raise CollectError(
+                    f"Waited {now - waiting_since:.0f} s (max_wait_s={self.max_wait_s:g}) "
+                    f"while no block of {self.run} finished. {self._waiting_for(remaining)} "
+                    "Check that those workers still make progress (coar status); a lease "
+                    f"nobody renews lapses after lease_s={self.lease_s:g} s, or delete it."
+                )
+            time.sleep(self.poll_s)
         self._release_finished()
         self._sweep()
 
+    def _waiting_for(self, blocks: list[int]) -> str:
+        """Which blocks this worker waits for, and who holds them, in one line."""
+        parts = []
+        for block in blocks[:5]:
+            path = lease_path(self.run, block)
+            info = _read(path)
+            try:
+                age = f"renewed {time.time() - os.stat(path).st_mtime:.0f} s ago"
+            except FileNotFoundError:
+                age = "just released"
+            parts.append(f"block {block} ({info.get('host', '?')}:{info.get('pid', '?')}, {age})")
+        more = f" and {len(blocks) - 5} more" if len(blocks) > 5 else ""
+        return f"Waiting for blocks other workers hold: {', '.join(parts)}{more}."
+
     def _sweep(self) -> None:
-        """Delete leases of finished blocks that dead workers left behind (harmless, untidy)."""
-        for path in (self.run / LEASES).glob("b*.lease"):
-            block = int(path.stem[1:])
+        """Delete leases of finished blocks that dead workers left behind (harmless, untidy),
+        and takeover temporaries of dead workers. Files that are not leases are ignored,
+        with a warning."""
+        folder = self.run / LEASES
+        _fs.sweep_temp(folder, older_than=max(self.lease_s, 60.0))
+        if not folder.is_dir():
+            return
+        for path in folder.iterdir():
+            m = _LEASE_NAME.match(path.name)
+            if m is None:
+                if not path.name.startswith(".") and not path.name.endswith(".takeover"):
+                    warnings.warn(
+                        f"{path} is not a lease file (leases are named b000017.lease); it is "
+                        "ignored. Remove it if nothing of yours needs it.",
+                        stacklevel=3,
+                    )
+                continue
+            block = int(m[1])
             if block < self.ds.n_blocks and self.ds.is_done(block):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
@@ -205,6 +279,8 @@ class Claims:
             f.write(json.dumps(self._info()))
         with self._lock:
             self.held[block] = path
+            self._acquired[block] = time.monotonic()
+            self._lapsed.discard(block)
         return True
 
     def _info(self) -> dict:
@@ -217,8 +293,9 @@ class Claims:
         return (
             info.get("host") == self.host
             and isinstance(pid, int)
+            and not isinstance(pid, bool)
             and pid != os.getpid()
-            and not _alive(pid)
+            and not _fs.pid_alive(pid)
         )
 
     def _take_over(self, block: int) -> bool:
@@ -246,11 +323,11 @@ class Claims:
                 return self._create(block)
             if (now.st_ino, now.st_mtime_ns) != (seen.st_ino, seen.st_mtime_ns):
                 return False  # renewed, released or taken since we looked: not stale
-            tmp = path.with_name(f".{path.name}.{self.token}.tmp")
-            tmp.write_text(json.dumps(self._info()))
-            os.replace(tmp, path)  # atomic: the lease is never missing
+            _fs.atomic_write(path, json.dumps(self._info()).encode())  # never missing
             with self._lock:
                 self.held[block] = path
+                self._acquired[block] = time.monotonic()
+                self._lapsed.discard(block)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock)
@@ -266,6 +343,8 @@ class Claims:
     def _release(self, block: int) -> None:
         """Delete the lease of ``block`` if it is still ours (caller holds the lock)."""
         path = self.held.pop(block)
+        self._acquired.pop(block, None)
+        self._lapsed.discard(block)
         if _read(path).get("token") == self.token:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

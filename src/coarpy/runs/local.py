@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .. import _checks
 from ..errors import ArgumentError, LaunchError
 from ..store import ComponentDataset
 from ._launching import StoreBar, check_restarts, describe_exit, log_dir
@@ -145,14 +146,16 @@ def launch(
     cfg = load_config(run)
     slots_devices = parse_devices(devices)
     check_restarts(restarts)
-    logs = log_dir(cfg)
     n = len(slots_devices)
     if threads is None:
         threads = max(1, _cores() // n)
-    elif threads < 1:
-        raise ArgumentError(
-            f"threads must be >= 1 or None (this machine's cores shared out), got {threads}."
-        )
+    else:
+        _checks.positive(threads, "threads", fix="Or None: this machine's cores shared out.")
+    _checks.flag(claim, "claim")
+    _checks.number(lease_s, "lease_s", positive_only=True, fix="e.g. lease_s=120.")
+    _checks.number(poll_s, "poll_s", positive_only=True, fix="e.g. poll_s=0.5.")
+    _checks.optional_flag(progress, "progress")
+    logs = log_dir(cfg)  # the first thing written: after every argument is checked
     slots = [_Slot(k, dev, logs / f"worker-{k}.log") for k, dev in enumerate(slots_devices)]
     text = cfg.to_toml()
 

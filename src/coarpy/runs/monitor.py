@@ -1,7 +1,9 @@
 """How a run is doing: progress, speed, ETA, recent workers and settings (``coar status``).
 
 Reads only the run directory (the store's block files and their times, the workers'
-heartbeats, which results exist); imports nothing from the run's configuration.
+heartbeats, which results exist); imports nothing from the run's configuration, and
+writes nothing. A worker is shown as active, stalled (alive, but no forward pass for a
+long time), finished or dead (its heartbeat expired, or its process is gone).
 """
 
 from __future__ import annotations
@@ -84,11 +86,20 @@ def format_status(info: dict[str, Any]) -> str:
         seen = ", ".join(
             f"{w['host']}:{w['pid']}"
             + (f" (shard {w['shard'][0]}/{w['shard'][1]})" if w["shard"] else "")
+            + (f" {w['state']}" if w.get("state") else "")
             for w in workers
         )
         lines.append(
             f"workers    {len(workers)} seen in the last 5 min" + (f": {seen}" if seen else "")
         )
+        dead = [w for w in workers if w.get("state") in ("dead", "stalled")]
+        if dead:
+            lines.append(
+                f"           {len(dead)} dead or stalled (no heartbeat for "
+                f"{heartbeat.EXPIRE_S:g} s, or no forward pass for {heartbeat.STALL_S:g} s): "
+                "their blocks are taken over by workers in claim mode, or by the next "
+                "`coar worker RUN`"
+            )
     lines.append(f"fitted     {yes[info['fitted']]}; evaluated {yes[info['evaluated']]}")
     s = info["settings"]
     lines.append(

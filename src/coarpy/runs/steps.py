@@ -1,20 +1,26 @@
-"""The steps after collection, on a run directory: fit, evaluate, and their saved tables.
+"""The steps after collection, on a run directory: fit, evaluate, verify, and their
+saved tables.
 
 ``fit_run`` fits the run's store and saves ``RUN/attributions``; ``evaluate_run``
 rebuilds the run's model from its configuration, evaluates the attributions (and
 baselines) on fresh masks and saves ``RUN/evaluation.json`` and ``.csv``. Both write
-next to the store, so the run must be a local directory.
+next to the store, so the run must be a local directory. ``verify_run`` checks every
+file of a run (and with ``repair`` deletes what is damaged, to be recomputed).
+
+``fit_run`` and ``verify_run`` import nothing a configuration names; only
+``evaluate_run`` builds the model (trusted code: see ``coarpy.runs.config``).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from ..store import ComponentDataset
 from .config import load_config
-from .layout import ATTRIBUTIONS, EVALUATION, is_local
+from .layout import ATTRIBUTIONS, CONFIG, EVALUATION, is_local, where
 
 BASELINES = ("leave_one_out", "gradient")
 
@@ -49,12 +55,14 @@ def evaluate_run(
     seed: int = 1,
     baselines: tuple[str, ...] = BASELINES,
     progress: bool | None = None,
+    check: bool = True,
 ):
     """Evaluate a run's attributions (and baselines) on fresh masks; save the table.
 
     Writes ``RUN/evaluation.json`` and ``RUN/evaluation.csv`` and returns the
     ``Evaluation``. ``alphas`` defaults to the run's alpha; baselines are computed on
-    the same model and examples.
+    the same model and examples. ``check=False`` evaluates even if the attributions
+    were fitted under another model or other settings (see ``coarpy.evaluate``).
 
     Raises
     ------
@@ -82,15 +90,78 @@ def evaluate_run(
         methods[name] = known[name](
             setup.model, setup.components, setup.data, output=setup.output,
             batch_size=cfg.batch_size, device=cfg.device, mode=cfg.mode,
+            autocast=cfg.autocast,
         )  # fmt: skip
     result = evaluate(
         methods, setup.model, setup.components, setup.data, output=setup.output,
         alphas=tuple(alphas) if alphas else (ds.alpha,), n_masks=n_masks, seed=seed,
-        batch_size=cfg.batch_size, device=cfg.device, mode=cfg.mode, progress=progress,
+        batch_size=cfg.batch_size, device=cfg.device, mode=cfg.mode,
+        autocast=cfg.autocast, progress=progress, check=check,
     )  # fmt: skip
     result.save(run / f"{EVALUATION}.json")
     write_csv(run / f"{EVALUATION}.csv", result.to_rows())
     return result
+
+
+def verify_run(run: str | os.PathLike, *, repair: bool = False) -> dict[str, Any]:
+    """Check every file of a run; with ``repair``, delete what is damaged.
+
+    Checks ``meta.json`` (fields and identity), every block (size, header, identity,
+    checksum), the consolidated copy, ``config.toml`` (parsed and checked, nothing
+    imported) and the saved attributions. ``repair`` deletes bad blocks (the next
+    ``coar worker RUN`` or ``collect`` recomputes them: masks are deterministic, so
+    nothing is lost), temporary files of dead writers, stale short blocks and a bad
+    consolidated copy. Damaged attributions or configurations are reported, never
+    deleted.
+
+    Returns
+    -------
+    dict with ``run``, ``n_blocks``, ``done_blocks``, ``bad_blocks``, ``problems``
+    (one line each), ``repaired`` (whether ``repair`` deleted anything) and
+    ``unrepaired`` (the problems left).
+
+    Raises
+    ------
+    StoreCorruptError
+        ``meta.json`` is damaged: nothing else can be judged without it.
+    """
+    from ..attributions import Attributions
+    from ..errors import CoarError
+    from .config import RunConfig
+
+    folder = where(run)
+    ds = ComponentDataset(folder)
+    problems = []
+    consolidated = ds.consolidated_problem()
+    bad = ds.verify(repair=repair)
+    if bad:
+        problems.append(
+            f"{len(bad)} damaged block(s): {', '.join(str(ds.block_path(b)) for b in bad[:5])}"
+            + (" ..." if len(bad) > 5 else "")
+        )
+    if consolidated is not None:
+        problems.append(f"consolidated copy: {consolidated}")
+    repairable = len(problems)
+    config = folder / CONFIG
+    if config.exists():
+        try:
+            RunConfig.from_text(config.read_text(errors="replace"), where=str(config))
+        except CoarError as err:
+            problems.append(str(err))
+    if (folder / ATTRIBUTIONS).exists():
+        try:
+            Attributions.load(folder / ATTRIBUTIONS)
+        except (CoarError, OSError, ValueError) as err:
+            problems.append(f"{folder / ATTRIBUTIONS}: {err}")
+    return {
+        "run": str(folder),
+        "n_blocks": ds.n_blocks,
+        "done_blocks": len(ds.done_blocks()),
+        "bad_blocks": bad,
+        "problems": problems,
+        "repaired": bool(repair and repairable),
+        "unrepaired": problems[repairable:] if repair else problems,
+    }
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:

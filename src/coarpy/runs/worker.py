@@ -6,7 +6,9 @@ through it, so they all pass the same settings (:func:`~coarpy.runs.config.colle
 and fill one store with the same bytes. Around ``collect`` it adds what a run
 directory has and a bare store has not: the worker's shard (given, or read from
 SLURM's or torchrun's environment), block leases (``claim``), heartbeats, and the
-configuration saved next to the store.
+configuration saved next to the store. A new run's ``config.toml`` is written
+(atomically) before anything else, so a first ``coar collect`` killed at any point
+can be resumed with ``coar worker RUN``.
 
 ``python -m coarpy.runs SPEC_JSON`` (:func:`child_main`) is how ``coarpy.runs.local``
 starts one in a new process.
@@ -21,10 +23,11 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from .. import _checks, _fs
 from .._engine import model_device
 from ..errors import ArgumentError, CoarError
 from ..store import ComponentDataset
-from . import layout
+from . import heartbeat, layout
 from .config import RunConfig, Setup, collect_settings, load_config, save_config
 from .heartbeat import Heartbeat
 from .leases import LEASE_S, Claims
@@ -39,10 +42,17 @@ def shard_from_env() -> tuple[int, int] | None:
     """
     for idx, count in (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("RANK", "WORLD_SIZE")):
         if idx in os.environ and count in os.environ:
-            k, n = int(os.environ[idx]), int(os.environ[count])
+            names = [idx, count] + (["SLURM_ARRAY_TASK_MIN"] if idx.startswith("SLURM") else [])
+            values = [os.environ.get(name, "0").strip() for name in names]
+            if not all(v.lstrip("-").isdigit() for v in values):
+                raise ArgumentError(
+                    f"The environment variables {', '.join(names)} should hold integers, got "
+                    f"{values}. Give the shard explicitly (--shard k/K)."
+                )
+            k, n = int(values[0]), int(values[1])
             if idx.startswith("SLURM"):
-                k -= int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-            return k, n
+                k -= int(values[2])
+            return _checks.shard((k, n))
     return None
 
 
@@ -66,10 +76,7 @@ def parse_shard(shard: tuple[int, int] | str | None) -> tuple[int, int] | None:
                 f"a tuple (k, K) or 'env', got {shard!r}."
             )
         shard = (int(k), int(n))
-    k, n = shard
-    if not (n >= 1 and 0 <= k < n):
-        raise ArgumentError(f"shard must be (k, K) with 0 <= k < K, got {shard}.")
-    return int(k), int(n)
+    return _checks.shard(shard)
 
 
 def collect_run(
@@ -104,9 +111,20 @@ def collect_run(
     """
     cfg = load_config(config)
     here = cfg if device is None else dataclasses.replace(cfg, device=device)
+    shard = parse_shard(shard)
+    _checks.flag(claim, "claim")
+    _checks.number(lease_s, "lease_s", positive_only=True, fix="e.g. lease_s=120.")
+    _checks.optional_flag(progress, "progress")
+    run = layout.where(cfg.path)
+    if layout.is_local(run):
+        heartbeat.sweep(run)
+    if not (run / layout.CONFIG).exists() and not (run / "meta.json").exists():
+        # a new run: its configuration first, so that a killed first collect resumes
+        # with `coar worker RUN`; an existing store is left to judge the configuration
+        run.mkdir(parents=True, exist_ok=True)
+        _fs.write_new(run / layout.CONFIG, cfg.to_toml().encode())
     ds = collect_setup(
-        here, here.build(), shard=parse_shard(shard), claim=claim, lease_s=lease_s,
-        progress=progress,
+        here, here.build(), shard=shard, claim=claim, lease_s=lease_s, progress=progress,
     )  # fmt: skip
     save_config(cfg)  # after collect: a configuration the store refused is not kept
     return ds
