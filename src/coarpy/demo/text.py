@@ -59,8 +59,9 @@ class EncoderTail(nn.Module):
     """Layers ``start`` onwards of a probe's encoder, its pooling and its head.
 
     The layers and the head are copies: editing or training the tail leaves the probe
-    as it was. Layer ``i`` of the encoder is ``tail.layer[str(i)]``, so component names
-    say which layer they belong to (``"layer.5.attention:3"`` is head 3 of layer 5,
+    as it was. The tail starts in the probe's mode (eval for a fitted probe). Layer
+    ``i`` of the encoder is ``tail.layer[str(i)]``, so component names say which layer
+    they belong to (``"layer.5.attention:3"`` is head 3 of layer 5,
     ``"layer.5.output.dense:17"`` neuron 17 of its MLP).
 
     Parameters
@@ -84,6 +85,7 @@ class EncoderTail(nn.Module):
         )
         self.head = copy.deepcopy(probe.head)
         self.normalize = probe.normalize
+        self.train(probe.training)
 
     def embed(self, hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
         """Sentence embeddings (batch, hidden) from the states at the input of ``start``."""
