@@ -73,9 +73,8 @@ class SentenceProbe(nn.Module):
 def _tokenize(
     tokenizer: Any, sentences: Sequence[str], device: Any, max_length: int | None = None
 ) -> dict[str, Tensor]:
-    encoded = tokenizer(
-        list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
+    cut = {} if max_length is None else {"max_length": max_length}
+    encoded = tokenizer(list(sentences), padding=True, truncation=True, return_tensors="pt", **cut)
     return {k: encoded[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
