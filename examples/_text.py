@@ -161,6 +161,25 @@ def attributions(
     return found
 
 
+def correlations(
+    attrs: Mapping[str, coar.Attributions],
+    model: nn.Module,
+    comps: coar.Components,
+    data: Mapping[str, Tensor],
+    *,
+    alpha: float,
+    n_masks: int,
+    seed: int,
+) -> dict[str, float]:
+    """Mean held-out Pearson correlation of each attribution, on fresh masks at ``alpha``."""
+    n = len(data["labels"])
+    res = coar.evaluate(
+        dict(attrs), model, comps, data, alphas=(alpha,), n_masks=n_masks, seed=seed + 1000,
+        batch_size=n * max(1, 192 // n), progress=False,
+    )  # fmt: skip
+    return {name: float(res.per_example(name).pearson.nanmean()) for name in attrs}
+
+
 def compare(
     model: nn.Module,
     comps: coar.Components,
@@ -253,7 +272,7 @@ def plot(
     methods: Sequence[str],
     *,
     target: str,
-    reference: str,
+    reference: str | None,
     title: str,
     path: Path,
 ) -> Path | None:
@@ -267,11 +286,12 @@ def plot(
         row = {"k": k}
         for m in methods:
             row[f"{m} {target}"] = curves[m][i][target]
-            row[f"{m} {reference}"] = curves[m][i][reference]
+            if reference:
+                row[f"{m} {reference}"] = curves[m][i][reference]
         rows.append(row)
     fig = plot_edit_curve(
         rows, target=[f"{m} {target}" for m in methods],
-        reference=[f"{m} {reference}" for m in methods], title=title,
+        reference=[f"{m} {reference}" for m in methods] if reference else [], title=title,
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")

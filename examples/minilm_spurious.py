@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(argv)
     out = Path(args.out)
     clock = T.Clock()
-    n_edit, n_masks, ks = (8, 200, (0, 1, 2, 4)) if args.quick else (16, 800, (0, 1, 2, 4, 8, 16))
+    n_edit, n_masks, ks = (8, 200, (0, 1, 2, 4)) if args.quick else (16, 600, (0, 1, 2, 4, 8, 16))
     encoder, tokenizer, sentences, labels = T.load()
     train, edit_rows, held = T.three_way_split(labels, n_train=100, n_edit=n_edit, seed=args.seed)
     if args.quick:
@@ -110,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     attrs = T.attributions(model, comps, data, out=out, n_masks=n_masks, alpha=0.05, seed=args.seed)
     clock.say(f"attributions over {len(data['labels'])} examples ({n_masks} masks for COAR)")
+    pearson = T.correlations(
+        attrs, model, comps, data, alpha=0.05, n_masks=20 if args.quick else 40, seed=args.seed
+    )
+    clock.say("held-out correlation " + ", ".join(f"{m} {r:.3f}" for m, r in pearson.items()))
 
     metrics = {
         **{
@@ -165,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "n_edit_examples": len(data["labels"]),
         "n_heldout_examples": len(held_data["labels"]),
         "n_masks": n_masks,
+        "pearson": pearson,
         "edit_group_acc": dict(zip(GROUPS, accs, strict=True)),
         "targets": GROUPS[worst],
         "references": GROUPS[twin],

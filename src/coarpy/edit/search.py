@@ -12,7 +12,8 @@ objective (:class:`~coarpy.edit.Objective` or any ``(outputs, base) -> values``)
   and the best is added: the greedy best ``k``-component edit the model admits on
   these examples, to report how close an attribution-based edit comes. Cost: about
   ``k * n_components`` edits, or less within a ``budget`` (later steps measure only
-  the components that measured best at the step before).
+  the candidates that the measured single-component effects, re-anchored at the
+  edit so far, rank best).
 
 "One edit run" is one pass over the examples the objective reads (several edits share
 a forward pass when the examples fit a batch). Both return a :class:`Search` whose
@@ -214,9 +215,10 @@ def oracle(
     objective : what to maximise (:class:`~coarpy.edit.Objective` or a function).
     k : the edit size, ``0 <= k <= n_components``.
     budget : the most edits to run (None: no limit, the exact greedy search). The
-        first step measures every component; with a budget, each later step measures
-        only the ``(budget - 1 - first) // (k - 1)`` components that measured best at
-        the step before (``first`` is ``n_components``, or 0 with ``leave_one_out``).
+        first step measures every component alone; with a budget, each later step
+        measures only ``(budget - 1 - first) // (k - 1)`` candidates (``first`` is
+        ``n_components``, or 0 with ``leave_one_out``): those whose first-step effects,
+        added to the measured outputs of the edit so far, predict the best values.
     leave_one_out : leave-one-out attributions (:func:`coarpy.baselines.leave_one_out`)
         of this model on these examples with the same output function. The first step
         is then read off them (the output without component j is ``f(full) - w_j``),
@@ -257,33 +259,38 @@ def oracle(
             pool = (budget - 1 - first) // (k - 1)
     keep = torch.ones(n, dtype=torch.bool)
     chosen: list[int] = []
-    ranked = torch.arange(n)  # candidates, best first by the last step's measurements
+    effects = None  # (|rows|, N): the measured change of each example when j alone is ablated
     bar = progress_bar(k + 1, progress, desc="oracle", unit="step")
     try:
         with _measuring(model, components, examples, output_fn, "oracle") as measure:
             base = measure(keep[None])[0]  # (|rows|,)
+            current = base
             values = [values_of(local, base[None], base)[0]]
             runs = 1
             bar.update(1)
             for step in range(k):
-                remaining = ranked[keep[ranked]]
+                remaining = keep.nonzero().flatten()
                 if step == 0 and singles is not None:
                     candidates = remaining
-                    measured = base[None, :] - singles[:, candidates].T  # (N, |rows|)
-                else:
-                    candidates = remaining if (pool is None or step == 0) else remaining[:pool]
+                    measured = base[None, :] - singles.T  # (N, |rows|): f without j
+                elif step == 0 or pool is None or pool >= len(remaining):
+                    candidates = remaining
                     measured = measure(_with_one_more(keep, candidates))
                     runs += len(candidates)
+                else:  # screen: first-step effects added to the measured outputs so far
+                    predicted = predicted_values(local, current, effects, base, remaining)
+                    candidates = remaining[rank(predicted)[:pool]]
+                    measured = measure(_with_one_more(keep, candidates))
+                    runs += len(candidates)
+                if step == 0:
+                    effects = (base[None, :] - measured).T  # (|rows|, N)
                 measured_values = values_of(local, measured, base)
-                order = rank(measured_values)
-                best = int(order[0])
+                best = int(rank(measured_values)[0])
                 j = int(candidates[best])
                 chosen.append(j)
                 keep[j] = False
+                current = measured[best]
                 values.append(measured_values[best])
-                ranked = candidates[order]
-                if pool is not None:  # the rest keep their place behind the measured ones
-                    ranked = torch.cat([ranked, remaining[~torch.isin(remaining, candidates)]])
                 bar.update(1)
     finally:
         bar.close()
