@@ -41,6 +41,12 @@ from coarpy.demo.text import encode, with_word
 START = 5  # the first (and only) encoder layer edited: the last of six
 MAX_LENGTH = 24  # tokens kept per sentence (with [CLS] and [SEP]); the median sentence has 27
 N_RANDOM = 3  # random orders averaged
+FIGURES = Path(__file__).resolve().parent / "figures"  # where full runs put their plots
+
+
+def figure_path(out: Path, task: str, quick: bool) -> Path:
+    """``examples/figures/<task>.png`` for a full run, a file under ``out`` for a quick one."""
+    return out / task / "curve.png" if quick else FIGURES / f"{task}.png"
 
 
 class Clock:

@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     figure = T.plot(
         curves, ["coar/welch", "coar/predicted", "oracle"], target="heldout_triggered",
         reference="heldout_clean", title="MiniLM, backdoor: held-out triggered / clean accuracy",
-        path=out / "minilm_backdoor" / "curve.png",
+        path=T.figure_path(out, "minilm_backdoor", args.quick),
     )  # fmt: skip
     results = {
         "task": "minilm_backdoor",

@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     figure = T.plot(
         curve, ["coar/welch", "coar/predicted", "loo/welch", "oracle"], target="fixed",
         reference=None, title="MiniLM, single errors: share fixed with at most k components",
-        path=out / "minilm_fix_errors" / "curve.png",
+        path=T.figure_path(out, "minilm_fix_errors", args.quick),
     )  # fmt: skip
     results = {
         "task": "minilm_fix_errors",

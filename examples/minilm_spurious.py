@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     figure = T.plot(
         curves, ["coar/paired", "loo/paired", "oracle"], target="heldout_worst",
         reference="heldout_avg", title="MiniLM, spurious name: held-out worst / average group",
-        path=out / "minilm_spurious" / "curve.png",
+        path=T.figure_path(out, "minilm_spurious", args.quick),
     )  # fmt: skip
     results = {
         "task": "minilm_spurious",
