@@ -9,7 +9,8 @@ edit runs only the last layer, the pooling and the head
 
 Each example compares, at equal k, on held-out sentences:
 
-- COAR, leave-one-out and gradient attributions over the same edit split, each turned
+- COAR (a lasso fit, as in the paper, to a component dataset of masks at alpha =
+  0.05), leave-one-out and gradient attributions over the same edit split, each turned
   into an edit by Welch scores, by paired scores (where targets and references pair
   up) and by ``edit.select_predicted`` (the greedy choice on the attributions' own
   predictions of target gain and reference damage);
@@ -150,7 +151,10 @@ def attributions(
         model, comps, data, path=out / "stores" / f"{key}-m{n_masks}-a{alpha}-s{seed}",
         n_masks=n_masks, alpha=alpha, seed=seed, batch_size=batch_size, progress=False,
     )  # fmt: skip
-    found = {"coar": coar.fit(ds, progress=False)}
+    # The lasso, as in the paper: most of the 1,536 neurons matter little, and with
+    # fewer masks than components a sparse fit recovers the few that matter far better
+    # than ridge (measured: mean held-out Pearson 0.90 against 0.60 with 600 masks).
+    found = {"coar": coar.fit(ds, method="lasso", max_iter=1000, tol=1e-4, progress=False)}
     makers = {
         "loo": lambda: baselines.leave_one_out(
             model, comps, data, batch_size=batch_size, progress=False
@@ -240,7 +244,8 @@ def compare(
     clock.say(f"swept {len(orders)} orders over k in {tuple(ks)}")
     randoms = [curves.pop(f"random/{i}") for i in range(N_RANDOM)]
     curves["random"] = [
-        {c: sum(r[i][c] for r in randoms) / N_RANDOM for c in randoms[0][i]} for i in range(len(ks))
+        {c: (v if c == "k" else sum(r[i][c] for r in randoms) / N_RANDOM) for c, v in row.items()}
+        for i, row in enumerate(randoms[0])
     ]
     facts = {
         "refine_evaluations": refined.n_evaluations,
