@@ -62,6 +62,7 @@ class Search:
 
     @property
     def k(self) -> int:
+        """The number of components chosen."""
         return int(self.order.numel())
 
 
