@@ -18,6 +18,8 @@ from .._engine import model_device
 from ..errors import ArgumentError, DataError
 from .data import minilm, pang_lee_sentences
 
+_CONSTANT = 1e-6  # a feature whose std is below this share of the largest is constant
+
 
 class SentenceProbe(nn.Module):
     """A sentence encoder, masked mean pooling and a linear head.
@@ -68,8 +70,11 @@ class SentenceProbe(nn.Module):
         return self.head(self.embed(input_ids, attention_mask, token_type_ids))
 
 
-def _tokenize(tokenizer: Any, sentences: Sequence[str], device: Any) -> dict[str, Tensor]:
-    encoded = tokenizer(list(sentences), padding=True, truncation=True, return_tensors="pt")
+def _tokenize(
+    tokenizer: Any, sentences: Sequence[str], device: Any, max_length: int | None = None
+) -> dict[str, Tensor]:
+    cut = {} if max_length is None else {"max_length": max_length}
+    encoded = tokenizer(list(sentences), padding=True, truncation=True, return_tensors="pt", **cut)
     return {k: encoded[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
@@ -82,14 +87,16 @@ def sentiment_probe(
     l2: float = 1.0,
     batch_size: int = 64,
     normalize: bool = True,
+    max_length: int | None = None,
 ) -> SentenceProbe:
     """Fit a ``SentenceProbe``'s head by logistic regression on frozen embeddings.
 
     The embeddings are computed once under ``torch.inference_mode`` (no gradient
-    reaches the encoder), standardised per feature, and a multinomial logistic
-    regression with penalty ``l2 / 2 * ||W||^2`` on the summed loss (scikit-learn's
-    ``C = 1 / l2``) is fitted by L-BFGS from zero weights, in float64, so the result
-    is deterministic. The standardisation is folded into the head's weights.
+    reaches the encoder), standardised per feature (features constant up to rounding,
+    with a standard deviation below ``1e-6`` of the largest, are left out), and a
+    multinomial logistic regression with penalty ``l2 / 2 * ||W||^2`` on the summed
+    loss (scikit-learn's ``C = 1 / l2``) is fitted by L-BFGS from zero weights, in
+    float64, so the result is deterministic. The standardisation is folded into the head's weights.
 
     Parameters
     ----------
@@ -100,6 +107,8 @@ def sentiment_probe(
     l2 : ridge penalty on the head's weights (not on its bias).
     batch_size : sentences per forward pass of the encoder.
     normalize : L2-normalise embeddings (see ``SentenceProbe``).
+    max_length : cut sentences at this many tokens (None: the tokenizer's limit); fit
+        on the lengths the probe will see.
 
     Returns
     -------
@@ -118,12 +127,18 @@ def sentiment_probe(
     probe.head.to(device)
     with torch.inference_mode():
         parts = [
-            probe.embed(**_tokenize(tokenizer, sentences[i : i + batch_size], device))
+            probe.embed(**_tokenize(tokenizer, sentences[i : i + batch_size], device, max_length))
             for i in range(0, len(sentences), batch_size)
         ]
     z = torch.cat(parts).double().cpu()  # (n, hidden); a fresh tensor outside inference
-    mean, std = z.mean(0), z.std(0).clamp_min(1e-12)
-    z = (z - mean) / std
+    mean, std = z.mean(0), z.std(0)
+    # A feature constant up to rounding (all-MiniLM-L6-v2 has three, with standard
+    # deviations of 1e-33 to 1e-8) carries no signal; standardised, its rounding noise
+    # would get a weight, and folded back (w / std) a gain of millions that any
+    # perturbation of the encoder turns into a huge logit change. Such features get 0.
+    varying = std > _CONSTANT * std.max()  # (hidden,)
+    std = torch.where(varying, std, torch.ones_like(std))
+    z = torch.where(varying, (z - mean) / std, torch.zeros_like(z))
     y = labels.long().cpu()
     weight = torch.zeros(probe.head.out_features, z.shape[1], dtype=torch.float64)
     bias = torch.zeros(probe.head.out_features, dtype=torch.float64)
@@ -142,7 +157,7 @@ def sentiment_probe(
 
     solver.step(objective)
     with torch.no_grad():
-        folded = weight / std  # head(x) = W (x - mean) / std + b
+        folded = torch.where(varying, weight / std, torch.zeros_like(weight))  # W (x - m) / std
         probe.head.weight.copy_(folded.to(probe.head.weight))
         probe.head.bias.copy_((bias - folded @ mean).to(probe.head.bias))
     return probe.eval()
@@ -186,7 +201,7 @@ def minilm_sentiment(
         )
     encoder, tokenizer = minilm(device=device)
     sentences, targets = pang_lee_sentences()
-    train_rows, held_rows = _balanced_split(targets, n_train // 2, seed)
+    train_rows, held_rows = balanced_split(targets, n_train // 2, seed)
     model = sentiment_probe(
         encoder,
         tokenizer,
@@ -203,8 +218,8 @@ def minilm_sentiment(
     return model, batches
 
 
-def _balanced_split(labels: Tensor, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
-    """(train rows, other rows), ascending: ``per_class`` rows of each class to train."""
+def balanced_split(labels: Tensor, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(chosen rows, other rows), ascending: ``per_class`` rows of each class, by ``seed``."""
     order = torch.Generator().manual_seed(seed)
     train = []
     for c in labels.unique().tolist():

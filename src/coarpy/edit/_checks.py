@@ -21,6 +21,7 @@ from ..components import Components
 from ..errors import EditError
 
 DIRECTIONS = ("raise", "lower")
+STATISTICS = ("welch", "paired")
 
 Rows = Sequence[int] | Tensor  # example indices, or a bool mask over the examples
 
@@ -95,6 +96,36 @@ def example_sets(targets: Rows, references: Rows | None, n_examples: int) -> tup
     return t, r
 
 
+def example_pairs(targets: Rows, references: Rows | None, n_examples: int) -> tuple[Tensor, Tensor]:
+    """Checked ``(targets, references)`` that pair up: ``targets[i]`` with ``references[i]``.
+
+    Raises
+    ------
+    EditError
+        If references is None, the sets differ in size, hold fewer than two pairs, or
+        fail :func:`example_sets`.
+    """
+    if references is None:
+        raise EditError(
+            "statistic='paired' needs references: references[i] is the unedited twin of "
+            "targets[i] (e.g. the input without the trigger). Pass them in matching order, "
+            "or use statistic='welch' for unpaired sets."
+        )
+    t, r = example_sets(targets, references, n_examples)
+    if len(t) != len(r):
+        raise EditError(
+            f"statistic='paired' pairs targets[i] with references[i], but there are {len(t)} "
+            f"targets and {len(r)} references. Give one reference per target, in the same "
+            "order, or use statistic='welch' for unpaired sets."
+        )
+    if len(t) < 2:
+        raise EditError(
+            f"statistic='paired' needs at least two pairs to estimate a spread, got {len(t)}. "
+            "Add pairs, or use statistic='welch'."
+        )
+    return t, r
+
+
 # -- compatibility ---------------------------------------------------------------------------
 
 
@@ -152,6 +183,16 @@ def check_direction(direction: str) -> None:
         raise EditError(
             f"direction must be 'raise' (raise the target outputs relative to the references) "
             f"or 'lower', got {direction!r}."
+        )
+
+
+def check_statistic(statistic: str) -> None:
+    """Refuse a statistic other than ``"welch"`` and ``"paired"``."""
+    if statistic not in STATISTICS:
+        raise EditError(
+            f"statistic must be 'welch' (unpaired targets and references, the paper's score) "
+            f"or 'paired' (targets[i] is references[i] with the feature to edit), got "
+            f"{statistic!r}."
         )
 
 

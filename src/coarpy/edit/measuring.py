@@ -1,7 +1,7 @@
 """Coar-Edit measured: run the model under edits of growing size, and stop rules.
 
-``sweep`` measures the effect of ablating the ``k`` best-scored components, for
-several ``k``, by really running the model (with hooks that reproduce
+``sweep`` measures the effect of ablating the ``k`` best-scored components (or the
+first ``k`` of any order), for several ``k``, by really running the model (with hooks that reproduce
 :func:`coarpy.ablation.apply_ablation`'s weight zeroing exactly), never by the linear
 prediction alone. ``measure`` gives the same columns for a model as it is (an edited
 copy). The stop rules (``smallest_k``, ``largest_k_within``, ``best_k``) read a sweep
@@ -29,6 +29,8 @@ from ._checks import (
     check_data,
     check_direction,
     check_ks,
+    check_selected,
+    check_statistic,
     example_sets,
 )
 from .scoring import scores, select
@@ -69,7 +71,7 @@ def _check_metrics(metrics: Mapping[str, Metric] | None) -> dict[str, Metric]:
 
 
 def sweep(
-    attributions: Attributions,
+    attributions: Attributions | None,
     model: nn.Module,
     components: Components,
     data: Any,
@@ -78,6 +80,8 @@ def sweep(
     references: Rows | None = None,
     ks: Iterable[int] = (0, 1, 2, 4, 8, 16, 32),
     direction: str = "raise",
+    statistic: str = "welch",
+    order: Sequence[int] | Tensor | None = None,
     output: _outputs.OutputFn | str = _outputs.margin,
     metrics: Mapping[str, Metric] | None = None,
     until: Callable[[dict[str, float]], bool] | None = None,
@@ -86,15 +90,18 @@ def sweep(
 ) -> list[dict[str, float]]:
     """Measure the edit of every size in ``ks`` by running the edited model.
 
-    For each ``k`` the ``k`` components chosen by ``select(scores(...), k)`` are
-    ablated (the edits are nested: each extends the one before) and the model really
-    runs, with hooks that reproduce :func:`~coarpy.edit.apply`'s weight zeroing
-    exactly, on the target and reference examples of ``data``, and inside every metric
-    function.
+    For each ``k`` the first ``k`` components of an order are ablated (the edits are
+    nested: each extends the one before) and the model really runs, with hooks that
+    reproduce :func:`~coarpy.edit.apply`'s weight zeroing exactly, on the target and
+    reference examples of ``data``, and inside every metric function. The order is
+    ``select(scores(attributions, targets, references, statistic=statistic))``, or
+    the one given as ``order`` (from :func:`~coarpy.edit.select_predicted`, a
+    :class:`~coarpy.edit.Search`, or a random permutation as a control).
 
     Parameters
     ----------
-    attributions : attributions (COAR or a baseline) over the examples of ``data``.
+    attributions : attributions (COAR or a baseline) over the examples of ``data``;
+        None only with ``order`` (then nothing is checked against attributions).
     model, components : the model the attributions were fitted on, and its components.
     data : the examples the attributions were fitted on, in the same order (as for
         ``collect``). Only the targets and references are run.
@@ -102,6 +109,9 @@ def sweep(
         ``references=None`` takes every other example.
     ks : edit sizes; sorted, duplicates dropped; each in ``[0, n_components]``.
     direction : ``"raise"`` or ``"lower"`` (see :func:`~coarpy.edit.select`).
+    statistic : ``"welch"`` or ``"paired"`` (see :func:`~coarpy.edit.scores`).
+    order : component indices, in the order to ablate, at least ``max(ks)`` of them;
+        replaces the scores' order (``direction`` and ``statistic`` are then unused).
     output : the output function (as for ``collect``; use the attributions' own).
     metrics : ``{column: fn}``; ``fn(model) -> float`` is called with the edited model
         (e.g. accuracy on held-out data) and its value goes in ``column``.
@@ -121,22 +131,38 @@ def sweep(
     Raises
     ------
     EditError
-        Bad example sets, a bad ``k``, data or attributions of another model.
+        Bad example sets, a bad ``k`` or order, data or attributions of another model.
     """
     attr = attributions
     check_direction(direction)
-    check_compatible(attr, model, components)
+    check_statistic(statistic)
+    if attr is None and order is None:
+        raise EditError(
+            "sweep needs attributions to score the components, or an order= to ablate "
+            "them in (e.g. from edit.select_predicted or edit.oracle)."
+        )
+    if attr is not None:
+        check_compatible(attr, model, components)
     n = len(components)
     ks = check_ks(ks, n)
-    t, r = example_sets(targets, references, attr.n_examples)
     output_fn = _outputs.resolve(output)
     metrics = _check_metrics(metrics)
     device = model_device(model)
     every = ExampleSet(data, device, None)
-    check_data(attr, every)
+    if attr is not None:
+        check_data(attr, every)
+    t, r = example_sets(targets, references, every.n_examples)
     rows = torch.cat([t, r])  # run the targets and references only
     examples = ExampleSet([B.index(every.whole, rows.to(device))], device, batch_size)
-    order = select(scores(attr, t, r), max(ks), direction=direction)
+    if order is None:
+        order = select(scores(attr, t, r, statistic=statistic), max(ks), direction=direction)
+    else:
+        order = check_selected(order, n)
+        if len(order) < max(ks):
+            raise EditError(
+                f"order lists {len(order)} components but ks goes up to {max(ks)}. Give an "
+                "order at least as long as the largest k."
+            )
     keep = _keep_rows(order, ks, n, device)  # (len(ks), N)
     table: list[dict[str, float]] = []
     ablator = Ablator(model, components)

@@ -28,7 +28,15 @@ from ..ablation import apply_ablation
 from ..attributions import Attributions
 from ..components import Components
 from ..errors import ComponentError, EditError
-from ._checks import Rows, check_compatible, check_direction, check_k, example_sets
+from ._checks import (
+    Rows,
+    check_compatible,
+    check_direction,
+    check_k,
+    check_statistic,
+    example_pairs,
+    example_sets,
+)
 from .measuring import Metric, sweep
 from .scoring import scores, select
 
@@ -44,7 +52,7 @@ class Edit:
     ----------
     names : the ablated components' names, strongest score first.
     indices : their flat indices in the Components (same order).
-    scores : their Welch t scores.
+    scores : their t scores (Welch's or paired, as ``meta["statistic"]`` says).
     direction : ``"raise"`` or ``"lower"``.
     targets, references : the example indices the scores compared.
     before, after : measured metrics of the unedited and the edited model (columns
@@ -266,6 +274,7 @@ def make(
     references: Rows | None = None,
     k: int,
     direction: str = "raise",
+    statistic: str = "welch",
     output: _outputs.OutputFn | str = _outputs.margin,
     metrics: Mapping[str, Metric] | None = None,
     ks: Iterable[int] | None = None,
@@ -276,8 +285,8 @@ def make(
 
     Parameters
     ----------
-    attributions, model, components, targets, references, direction, output, metrics,
-    batch_size, progress : as for :func:`~coarpy.edit.sweep`.
+    attributions, model, components, targets, references, direction, statistic, output,
+    metrics, batch_size, progress : as for :func:`~coarpy.edit.sweep`.
     data : the attributions' examples. With it, ``before``/``after`` hold the measured
         metrics of the unedited and the edited model; without it they are empty and
         the model does not run.
@@ -308,8 +317,12 @@ def make(
     check_direction(direction)
     check_compatible(attr, model, components)
     check_k(k, len(components))
-    t, r = example_sets(targets, references, attr.n_examples)
-    s = scores(attr, t, r)
+    check_statistic(statistic)
+    if statistic == "paired":
+        t, r = example_pairs(targets, references, attr.n_examples)
+    else:
+        t, r = example_sets(targets, references, attr.n_examples)
+    s = scores(attr, t, r, statistic=statistic)
     chosen = select(s, k, direction=direction)
     before: dict[str, float] = {}
     after: dict[str, float] = {}
@@ -318,8 +331,8 @@ def make(
         sizes = {0, k, *(ks or ())}
         curve = sweep(
             attr, model, components, data, targets=t, references=r, ks=sizes,
-            direction=direction, output=output, metrics=metrics, batch_size=batch_size,
-            progress=progress,
+            direction=direction, statistic=statistic, output=output, metrics=metrics,
+            batch_size=batch_size, progress=progress,
         )  # fmt: skip
         by_k = {row["k"]: row for row in curve}
         before = {c: v for c, v in by_k[0].items() if c != "k"}
@@ -338,6 +351,7 @@ def make(
         curve=curve,
         meta={
             "method": attr.meta.get("method"),
+            "statistic": statistic,
             "output": _outputs.name_of(_outputs.resolve(output)),
             "fingerprint": model_fingerprint(model),
             "n_components": len(components),

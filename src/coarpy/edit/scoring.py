@@ -1,17 +1,27 @@
 """Coar-Edit's scores and selection: which components to ablate, and the edited copy.
 
 Given attributions over a set of examples, *targets* T (the behaviour to change) and
-*references* R (the behaviour to keep), every component gets Welch's t statistic
-between its attribution weights on T and on R::
+*references* R (the behaviour to keep), every component gets a t statistic of its
+attribution weights on T against R. Two statistics, one keyword (``statistic=``):
 
-    score_j = (mean_T w_j - mean_R w_j) / sqrt(var_T w_j / |T| + var_R w_j / |R|)
+- ``"welch"`` (the paper's, the default): Welch's t between the two groups, for
+  unpaired sets (a class against the rest, one error against the correct examples)::
 
-with population variances, as in the paper. A weight is the output gained by keeping
-a component, so a very negative score marks a component that holds the targets down
-relative to the references: ablating the ``k`` most negative ones raises the target
-outputs relative to the references (``direction="raise"``), ablating the ``k`` most
-positive lowers them (``"lower"``). ``apply`` zeroes the selected components' weights
-in a copy of the model, with :func:`coarpy.ablation.apply_ablation`.
+      score_j = (mean_T w_j - mean_R w_j) / sqrt(var_T w_j / |T| + var_R w_j / |R|)
+
+  with population variances, as in the paper.
+- ``"paired"``: a paired t of the per-pair differences ``d_ij = w[T_i, j] - w[R_i, j]``,
+  for sets that pair up one to one (the same input with and without a trigger, a
+  patch or an inserted word): ``score_j = mean_i d_ij / (sd_i d_ij / sqrt(n))``, with
+  the sample standard deviation. Each target is compared with its own reference, so
+  what the inputs share cancels and only the difference (the trigger) is scored.
+
+A weight is the output gained by keeping a component, so a very negative score marks
+a component that holds the targets down relative to the references: ablating the
+``k`` most negative ones raises the target outputs relative to the references
+(``direction="raise"``), ablating the ``k`` most positive lowers them (``"lower"``).
+``apply`` zeroes the selected components' weights in a copy of the model, with
+:func:`coarpy.ablation.apply_ablation`.
 """
 
 from __future__ import annotations
@@ -26,22 +36,48 @@ from ..ablation import apply_ablation
 from ..attributions import Attributions
 from ..components import Components
 from ..errors import EditError
-from ._checks import Rows, check_direction, check_k, check_selected, example_sets
+from ._checks import (
+    Rows,
+    check_direction,
+    check_k,
+    check_selected,
+    check_statistic,
+    example_pairs,
+    example_sets,
+)
 
 
-def scores(attributions: Attributions, targets: Rows, references: Rows | None = None) -> Tensor:
-    """Welch's t statistic of every component between target and reference weights.
+def scores(
+    attributions: Attributions,
+    targets: Rows,
+    references: Rows | None = None,
+    *,
+    statistic: str = "welch",
+) -> Tensor:
+    """A t statistic of every component between its target and reference weights.
 
-    ``(mean_T w - mean_R w) / sqrt(var_T / |T| + var_R / |R|)`` with population
-    variances (divided by the group size, as in the paper). Where both variances are
-    zero the statistic is the limit: ``+inf`` or ``-inf`` by the sign of the mean
-    difference, and 0 when the means are equal too.
+    ``statistic="welch"`` (default): Welch's t, ``(mean_T w - mean_R w) /
+    sqrt(var_T / |T| + var_R / |R|)`` with population variances (divided by the group
+    size, as in the paper). Use it when targets and references are different inputs.
+
+    ``statistic="paired"``: the paired t of the differences ``d_i = w[targets[i]] -
+    w[references[i]]``, ``mean(d) / (sd(d) / sqrt(n))`` with the sample standard
+    deviation (divided by ``n - 1``). Use it when ``targets[i]`` and ``references[i]``
+    are the same input with and without the feature to edit (a trigger, a patch, an
+    inserted word): what the two share cancels pair by pair, so a component that
+    reads only the feature scores far from zero even when its weight varies a lot from
+    one input to the next. Needs two or more pairs, given in matching order (bool
+    masks pair in ascending index order).
+
+    Where the variance term is zero the statistic is its limit: ``+inf`` or ``-inf``
+    by the sign of the mean difference, and 0 when the mean difference is 0 too.
 
     Parameters
     ----------
     attributions : any attributions (COAR's or a baseline's).
     targets, references : example indices (rows of ``attributions.weights``) or bool masks over
-        them; ``references=None`` takes every example that is not a target.
+        them; ``references=None`` takes every example that is not a target (Welch only).
+    statistic : ``"welch"`` or ``"paired"``.
 
     Returns
     -------
@@ -50,7 +86,8 @@ def scores(attributions: Attributions, targets: Rows, references: Rows | None = 
     Raises
     ------
     EditError
-        If a set is empty, holds a bad index, or the sets overlap.
+        If a set is empty, holds a bad index, or the sets overlap; for ``"paired"``, if
+        the sets differ in size, hold fewer than two pairs, or references is None.
 
     Examples
     --------
@@ -60,12 +97,21 @@ def scores(attributions: Attributions, targets: Rows, references: Rows | None = 
     ...     bias=torch.zeros(4), names=["fc:0", "fc:1"])
     >>> scores(attr, [0, 1], [2, 3]).tolist()
     [-5.0, 0.0]
+    >>> scores(attr, [0, 1], [2, 3], statistic="paired").tolist()  # d_0 = (-3, -7)
+    [-2.5, 0.0]
     """
-    t, r = example_sets(targets, references, attributions.n_examples)
+    check_statistic(statistic)
     w = attributions.weights.detach().cpu().double()  # (E, N)
-    wt, wr = w[t], w[r]  # (|T|, N), (|R|, N)
-    diff = wt.mean(0) - wr.mean(0)  # (N,)
-    var = wt.var(0, correction=0) / len(t) + wr.var(0, correction=0) / len(r)  # (N,)
+    if statistic == "paired":
+        t, r = example_pairs(targets, references, attributions.n_examples)
+        d = w[t] - w[r]  # (n_pairs, N): one difference per pair
+        diff = d.mean(0)  # (N,)
+        var = d.var(0, correction=1) / len(t)  # (N,): squared standard error of the mean
+    else:
+        t, r = example_sets(targets, references, attributions.n_examples)
+        wt, wr = w[t], w[r]  # (|T|, N), (|R|, N)
+        diff = wt.mean(0) - wr.mean(0)  # (N,)
+        var = wt.var(0, correction=0) / len(t) + wr.var(0, correction=0) / len(r)  # (N,)
     out = diff / var.sqrt()
     flat = var == 0  # constant weights in both groups: the t statistic's limit
     out[flat] = torch.sign(diff[flat]) * math.inf
