@@ -59,7 +59,7 @@ def test_tail_components_are_named_by_encoder_layer(probe):
     comps = coar.Components.discover(tail, kinds=("heads", "neurons"))
     assert len(comps) == 4 + 48
     assert comps.names[0] == "layer.2.attention:0"
-    assert comps.names[4] == "layer.2.output.dense:0"
+    assert comps.names[4] == "layer.2.output:0"
     # an edit of the tail leaves the probe's own layers as they were
     before = probe.encoder.encoder.layer[2].output.dense.weight.clone()
     edited = edit.apply(tail, comps, [4, 5])

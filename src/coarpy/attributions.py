@@ -241,6 +241,7 @@ class Attributions:
             "names": self.names,
             "meta": self.meta,
         }
+        header["header_sha256"] = _header_digest(header)
         _fs.atomic_write(root / _WEIGHTS_NAME, _raw(weights))
         _fs.atomic_write(root / _BIAS_NAME, _raw(bias))
         _fs.atomic_write(root / _JSON_NAME, json.dumps(header, allow_nan=False).encode())
@@ -290,6 +291,12 @@ class Attributions:
         if version == 1:
             weights, bias = _read_v1(root, jpath, header)
         elif version == VERSION:
+            if header.get("header_sha256") != _header_digest(header):
+                raise StoreCorruptError(
+                    f"{jpath} does not match its own checksum: the names, settings or shapes "
+                    "it records were altered or corrupted. Re-run the fit or restore the "
+                    "file from a copy."
+                )
             weights, bias = _read_v2(root, jpath, header, mmap=mmap)
         else:
             raise StoreCorruptError(
@@ -329,6 +336,12 @@ def _digest(arr: np.ndarray) -> str:
     for i in range(0, flat.size, _DIGEST_STEP):
         h.update(memoryview(flat[i : i + _DIGEST_STEP]))
     return h.hexdigest()
+
+
+def _header_digest(header: dict) -> str:
+    """SHA-256 of the JSON header without its own checksum field (canonical key order)."""
+    doc = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def _check_digest(arr: np.ndarray, label: str, header: dict, where: Path, jpath: Path) -> None:

@@ -62,7 +62,7 @@ class EncoderTail(nn.Module):
     as it was. The tail starts in the probe's mode (eval for a fitted probe). Layer
     ``i`` of the encoder is ``tail.layer[str(i)]``, so component names say which layer
     they belong to (``"layer.5.attention:3"`` is head 3 of layer 5,
-    ``"layer.5.output.dense:17"`` neuron 17 of its MLP).
+    ``"layer.5.output:17"`` neuron 17 of its MLP).
 
     Parameters
     ----------
