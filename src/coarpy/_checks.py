@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .errors import ArgumentError, CoarError
+from .integrations import check_weights_in_memory
 
 _MISSING = object()
 
@@ -74,6 +75,18 @@ def batch_size(value: Any) -> int | None:
     return integer(
         value, "batch_size", minimum=1,
         fix="Give the number of examples per forward pass, or None for the data's batches.",
+    )  # fmt: skip
+
+
+def device_budget(value: Any) -> int | None:
+    """None (the default budget) or a number of bytes >= 1 that the examples may take on
+    the device."""
+    if value is None:
+        return None
+    return integer(
+        value, "device_budget", minimum=1,
+        fix="Give the bytes the examples may take on the device (e.g. 8 * 2**30), or "
+        "None for half the free memory of a CUDA device.",
     )  # fmt: skip
 
 
@@ -193,11 +206,11 @@ def mapping(value: Any, name: str) -> Mapping:
 
 def module(value: Any, name: str = "model") -> torch.nn.Module:
     """The ``torch.nn.Module`` to run: ``value`` itself, or the module a wrapper holds
-    as ``_module`` (an nnsight envoy)."""
-    if isinstance(value, torch.nn.Module):
-        return value
-    inner = getattr(value, "_module", None)
+    as ``_module`` (an nnsight envoy). Its weights must be in memory (not offloaded by
+    accelerate, not on the meta device): ``integrations.check_weights_in_memory``."""
+    inner = value if isinstance(value, torch.nn.Module) else getattr(value, "_module", None)
     if isinstance(inner, torch.nn.Module):
+        check_weights_in_memory(inner)
         return inner
     raise ArgumentError(
         f"{name} must be a torch.nn.Module (or an nnsight wrapper of one), got "

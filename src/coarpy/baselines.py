@@ -74,6 +74,7 @@ def _prepare(
             f"components must be a coarpy.Components, got {type(components).__name__}."
         )
     _checks.device(args["device"])
+    _checks.device_budget(args["device_budget"])
     _checks.choice(args["mode"], "mode", MODES)
     _checks.optional_flag(args["progress"], "progress")
     output_fn = _outputs.resolve(args["output"])
@@ -81,7 +82,7 @@ def _prepare(
         model.to(args["device"])
     device = model_device(model)
     cast = autocast_context(device, args["autocast"])
-    examples = ExampleSet(data, device, args["batch_size"])
+    examples = ExampleSet(data, device, args["batch_size"], device_budget=args["device_budget"])
     examples.check_labels(output_fn)
     return model, output_fn, device, examples, cast
 
@@ -98,6 +99,7 @@ def leave_one_out(
     means: dict[str, Tensor] | None = None,
     autocast: str | None = None,
     progress: bool | None = None,
+    device_budget: int | None = None,
 ) -> Attributions:
     """Leave-one-out attributions: the output change when one component alone is ablated.
 
@@ -108,7 +110,7 @@ def leave_one_out(
     Parameters
     ----------
     model, components, data, output, batch_size, device, mode, means, autocast,
-    progress : as for ``collect``.
+    progress, device_budget : as for ``collect``.
 
     Returns
     -------
@@ -127,7 +129,7 @@ def leave_one_out(
     """
     model, output_fn, device, examples, cast = _prepare(
         model, components, data, output=output, batch_size=batch_size, device=device,
-        mode=mode, autocast=autocast, progress=progress,
+        mode=mode, autocast=autocast, progress=progress, device_budget=device_budget,
     )  # fmt: skip
     n = len(components)
     keep = torch.ones(n + 1, n, dtype=torch.bool)  # row 0: full model; row j+1: all but j
@@ -171,6 +173,7 @@ def gradient(
     means: dict[str, Tensor] | None = None,
     autocast: str | None = None,
     progress: bool | None = None,
+    device_budget: int | None = None,
 ) -> Attributions:
     """Gradient attributions (attribution patching): d f_z / d v_j at the full model.
 
@@ -187,6 +190,7 @@ def gradient(
         see another batch than the examples, each example is run alone with one shared
         soft mask.
     progress : show a progress bar (one step per batch); None shows it on a terminal.
+    device_budget : bytes the examples may take on the device, as for ``collect``.
 
     Returns
     -------
@@ -210,7 +214,7 @@ def gradient(
     """
     model, output_fn, device, examples, cast = _prepare(
         model, components, data, output=output, batch_size=batch_size, device=device,
-        mode=mode, autocast=autocast, progress=progress,
+        mode=mode, autocast=autocast, progress=progress, device_budget=device_budget,
     )  # fmt: skip
     for g in components.groups:
         if g.site == "param":
@@ -227,7 +231,7 @@ def gradient(
     bar = progress_bar(len(examples.batches), progress, desc="gradient", unit="batch")
     with eval_mode(model, "gradient"), ablator, torch.enable_grad(), cast, closing(bar):
         row = 0
-        for batch in examples.batches:
+        for batch in examples.device_batches():
             size = B.batch_size(batch)
             grad = values = None
             if examples.rows_ok is not False:

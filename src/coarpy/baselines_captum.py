@@ -228,12 +228,14 @@ def _attribute(
     n = len(components)
     weights = torch.empty(examples.n_examples, n)  # (E, N)
     bar = progress_bar(len(examples.batches) * len(components.groups), progress, desc=method)
-    split = [_split_batch(batch) for batch in examples.batches]  # refuse before running
+    for batch in examples.batches:  # refuse before running
+        _split_batch(batch)
     with eval_mode(model, method), closing(bar):
         with torch.inference_mode():
             full = examples.outputs(model, output_fn).cpu()  # (E,)
         row = 0
-        for inputs, rest, is_tuple in split:
+        for batch in examples.device_batches():
+            inputs, rest, is_tuple = _split_batch(batch)
             size = inputs.shape[0]
             forward = _forward(model, output_fn, is_tuple)
             for g in components.groups:

@@ -2,8 +2,9 @@
 
 For every mask row of every unfinished block, the model runs over the whole (fixed)
 example set with that mask's components ablated, and the output function gives one
-number per example. The examples are moved to the device once. When the example set
-is smaller than a batch, several masks share one forward pass (per-row masks).
+number per example. The examples are moved to the device once, or, when they exceed
+``device_budget``, a segment at a time per block. When the example set is smaller
+than a batch, several masks share one forward pass (per-row masks).
 
 Which blocks to compute is the caller's business: all of them, a shard ``(k, K)``,
 or any iterable of block indices, which may hand them out lazily. ``coarpy.runs``
@@ -70,6 +71,7 @@ def collect(
     progress: bool | None = None,
     prefix: str | _prefix.Split | None = None,
     compile_model: bool = False,
+    device_budget: int | None = None,
 ) -> ComponentDataset:
     """Fill (or resume) the component dataset at ``path`` and return it.
 
@@ -100,12 +102,19 @@ def collect(
         ``nn.Sequential`` containers (its input is cached), or a
         ``coarpy.prefix.Split(prefix_fn, suffix_fn)``. The cut is verified on 64
         examples before use (``SplitError`` if it does not reproduce the model);
-        the cached activations of all examples stay on the device. The stored rows are
-        the same as without it.
+        the cached activations stay where the examples are (on the device, or on the
+        host when streamed). The stored rows are the same as without it.
     compile_model : run the model through ``torch.compile`` (opt-in). Shared masks
         change weights in place, which a compiled graph reads without recompiling;
         compiling takes seconds to minutes and fused kernels round differently, so
         outputs agree with eager ones to float tolerance, not bit for bit.
+    device_budget : bytes the examples may take on the device (default: half the free
+        memory of a CUDA device; no limit on the CPU). Examples that fit stay on the
+        device; larger sets stay on the host (pinned for CUDA, in their own dtype:
+        uint8 stays uint8 until the model's input) and are moved a segment of whole
+        batches at a time, each segment once per block. The rows and the store's
+        identity are the same either way, so a run may resume under another budget.
+        A budget that cannot hold one batch is refused (``ArgumentError``).
 
     Every argument is checked before the model runs or anything is written. The store
     records what each row depends on (the model's weights and structure, the output
@@ -131,6 +140,7 @@ def collect(
         batch_size=batch_size, device=device, mode=mode, means=means, shard=shard,
         autocast=autocast, dtype=dtype, allow_nonfinite=allow_nonfinite,
         overwrite=overwrite, progress=progress, prefix=prefix, compile_model=compile_model,
+        device_budget=device_budget,
     )  # fmt: skip
     output_fn, shard = settings["output_fn"], settings["shard"]
     model = _checks.module(model)  # an nnsight envoy runs as the module it wraps
@@ -148,7 +158,7 @@ def collect(
         model.to(device)
     device = model_device(model)
     autocast_context(device, autocast)  # validates the name before anything is written
-    examples = ExampleSet(data, device, batch_size)
+    examples = ExampleSet(data, device, batch_size, device_budget=device_budget)
     examples.check_labels(output_fn)
     # Shared masks go into the weights where that is exact: no hook runs per forward.
     # Made before the store: a bad mode or means is refused before anything is written.
@@ -254,6 +264,7 @@ def _check_args(**args: Any) -> dict[str, Any]:
     _checks.positive(args["block_size"], "block_size", fix="Masks per block file, e.g. 100.")
     _checks.batch_size(args["batch_size"])
     _checks.device(args["device"])
+    _checks.device_budget(args["device_budget"])
     _checks.choice(args["mode"], "mode", MODES)
     if args["means"] is not None:
         _checks.mapping(args["means"], "means")

@@ -238,6 +238,7 @@ def evaluate(
     autocast: str | None = None,
     progress: bool | None = None,
     check: bool = True,
+    device_budget: int | None = None,
 ) -> Evaluation:
     """Correlate predicted and true outputs on fresh masks, per example and alpha.
 
@@ -263,6 +264,8 @@ def evaluate(
         ``meta``, or the store it was fitted on): the weights, the model's structure,
         the output function and its code, mode, means, autocast and the examples.
         ``check=False`` evaluates anyway.
+    device_budget : bytes the examples may take on the device, as for ``collect``;
+        larger example sets are moved a segment at a time, with the same results.
 
     Returns
     -------
@@ -298,6 +301,7 @@ def evaluate(
     model = _checks.module(model)
     _checks.seed(seed)
     _checks.device(device)
+    _checks.device_budget(device_budget)
     _checks.choice(mode, "mode", MODES)
     _checks.flag(check, "check")
     _checks.optional_flag(progress, "progress")
@@ -311,7 +315,7 @@ def evaluate(
         model.to(device)
     device = model_device(model)
     cast = autocast_context(device, autocast)
-    examples = ExampleSet(data, device, batch_size)
+    examples = ExampleSet(data, device, batch_size, device_budget=device_budget)
     examples.check_labels(output_fn)
     _check_examples(named, examples.n_examples, "data")
     actual = _fingerprint.record(
@@ -357,6 +361,7 @@ def evaluate_store(
     ds: ComponentDataset,
     *,
     check: bool = True,
+    device_budget: int | None = None,
 ) -> Evaluation:
     """Correlate predicted and true outputs on masks already collected into ``ds``.
 

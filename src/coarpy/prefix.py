@@ -22,8 +22,8 @@ with nothing ablated and under a probe mask that ablates half of the components 
 component in the prefix would be missed by the cache and fail the check).
 
 Memory: the cached activations of every example stay on the device, i.e.
-``n_examples * (size of the prefix output per example)``; check it fits before
-caching an early layer of a large network.
+``n_examples * (size of the prefix output per example)``, when they fit collect's
+``device_budget``; otherwise on the host, moved a segment at a time like the examples.
 """
 
 from __future__ import annotations
@@ -293,7 +293,7 @@ def prepare(
         check_components_after(model, prefix, [g.hook for g in components.groups])
     ablator.set(None)
     suffix = Suffix(split)
-    probe = B.index(examples.batches[0], slice(0, _VERIFY_ROWS))  # a cheap check
+    probe = B.to_device(B.index(examples.batches[0], slice(0, _VERIFY_ROWS)), ablator.device)
     verify(
         model,
         suffix,
@@ -305,5 +305,9 @@ def prepare(
         n_components=len(components),
         rtol=1e-2 if autocast else 1e-4,
     )
-    cached = [cached_batch(batch, split) for batch in examples.batches]
-    return suffix, ExampleSet(cached, ablator.device, examples.batch_size)
+    # Examples kept on the host keep their cache there too; the cache gets the budget.
+    home = "cpu" if examples.streamed else ablator.device
+    cached = [B.to_device(cached_batch(batch, split), home) for batch in examples.device_batches()]
+    return suffix, ExampleSet(
+        cached, ablator.device, examples.batch_size, device_budget=examples.device_budget
+    )

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _batching as B
 from .. import outputs as _outputs
 from .._engine import ExampleSet, eval_mode, model_device, progress_bar, run_masks
 from ..ablation import Ablator
@@ -87,6 +86,7 @@ def sweep(
     until: Callable[[dict[str, float]], bool] | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
+    device_budget: int | None = None,
 ) -> list[dict[str, float]]:
     """Measure the edit of every size in ``ks`` by running the edited model.
 
@@ -120,6 +120,8 @@ def sweep(
     batch_size : examples per forward pass; a batch larger than the targets and
         references together runs several edits per pass.
     progress : show a progress bar (one step per ``k``); None shows it on a terminal.
+    device_budget : bytes the examples may take on the device, as for
+        ``coarpy.collect``; a larger ``data`` stays on the host.
 
     Returns
     -------
@@ -148,12 +150,12 @@ def sweep(
     output_fn = _outputs.resolve(output)
     metrics = _check_metrics(metrics)
     device = model_device(model)
-    every = ExampleSet(data, device, None)
+    every = ExampleSet(data, device, None, device_budget=device_budget)
     if attr is not None:
         check_data(attr, every)
     t, r = example_sets(targets, references, every.n_examples)
     rows = torch.cat([t, r])  # run the targets and references only
-    examples = ExampleSet([B.index(every.whole, rows.to(device))], device, batch_size)
+    examples = every.subset(rows, batch_size)
     if order is None:
         order = select(scores(attr, t, r, statistic=statistic), max(ks), direction=direction)
     else:
@@ -200,6 +202,7 @@ def measure(
     metrics: Mapping[str, Metric] | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
+    device_budget: int | None = None,
 ) -> dict[str, float]:
     """The columns of a :func:`sweep` row for a model as it is (no ablation, no ``k``).
 
@@ -210,7 +213,7 @@ def measure(
     ----------
     model : the model to run, e.g. an edited copy.
     data : the examples; ``targets`` and ``references`` index them.
-    targets, references, output, metrics, batch_size : as for :func:`sweep`.
+    targets, references, output, metrics, batch_size, device_budget : as for :func:`sweep`.
     progress : show a progress bar (the outputs, then each metric); None shows it on a
         terminal.
 
@@ -220,7 +223,7 @@ def measure(
         Bad example sets or metrics.
     """
     device = model_device(model)
-    every = ExampleSet(data, device, batch_size)
+    every = ExampleSet(data, device, batch_size, device_budget=device_budget)
     t, r = example_sets(targets, references, every.n_examples)
     output_fn = _outputs.resolve(output)
     metrics = _check_metrics(metrics)

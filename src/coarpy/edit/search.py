@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _batching as B
 from .. import outputs as _outputs
 from .._engine import ExampleSet, eval_mode, model_device, progress_bar, run_masks
 from ..ablation import Ablator
@@ -91,8 +90,7 @@ def _rows_of(
     device = model_device(model)
     every = ExampleSet(data, device, None)
     rows, local = restrict(objective, every.n_examples)
-    picked = B.index(every.whole, rows.to(device))
-    return every, ExampleSet([picked], device, batch_size), (rows, local)
+    return every, every.subset(rows, batch_size), (rows, local)
 
 
 def _with_one_more(keep: Tensor, candidates: Tensor) -> Tensor:

@@ -84,6 +84,7 @@ class RunConfig:
     prefix: str | None = None
     compile_model: bool = False
     factory_args: dict[str, Any] = field(default_factory=dict)
+    device_budget: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -297,6 +298,7 @@ def collect_settings(cfg: RunConfig, output: Any) -> dict[str, Any]:
         "dtype": cfg.dtype,
         "prefix": cfg.prefix,
         "compile_model": cfg.compile_model,
+        "device_budget": cfg.device_budget,
     }
 
 
@@ -376,6 +378,7 @@ def _check_fields(cfg: RunConfig) -> None:
     if cfg.prefix is not None:
         _checks.text(cfg.prefix, "prefix")
     _checks.flag(cfg.compile_model, "compile_model")
+    _checks.device_budget(cfg.device_budget)
     _checks.mapping(cfg.factory_args, "factory_args")
 
 

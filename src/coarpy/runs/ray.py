@@ -39,7 +39,10 @@ class BlockActor:
         self.setup = self.cfg.build()
         self.setup.model.to(device)
         # the examples go to the device once, not once per block
-        self.examples = ExampleSet(self.setup.data, torch.device(device), self.cfg.batch_size)
+        self.examples = ExampleSet(
+            self.setup.data, torch.device(device), self.cfg.batch_size,
+            device_budget=self.cfg.device_budget,
+        )  # fmt: skip
 
     def run(self, blocks: list[int]) -> list[int]:
         collect_setup(

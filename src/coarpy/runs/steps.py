@@ -90,13 +90,14 @@ def evaluate_run(
         methods[name] = known[name](
             setup.model, setup.components, setup.data, output=setup.output,
             batch_size=cfg.batch_size, device=cfg.device, mode=cfg.mode,
-            autocast=cfg.autocast,
+            autocast=cfg.autocast, device_budget=cfg.device_budget,
         )  # fmt: skip
     result = evaluate(
         methods, setup.model, setup.components, setup.data, output=setup.output,
         alphas=tuple(alphas) if alphas else (ds.alpha,), n_masks=n_masks, seed=seed,
         batch_size=cfg.batch_size, device=cfg.device, mode=cfg.mode,
         autocast=cfg.autocast, progress=progress, check=check,
+        device_budget=cfg.device_budget,
     )  # fmt: skip
     result.save(run / f"{EVALUATION}.json")
     write_csv(run / f"{EVALUATION}.csv", result.to_rows())
