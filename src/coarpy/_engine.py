@@ -223,7 +223,10 @@ class ExampleSet:
                 f"{row_bytes * one_batch} bytes. Give device_budget >= "
                 f"{row_bytes * one_batch}, or a smaller batch_size."
             )
-        on_device = all(t.device == device for t in B.tensors(whole))
+        # Examples given on an accelerator are used there (moving them off would not
+        # free the caller's copy); on the CPU an explicit budget still streams them, as
+        # views, so the streamed path runs and is tested without an accelerator.
+        on_device = device.type != "cpu" and all(t.device == device for t in B.tensors(whole))
         # Streamed: kept on the host, moved a segment of whole batches at a time.
         self.streamed = budget is not None and self.nbytes > budget and not on_device
         if self.streamed:

@@ -150,7 +150,7 @@ def sweep(
     output_fn = _outputs.resolve(output)
     metrics = _check_metrics(metrics)
     device = model_device(model)
-    every = ExampleSet(data, device, None, device_budget=device_budget)
+    every = ExampleSet(data, device, batch_size, device_budget=device_budget)
     if attr is not None:
         check_data(attr, every)
     t, r = example_sets(targets, references, every.n_examples)
