@@ -10,6 +10,7 @@ with each actual message, is written to bench/RESULTS_reliability.md.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from coarpy import runs
 from coarpy.baselines import gradient, leave_one_out
@@ -138,6 +140,14 @@ def _nan_output(model, batch):
     return model(batch[0])[:, 0] * math.nan
 
 
+def _shuffled(k):
+    return DataLoader(TensorDataset(*k.data), batch_size=8, shuffle=True)
+
+
+def _on_meta(k):
+    return copy.deepcopy(k.model).to("meta")
+
+
 ROWS = [
     # entry, bad input, call, error, words of the message
     ("collect", "n_masks=0", C(n_masks=0), ArgumentError, r"n_masks must be >= 1, got 0"),
@@ -197,6 +207,14 @@ ROWS = [
     ("collect", "negative labels", lambda k, w: C(data=(k.data[0], k.data[1] - 9))(k, w), DataError, r"negative value"),
     ("collect", "output of the wrong shape", C(output=_label_output), (CollectError, ArgumentError), r"returned \(48, 4\), expected shape \(48,\)"),
     ("collect", "a NaN output", C(output=_nan_output), CollectError, r"Mask row 0 gave a non-finite output \(nan\)"),
+    ("collect", "device_budget=0", C(device_budget=0), ArgumentError, r"device_budget must be >= 1, got 0"),
+    ("collect", "device_budget='8GB'", C(device_budget="8GB"), ArgumentError, r"device_budget must be an integer, got '8GB'"),
+    ("collect", "device_budget below one batch", C(device_budget=100), ArgumentError, r"device_budget=100 bytes cannot hold one batch: 48 examples of 40 bytes each .* device_budget >= 1920"),
+    ("collect", "a shuffled DataLoader", lambda k, w: C(data=_shuffled(k))(k, w), DataError, r"shuffles its examples .* shuffle=False"),
+    ("collect", "a model on the meta device", lambda k, w: C(model=_on_meta(k))(k, w), ArgumentError, r"'0.weight' is on the meta device: the model was built on the meta device"),
+    ("evaluate", "a model on the meta device", lambda k, w: E(model=_on_meta(k))(k, w), ArgumentError, r"is on the meta device"),
+    ("leave_one_out", "a shuffled DataLoader", lambda k, w: L(data=_shuffled(k))(k, w), DataError, r"shuffles its examples"),
+    ("gradient", "device_budget below one batch", L(gradient, device_budget=100), ArgumentError, r"cannot hold one batch"),
     ("collect", "another alpha on a store", lambda k, w: collect(k.model, k.comps, k.data, path=k.store.path, **{**GOOD, "alpha": 0.3}), StoreMismatchError, r"alpha: stored 0.1, given 0.3"),
     ("collect", "another model on a store", lambda k, w: collect(k.other, k.comps, k.data, path=k.store.path, **GOOD), StoreMismatchError, r"fingerprint: stored"),
     ("evaluate", "alphas=(0,)", E(alphas=(0,)), EvaluationError, r"strictly between 0 and 1 .* got 0.0"),
