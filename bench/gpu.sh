@@ -4,11 +4,13 @@
 #   OUT=/path/to/folder bash bench/gpu.sh            # full size (CUDA; < 8 min on one H200)
 #   OUT=/tmp/gpu bash bench/gpu.sh --small           # tiny, on the CPU (what CI runs)
 #   OUT=/tmp/gpu bash bench/gpu.sh --only imagenet   # only setups B and C (torchvision)
+#   OUT=/tmp/gpu bash bench/gpu.sh --only stream     # streamed vs on-device examples
 #
 # Everything goes to $OUT (default bench/out/gpu): log.txt (all output), results.md
 # (the table), results.json, env.txt, nvidia-smi.txt. Extra flags go to
 # bench/gpu_check.py (--budget SECONDS, --no-compile, --target-s, --threads,
-# --only core|imagenet). LIMIT (seconds, default 460) is the hard stop of the whole run.
+# --only core|imagenet|stream). LIMIT (seconds, default 460) is the hard stop of the
+# whole run.
 # coarpy is imported from src/ (PYTHONPATH), so the tree needs no install; only torch
 # (with CUDA), numpy, scipy and tqdm, and torchvision for the ImageNet sections (skipped
 # with a note without it: nothing is installed).

@@ -25,8 +25,10 @@ float32 at setup B's component count (22,720 x 10,000 examples x 20,000 masks).
 
 Every section has a time limit; the whole run stops starting sections after
 ``--budget`` seconds. ``--only core`` runs the original sections, ``--only imagenet``
-the ImageNet setups and setup B's fit. Output: a markdown table on stdout and, in
-``--out`` (or $OUT), ``results.md``, ``results.json`` and ``env.txt``.
+the ImageNet setups and setup B's fit, ``--only stream`` collect with the examples
+streamed from pinned host memory against held on the device (``bench/stream.py``).
+Output: a markdown table on stdout and, in ``--out`` (or $OUT), ``results.md``,
+``results.json`` and ``env.txt``.
 
 Without CUDA (or with ``--small``) everything is tiny and runs on the CPU in seconds:
 CI runs it that way (tests/test_gpu_script.py).
@@ -295,6 +297,26 @@ def bench_fit(
                          "(ratio = fit / products)")  # fmt: skip
 
 
+def bench_stream(rep: Report, dev: torch.device, args) -> None:
+    """Streamed examples (over ``device_budget``, pinned uint8 on the host, moved a
+    segment at a time) against examples held on the device (bench/stream.py)."""
+    import stream
+
+    small = args.small or dev.type != "cuda"
+    if small:
+        sizes = {"n_examples": 256, "width": 4, "batch_size": 64, "segment": 2,
+                 "n_masks": 4, "block_size": 2, "repeat": 1}  # fmt: skip
+    else:
+        sizes = {"n_examples": 20_000, "width": 32, "batch_size": 1000, "segment": 4,
+                 "n_masks": 60, "block_size": 20, "repeat": 3}  # fmt: skip
+    r = stream.measure(device=dev, **sizes)
+    rep.add(section="stream", model="CIFAR ResNet (uint8 in)", N=r["N"], E=r["E"],
+            setting=f"{r['segments']} segments/block", plain=r["resident"],
+            collect=r["streamed"], ratio=r["ratio"],
+            note=f"plain = examples on the device; ratio {r['ratio_min']:.3f}.."
+                 f"{r['ratio_max']:.3f}; rows identical: {r['same_rows']}")  # fmt: skip
+
+
 def configs(dev: torch.device, small: bool) -> list[dict]:
     if small:
         resnet = _models.cifar_resnet(width=4).to(dev)
@@ -397,9 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-s", type=float, default=2.5, help="seconds per timing")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--only", choices=("core", "imagenet"), default=None,
-                    help="run only the original sections (core) or the ImageNet setups "
-                         "and setup B's fit (imagenet)")  # fmt: skip
+    ap.add_argument("--only", choices=("core", "imagenet", "stream"), default=None,
+                    help="run only the original sections (core), the ImageNet setups "
+                         "and setup B's fit (imagenet), or streamed vs on-device "
+                         "examples (stream)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -444,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         plan += [("channels_last", bench_channels_last, cfgs[0], limit // 2)]
     if core and not args.no_compile and not small:
         plan += [(f"compile {c['name']}", bench_compile, c, limit) for c in cfgs]
+    if args.only in (None, "stream"):
+        plan += [("stream", bench_stream, dev, limit)]
     failures = 0
     for title, fn, cfg, seconds in plan:
         left = args.budget - (time.perf_counter() - rep.started)
