@@ -5,9 +5,9 @@ Each subcommand calls one function of ``coarpy.runs`` (or ``demo``, ``edit``,
 with exit status 2 (``--verbose`` adds the traceback of an unexpected one); ``coar
 verify`` exits with 1 when it finds damage it did not repair.
 
-``coar collect``, ``worker``, ``evaluate`` and ``edit`` import and run the factory a
-run configuration names (trust it like a pickle); ``status``, ``fit``, ``report`` and
-``verify`` import nothing from it.
+``coar collect``, ``worker``, ``evaluate``, ``edit`` and ``fit`` (for its gradient
+prior) import and run the factory a run configuration names (trust it like a pickle);
+``status``, ``report``, ``verify`` and ``fit --prior none`` import nothing from it.
 """
 
 from __future__ import annotations
@@ -111,7 +111,20 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit attributions to a run's component dataset")
     f.add_argument("run")
-    f.add_argument("--method", default="ridge", help="ridge (default), ols, lasso or group")
+    f.add_argument(
+        "--method", choices=("group", "ridge", "ols", "lasso"), default="group",
+        help="group (default: per-module penalties, centred on the prior), ridge, ols or lasso",
+    )  # fmt: skip
+    f.add_argument(
+        "--prior", choices=("gradient", "none"), default=None,
+        help="group's prior mean: gradient (default when the run's config builds the model; "
+        "imports its factory) or none (imports nothing from the config)",
+    )  # fmt: skip
+    f.add_argument("--solver", choices=("auto", "eig", "dual", "cg"), default="auto")
+    f.add_argument("--l2-grid", type=float, nargs="+", default=None, metavar="L2")
+    f.add_argument(
+        "--val-fraction", type=float, default=None, help="ridge/lasso: held-out share of rows"
+    )
 
     e = sub.add_parser("evaluate", help="held-out correlation of a run's attributions")
     e.add_argument("run")
@@ -225,8 +238,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         info = runs.status(args.run)
         print(json.dumps(info, indent=1) if args.json else runs.format_status(info))
     elif args.command == "fit":
-        attr = runs.fit_run(args.run, method=args.method)
-        print(f"fitted {attr.weights.shape[0]} examples x {attr.weights.shape[1]} components")
+        attr = runs.fit_run(
+            args.run, method=args.method, prior=args.prior or "auto", solver=args.solver,
+            l2_grid=args.l2_grid, val_fraction=args.val_fraction,
+        )  # fmt: skip
+        how = attr.meta["method"] + (
+            f", prior {attr.meta['prior']}" if "prior" in attr.meta else ""
+        )
+        print(
+            f"fitted {attr.weights.shape[0]} examples x {attr.weights.shape[1]} components ({how})"
+        )
     elif args.command == "evaluate":
         result = runs.evaluate_run(
             args.run,

@@ -31,6 +31,7 @@ def gradient_prior(
     data: Iterable | None,
     output: Any,
     progress: bool | None,
+    batch_size: int | None = None,
 ) -> Attributions:
     """``baselines.gradient`` on the store's model, components and examples, checked.
 
@@ -41,6 +42,7 @@ def gradient_prior(
     n_examples : the store's number of examples.
     model, components, data, output : as for ``collect``; output None is the margin.
     progress : progress bar of the gradient pass.
+    batch_size : examples per pass (default: the data's own batches).
 
     Raises
     ------
@@ -85,7 +87,7 @@ def gradient_prior(
         )
     output_fn = _outputs.margin if output is None else output
     grad = baselines.gradient(
-        model, components, data, output=output_fn, mode=mode,
+        model, components, data, output=output_fn, batch_size=batch_size, mode=mode,
         autocast=recorded.get("autocast"), progress=progress,
     )  # fmt: skip
     if grad.weights.shape[0] != n_examples:
