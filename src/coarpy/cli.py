@@ -91,6 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     c.add_argument("--workers", type=_at_least(1), default=None, help="slurm tasks / ray actors")
     c.add_argument("--restarts", type=_at_least(0), default=2, help="restarts of a dead worker")
+    c.add_argument(
+        "--until-r-gain", type=float, default=None, metavar="GAIN",
+        help="stop once doubling the masks raises held-out mean r by less than GAIN "
+        "(one process; the curve is saved as RUN/learning_curve.json)",
+    )  # fmt: skip
+    c.add_argument(
+        "--until-min-masks", type=_at_least(20), default=200,
+        help="with --until-r-gain: first check at this many masks, then at each doubling",
+    )  # fmt: skip
 
     w = sub.add_parser("worker", help="fill this worker's blocks of an existing run")
     w.add_argument("run", help="run directory made by `coar collect`")
@@ -224,8 +233,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     elif args.command == "collect":
+        until = None
+        if args.until_r_gain is not None:
+            from .stopping import StopRule
+
+            until = StopRule(r_gain=args.until_r_gain, min_masks=args.until_min_masks)
         if args.launcher is None:
-            ds = runs.collect_run(args.config, shard=args.shard)
+            ds = runs.collect_run(args.config, shard=args.shard, until=until)
+        elif until is not None:
+            raise CoarError(
+                "--until-r-gain stops one process; a launcher runs many. Drop --launcher, "
+                "or --until-r-gain."
+            )
         else:
             ds = runs.launch(
                 args.config, args.launcher, devices=args.devices, n_workers=args.workers,

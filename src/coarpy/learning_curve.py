@@ -62,6 +62,12 @@ class LearningCurve:
         return torch.nanmean(self.pearson, dim=1)
 
     @property
+    def pearson_se(self) -> Tensor:
+        """Standard error over examples of the mean Pearson's r, per size: (n_sizes,)
+        float64 (NaN with fewer than two defined examples)."""
+        return _standard_error(self.pearson)
+
+    @property
     def mean_spearman(self) -> Tensor:
         """Mean over examples of Spearman's rho, per size: (n_sizes,) float64."""
         return torch.nanmean(self.spearman, dim=1)
@@ -210,6 +216,17 @@ def _curve(
         keep=keep,
         true=true,
     )
+
+
+def _standard_error(values: Tensor) -> Tensor:
+    """SE over the last dimension of the mean of the finite entries: (n_sizes,) float64."""
+    ok = torch.isfinite(values)
+    count = ok.sum(dim=-1)  # (n_sizes,)
+    mean = torch.nanmean(values, dim=-1, keepdim=True)
+    sq = torch.where(ok, (values - mean) ** 2, torch.zeros_like(values)).sum(dim=-1)
+    var = sq / (count - 1).clamp(min=1)
+    se = (var / count.clamp(min=1)).sqrt()
+    return torch.where(count >= 2, se, torch.full_like(se, float("nan")))
 
 
 def _as_arrays(source: Any, what: str) -> tuple[Tensor, Tensor]:
