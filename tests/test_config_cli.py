@@ -402,3 +402,20 @@ def test_fit_options_reach_the_library(config_file, capsys):
     assert main(["fit", cfg.path, "--method", "group", "--val-fraction", "0.2"]) == 2
     assert "val_fraction= does not apply" in capsys.readouterr().err
     assert main(["fit", cfg.path, "--prior", "maybe"]) == 2
+
+
+def test_collect_until_r_gain_stops_early_and_status_shows_the_curve(config_file, capsys):
+    cfg = RunConfig.load(config_file)
+    config_file.write_text(config_file.read_text().replace("n_masks = 30", "n_masks = 200"))
+    # a gain in mean r below 2 is certain: the rule stops at its first check, 40 masks
+    argv = ["collect", str(config_file), "--until-r-gain", "2", "--until-min-masks", "40"]
+    assert main(argv) == 0
+    assert len(ComponentDataset(cfg.path)) == 40
+    capsys.readouterr()
+    assert main(["status", cfg.path]) == 0
+    shown = capsys.readouterr().out
+    assert "stop rule  at 40 masks: stop (gain per doubling" in shown
+    assert "curve      held-out r (group," in shown
+    assert runs.status(cfg.path)["learning_curve"]["stop"] is True
+    assert main(argv + ["--launcher", "local"]) == 2
+    assert "--until-r-gain stops one process" in capsys.readouterr().err
