@@ -19,8 +19,9 @@ need the model import the factory: ``coar collect``, ``coar worker``, ``coar eva
 ``coar edit`` and ``coar fit`` (its default gradient prior; and the launchers, whose
 workers run ``coar worker``). The commands that do not need it import nothing a
 configuration names: ``coar status``, ``coar report``, ``coar verify`` and ``coar fit
---prior none`` read only the store, the attributions and the results. Loading a configuration (:func:`load_config`) parses and checks the TOML
-without importing anything; only :meth:`RunConfig.build` imports the factory.
+--prior none`` read only the store, the attributions and the results. Loading a
+configuration (:func:`load_config`) parses and checks the TOML without importing
+anything; only :meth:`RunConfig.build` imports the factory.
 
 Every field is checked when a configuration is made or read (``ConfigError`` naming
 the file and the field), before anything is imported, built or written.
