@@ -90,6 +90,7 @@ def learning_curve(
     sizes: Sequence[int] | None = None,
     method: str = "ridge",
     seed: int = 0,
+    groups: Sequence[Any] | None = None,
 ) -> LearningCurve:
     """Held-out correlation against the number of training masks.
 
@@ -107,6 +108,7 @@ def learning_curve(
     sizes : numbers of training rows; default six sizes spaced geometrically up to
         all rows.
     method, seed : passed to ``fit``.
+    groups : ``method="group"`` only: the group of each component (passed to ``fit``).
 
     Returns
     -------
@@ -129,7 +131,7 @@ def learning_curve(
     [1.0, 1.0]
     """
     V, Y = _as_arrays(train, "train")  # (n, N) bool, (n, E) float32
-    return _curve(V, Y, keep, true, sizes=sizes, method=method, seed=seed)
+    return _curve(V, Y, keep, true, sizes=sizes, method=method, seed=seed, groups=groups)
 
 
 def store_learning_curve(
@@ -196,12 +198,14 @@ def _curve(
     method: str,
     seed: int,
     label: str | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> LearningCurve:
     true = _check_heldout(keep, true, V.shape[1], Y.shape[1])
     sizes = _check_sizes(sizes, V.shape[0])
     pearsons, spearmans = [], []
     for n in sizes:
-        attr = fit((V[:n], Y[:n]), method=method, seed=seed, progress=False)
+        extra = {} if groups is None else {"groups": groups}
+        attr = fit((V[:n], Y[:n]), method=method, seed=seed, progress=False, **extra)
         pred = attr.predict(keep).double().cpu()  # (n_heldout, E)
         pearsons.append(pearson(pred, true))
         spearmans.append(spearman(pred, true))

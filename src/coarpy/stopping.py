@@ -125,9 +125,13 @@ class StopRule:
         train_V, train_Y = V[~is_val], Y[~is_val]  # in row order: prefixes are early rows
         n_train = train_V.shape[0]
         sizes = [n_train >> k for k in range(_MAX_SIZES) if (n_train >> k) >= _MIN_SIZE]
+        groups = None
+        if self.method == "group":  # the store's modules, as fit(store) would group them
+            spec = store.meta.get("components") or []
+            groups = [str(g[0]) for g in spec for _ in range(int(g[2]))] or None
         curve = learning_curve(
             (train_V, train_Y), V[is_val], Y[is_val], sizes=sizes or [n_train],
-            method=self.method, seed=self.seed,
+            method=self.method, seed=self.seed, groups=groups,
         )  # fmt: skip
         mean, se = curve.mean_pearson.tolist(), curve.pearson_se.tolist()
         points = [
