@@ -359,10 +359,63 @@ def test_status_fit_report_and_verify_import_nothing_from_the_configuration(
     )
     saved = Path(cfg.path) / "config.toml"
     saved.write_text(saved.read_text().replace("cfgfactory:build", "trap:build"))
-    for argv in (["status", cfg.path], ["fit", cfg.path], ["verify", cfg.path],
+    for argv in (["status", cfg.path], ["fit", cfg.path, "--prior", "none"], ["verify", cfg.path],
                  ["report", cfg.path, "--examples", "0"]):  # fmt: skip
         assert main(argv) == 0, capsys.readouterr().err
     assert not marker.exists() and "trap" not in sys.modules
     assert main(["worker", cfg.path]) == 2  # a command that needs the model does import it
     assert marker.exists()
     assert "the factory was imported" in capsys.readouterr().err
+
+
+def test_fit_centres_on_the_gradient_of_the_runs_model_by_default(config_file, capsys):
+    from coarpy import baselines, fit
+    from coarpy.attributions import Attributions
+
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    assert main(["fit", cfg.path]) == 0
+    assert "(group, prior gradient)" in capsys.readouterr().out
+    saved = Attributions.load(Path(cfg.path) / "attributions")
+    setup = cfg.build()
+    grad = baselines.gradient(setup.model, setup.components, setup.data, progress=False)
+    by_hand = fit(ComponentDataset(cfg.path), prior=grad, progress=False)
+    assert saved.meta["prior"] == "gradient" and torch.equal(saved.weights, by_hand.weights)
+    assert main(["fit", cfg.path, "--prior", "none"]) == 0
+    assert "(group, prior none)" in capsys.readouterr().out
+    assert main(["fit", cfg.path, "--method", "ridge", "--prior", "gradient"]) == 2
+    assert "The gradient prior centres method 'group'" in capsys.readouterr().err
+
+
+def test_fit_options_reach_the_library(config_file, capsys):
+    from coarpy.attributions import Attributions
+
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    argv = ["fit", cfg.path, "--method", "ridge", "--solver", "dual", "--l2-grid", "0.01",
+            "0.1", "--val-fraction", "0.2"]  # fmt: skip
+    assert main(argv) == 0
+    assert "(ridge)" in capsys.readouterr().out
+    attr = Attributions.load(Path(cfg.path) / "attributions")
+    assert attr.meta["solver"] == "dual" and attr.meta["l2_grid"] == [0.01, 0.1]
+    assert attr.meta["n_val"] == 6  # 20% of 30 rows, by the seeded split
+    assert main(["fit", cfg.path, "--method", "group", "--val-fraction", "0.2"]) == 2
+    assert "val_fraction= does not apply" in capsys.readouterr().err
+    assert main(["fit", cfg.path, "--prior", "maybe"]) == 2
+
+
+def test_collect_until_r_gain_stops_early_and_status_shows_the_curve(config_file, capsys):
+    cfg = RunConfig.load(config_file)
+    config_file.write_text(config_file.read_text().replace("n_masks = 30", "n_masks = 200"))
+    # a gain in mean r below 2 is certain: the rule stops at its first check, 40 masks
+    argv = ["collect", str(config_file), "--until-r-gain", "2", "--until-min-masks", "40"]
+    assert main(argv) == 0
+    assert len(ComponentDataset(cfg.path)) == 40
+    capsys.readouterr()
+    assert main(["status", cfg.path]) == 0
+    shown = capsys.readouterr().out
+    assert "stop rule  at 40 masks: stop (gain per doubling" in shown
+    assert "curve      held-out r (group," in shown
+    assert runs.status(cfg.path)["learning_curve"]["stop"] is True
+    assert main(argv + ["--launcher", "local"]) == 2
+    assert "--until-r-gain stops one process" in capsys.readouterr().err

@@ -92,7 +92,7 @@ def _run_one_block(setup: dict, tmp_path: Path, *, n_masks: int = 4) -> None:
         full = torch.cat([output(model, batch) for batch in data])
     torch.testing.assert_close(ds.outputs()[1], direct, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(ds.outputs()[1], full)  # the mask did something
-    attr = fit(ds, solver="cg", l2_grid=(1e-2,), progress=False)
+    attr = fit(ds, method="ridge", solver="cg", l2_grid=(1e-2,), progress=False)
     assert attr.weights.shape == (ds.n_examples, len(comps))
     res = evaluate(
         attr, model, comps, data, output=output, alphas=(setup["alpha"],), n_masks=3,

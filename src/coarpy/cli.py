@@ -5,9 +5,9 @@ Each subcommand calls one function of ``coarpy.runs`` (or ``demo``, ``edit``,
 with exit status 2 (``--verbose`` adds the traceback of an unexpected one); ``coar
 verify`` exits with 1 when it finds damage it did not repair.
 
-``coar collect``, ``worker``, ``evaluate`` and ``edit`` import and run the factory a
-run configuration names (trust it like a pickle); ``status``, ``fit``, ``report`` and
-``verify`` import nothing from it.
+``coar collect``, ``worker``, ``evaluate``, ``edit`` and ``fit`` (for its gradient
+prior) import and run the factory a run configuration names (trust it like a pickle);
+``status``, ``report``, ``verify`` and ``fit --prior none`` import nothing from it.
 """
 
 from __future__ import annotations
@@ -91,6 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     c.add_argument("--workers", type=_at_least(1), default=None, help="slurm tasks / ray actors")
     c.add_argument("--restarts", type=_at_least(0), default=2, help="restarts of a dead worker")
+    c.add_argument(
+        "--until-r-gain", type=float, default=None, metavar="GAIN",
+        help="stop once doubling the masks raises held-out mean r by less than GAIN "
+        "(one process; the curve is saved as RUN/learning_curve.json)",
+    )  # fmt: skip
+    c.add_argument(
+        "--until-min-masks", type=_at_least(20), default=200,
+        help="with --until-r-gain: first check at this many masks, then at each doubling",
+    )  # fmt: skip
 
     w = sub.add_parser("worker", help="fill this worker's blocks of an existing run")
     w.add_argument("run", help="run directory made by `coar collect`")
@@ -111,7 +120,20 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit attributions to a run's component dataset")
     f.add_argument("run")
-    f.add_argument("--method", default="ridge", help="ridge (default), ols, lasso or group")
+    f.add_argument(
+        "--method", choices=("group", "ridge", "ols", "lasso"), default="group",
+        help="group (default: per-module penalties, centred on the prior), ridge, ols or lasso",
+    )  # fmt: skip
+    f.add_argument(
+        "--prior", choices=("gradient", "none"), default=None,
+        help="group's prior mean: gradient (default when the run's config builds the model; "
+        "imports its factory) or none (imports nothing from the config)",
+    )  # fmt: skip
+    f.add_argument("--solver", choices=("auto", "eig", "dual", "cg"), default="auto")
+    f.add_argument("--l2-grid", type=float, nargs="+", default=None, metavar="L2")
+    f.add_argument(
+        "--val-fraction", type=float, default=None, help="ridge/lasso: held-out share of rows"
+    )
 
     e = sub.add_parser("evaluate", help="held-out correlation of a run's attributions")
     e.add_argument("run")
@@ -211,8 +233,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     elif args.command == "collect":
+        until = None
+        if args.until_r_gain is not None:
+            from .stopping import StopRule
+
+            until = StopRule(r_gain=args.until_r_gain, min_masks=args.until_min_masks)
         if args.launcher is None:
-            ds = runs.collect_run(args.config, shard=args.shard)
+            ds = runs.collect_run(args.config, shard=args.shard, until=until)
+        elif until is not None:
+            raise CoarError(
+                "--until-r-gain stops one process; a launcher runs many. Drop --launcher, "
+                "or --until-r-gain."
+            )
         else:
             ds = runs.launch(
                 args.config, args.launcher, devices=args.devices, n_workers=args.workers,
@@ -225,8 +257,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         info = runs.status(args.run)
         print(json.dumps(info, indent=1) if args.json else runs.format_status(info))
     elif args.command == "fit":
-        attr = runs.fit_run(args.run, method=args.method)
-        print(f"fitted {attr.weights.shape[0]} examples x {attr.weights.shape[1]} components")
+        attr = runs.fit_run(
+            args.run, method=args.method, prior=args.prior or "auto", solver=args.solver,
+            l2_grid=args.l2_grid, val_fraction=args.val_fraction,
+        )  # fmt: skip
+        how = attr.meta["method"] + (
+            f", prior {attr.meta['prior']}" if "prior" in attr.meta else ""
+        )
+        print(
+            f"fitted {attr.weights.shape[0]} examples x {attr.weights.shape[1]} components ({how})"
+        )
     elif args.command == "evaluate":
         result = runs.evaluate_run(
             args.run,

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import _checks, _fingerprint, _fs
 from . import outputs as _outputs
 from . import prefix as _prefix
+from . import stopping as _stopping
 from ._engine import (
     AUTOCAST,
     ExampleSet,
@@ -70,6 +71,7 @@ def collect(
     progress: bool | None = None,
     prefix: str | _prefix.Split | None = None,
     compile_model: bool = False,
+    until: _stopping.StopRule | None = None,
 ) -> ComponentDataset:
     """Fill (or resume) the component dataset at ``path`` and return it.
 
@@ -106,6 +108,11 @@ def collect(
         change weights in place, which a compiled graph reads without recompiling;
         compiling takes seconds to minutes and fused kernels round differently, so
         outputs agree with eager ones to float tolerance, not bit for bit.
+    until : a ``coarpy.StopRule``: stop before ``n_masks`` once more masks stop raising
+        held-out correlation. Checked at ``min_masks``, then each time the finished
+        masks double, fitting on prefixes of the store (``coarpy.stopping``); each
+        check saves ``learning_curve.json`` next to the store. One process only: not
+        with ``shard``.
 
     Every argument is checked before the model runs or anything is written. The store
     records what each row depends on (the model's weights and structure, the output
@@ -133,6 +140,14 @@ def collect(
         overwrite=overwrite, progress=progress, prefix=prefix, compile_model=compile_model,
     )  # fmt: skip
     output_fn, shard = settings["output_fn"], settings["shard"]
+    if until is not None and not isinstance(until, _stopping.StopRule):
+        raise ArgumentError(f"until must be a coarpy.StopRule, got {type(until).__name__}.")
+    if until is not None and shard is not None:
+        raise ArgumentError(
+            "until= decides for the whole store after this process's blocks, so it needs "
+            "one process; got shard=. Drop it, or collect without until= and read the "
+            "curve with StopRule().check(store)."
+        )
     model = _checks.module(model)  # an nnsight envoy runs as the module it wraps
     if isinstance(blocks, Collection):  # checked whole before anything is written
         _check_blocks(blocks, _n_blocks_after(path, n_masks, block_size))
@@ -179,8 +194,11 @@ def collect(
     if done_before:
         log.info("%s: resuming, %d of %d blocks already done", ds.path, done_before, n_blocks)
     order, total = _plan(ds, blocks, shard)
+    watch = None if until is None else _stopping._Watch(until, ds)
     first = next(order, None)
     if first is None:
+        if watch is not None:
+            watch.finish()
         return ComponentDataset(ds.path)
 
     # No autocast weight cache: weights change between masks (it is off under
@@ -227,10 +245,19 @@ def collect(
                 bar.update(1)
                 rate = count * (stop - start) / (time.perf_counter() - started)
                 bar.set_postfix(masks_per_s=f"{rate:.1f}", refresh=False)
+                if watch is not None and watch.add(stop - start):
+                    while pending:  # the check reads the store: this block first
+                        pending.pop().result()
+                    if watch.check():
+                        log.info("%s: the stop rule says stop at %d masks", ds.path, watch.rows)
+                        watch = None
+                        break
             while pending:
                 pending.pop().result()
     finally:
         bar.close()
+    if watch is not None:
+        watch.finish()
     return ComponentDataset(ds.path)
 
 

@@ -15,12 +15,13 @@ Trust model: a configuration is code. Its ``factory`` names a module that is imp
 and a function that is called, with your permissions, so ``factory =
 "subprocess:run"`` runs a program: trust a configuration, and a run directory (its
 ``config.toml``), exactly as you would a pickle from the same source. The commands that
-need the model import the factory: ``coar collect``, ``coar worker``, ``coar evaluate``
-and ``coar edit`` (and the launchers, whose workers run ``coar worker``). The commands
-that do not need it import nothing a configuration names: ``coar status``, ``coar
-fit``, ``coar report`` and ``coar verify`` read only the store, the attributions and
-the results. Loading a configuration (:func:`load_config`) parses and checks the TOML
-without importing anything; only :meth:`RunConfig.build` imports the factory.
+need the model import the factory: ``coar collect``, ``coar worker``, ``coar evaluate``,
+``coar edit`` and ``coar fit`` (its default gradient prior; and the launchers, whose
+workers run ``coar worker``). The commands that do not need it import nothing a
+configuration names: ``coar status``, ``coar report``, ``coar verify`` and ``coar fit
+--prior none`` read only the store, the attributions and the results. Loading a
+configuration (:func:`load_config`) parses and checks the TOML without importing
+anything; only :meth:`RunConfig.build` imports the factory.
 
 Every field is checked when a configuration is made or read (``ConfigError`` naming
 the file and the field), before anything is imported, built or written.

@@ -87,6 +87,7 @@ def collect_run(
     lease_s: float = LEASE_S,
     device: str | None = None,
     progress: bool | None = None,
+    until: Any = None,
 ) -> ComponentDataset:
     """Collect (or resume) a run in this process, or this worker's part of it.
 
@@ -104,6 +105,9 @@ def collect_run(
     device : run here instead of the configuration's device (the saved
         configuration keeps its own).
     progress : show a progress bar (default: when stderr is a terminal).
+    until : a ``coarpy.StopRule``: stop early once more masks stop paying
+        (``coarpy.collect``'s ``until``); one process only, not with ``shard`` or
+        ``claim``.
 
     Returns
     -------
@@ -115,6 +119,11 @@ def collect_run(
     _checks.flag(claim, "claim")
     _checks.number(lease_s, "lease_s", positive_only=True, fix="e.g. lease_s=120.")
     _checks.optional_flag(progress, "progress")
+    if until is not None and (shard is not None or claim):
+        raise ArgumentError(
+            "until= stops the whole run from one process's view; it cannot be combined "
+            "with a shard or claim. Collect with one process, or drop until=."
+        )
     run = layout.where(cfg.path)
     if layout.is_local(run):
         heartbeat.sweep(run)
@@ -125,6 +134,7 @@ def collect_run(
         _fs.write_new(run / layout.CONFIG, cfg.to_toml().encode())
     ds = collect_setup(
         here, here.build(), shard=shard, claim=claim, lease_s=lease_s, progress=progress,
+        until=until,
     )  # fmt: skip
     save_config(cfg)  # after collect: a configuration the store refused is not kept
     return ds
@@ -140,6 +150,7 @@ def collect_setup(
     claim: bool = False,
     lease_s: float = LEASE_S,
     progress: bool | None = None,
+    until: Any = None,
 ) -> ComponentDataset:
     """``coarpy.collect`` on a built configuration, with heartbeats (and leases).
 
@@ -161,7 +172,10 @@ def collect_setup(
             return collect(*args, **settings, blocks=beat.around(claims), progress=progress)
     if blocks is None:
         blocks = _every_block(cfg)
-    return collect(*args, **settings, blocks=beat.around(blocks), shard=shard, progress=progress)
+    return collect(
+        *args, **settings, blocks=beat.around(blocks), shard=shard, progress=progress,
+        until=until,
+    )  # fmt: skip
 
 
 def _every_block(cfg: RunConfig) -> Iterator[int]:
