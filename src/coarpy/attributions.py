@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _fs
+from . import _checks, _fs
 from .errors import ArgumentError, FitError, MaskError, StoreCorruptError
 
 FORMAT = "coarpy.attributions"
@@ -62,6 +62,9 @@ class Attributions:
     meta : dict
         JSON-able record of how the attributions were fitted (method, chosen ``l2``
         per example, split sizes, the store's own meta, ...).
+    example_ids : list of str or int, optional
+        One distinct id per row (the store's ``example_ids``, or the data's ``id``
+        field); None when the examples were not named.
 
     Examples
     --------
@@ -82,6 +85,7 @@ class Attributions:
     bias: Tensor
     names: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    example_ids: list[str | int] | None = None
 
     def __post_init__(self) -> None:
         w, b = self.weights, self.bias
@@ -131,6 +135,12 @@ class Attributions:
         object.__setattr__(self, "weights", w.detach().to(torch.float32).contiguous())
         object.__setattr__(self, "bias", b.detach().to(torch.float32, copy=False).contiguous())
         object.__setattr__(self, "names", list(self.names))
+        if self.example_ids is not None:
+            try:
+                ids = _checks.example_ids(self.example_ids, w.shape[0])
+            except ArgumentError as err:
+                raise FitError(f"Attributions.{err}") from None
+            object.__setattr__(self, "example_ids", ids)
 
     @property
     def n_examples(self) -> int:
@@ -241,6 +251,8 @@ class Attributions:
             "names": self.names,
             "meta": self.meta,
         }
+        if self.example_ids is not None:
+            header["example_ids"] = self.example_ids
         header["header_sha256"] = _header_digest(header)
         _fs.atomic_write(root / _WEIGHTS_NAME, _raw(weights))
         _fs.atomic_write(root / _BIAS_NAME, _raw(bias))
@@ -310,12 +322,16 @@ class Attributions:
                 f"{jpath} records {n_c} components but "
                 f"{len(names) if isinstance(names, list) else 'no list of'} names."
             )
-        return cls(
-            weights=torch.from_numpy(weights),
-            bias=torch.from_numpy(bias),
-            names=names,
-            meta=header.get("meta") or {},
-        )
+        try:
+            return cls(
+                weights=torch.from_numpy(weights),
+                bias=torch.from_numpy(bias),
+                names=names,
+                meta=header.get("meta") or {},
+                example_ids=header.get("example_ids"),
+            )
+        except FitError as err:
+            raise StoreCorruptError(f"{jpath}: {err}") from err
 
 
 def _as_le32(t: Tensor) -> np.ndarray:

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _consolidated, _fs
+from . import _checks, _consolidated, _fs
 from . import masks as _masks
 from ._storemeta import (
     DTYPES,
@@ -131,12 +131,17 @@ class ComponentDataset:
         compile_model: bool = False,
         overwrite: bool = False,
         extra: dict | None = None,
+        example_ids: list | None = None,
     ) -> ComponentDataset:
         """Create a store, or reopen the one at ``path`` if its settings agree.
 
         ``components`` is ``Components.to_dict()["groups"]``. A store with other
         settings is refused (``StoreMismatchError`` naming the fields) unless
         ``overwrite``, which deletes its blocks first. A larger ``n_masks`` grows it.
+        ``example_ids`` (one distinct str or int per example) label the examples: they
+        are kept in ``meta.json`` but are not part of the identity (no row depends on
+        them), so a store without ids takes them on a resume, and other ids are refused
+        unless ``overwrite`` (which then keeps the blocks: only the labels change).
         Every argument is checked before anything is written.
         """
         settings = check_settings(
@@ -147,6 +152,8 @@ class ComponentDataset:
             means_fingerprint=means_fingerprint, autocast=autocast, prefix=prefix,
             compile_model=compile_model, overwrite=overwrite, extra=extra,
         )  # fmt: skip
+        if example_ids is not None:
+            settings["example_ids"] = _checks.example_ids(example_ids, settings["n_examples"])
         path = _fs.path(path)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -189,9 +196,12 @@ class ComponentDataset:
                 "recompute it in the new format."
             )
         diffs = [f for f in IDENTITY if existing.meta.get(f) != meta[f]]
-        if diffs and not overwrite:
+        stored_ids, given_ids = existing.meta.get("example_ids"), meta.get("example_ids")
+        relabel = given_ids is not None and stored_ids != given_ids
+        if (diffs or (relabel and stored_ids is not None)) and not overwrite:
             parts = [
-                f"{f}: stored {short(existing.meta.get(f))}, given {short(meta[f])}" for f in diffs
+                f"{f}: stored {short(existing.meta.get(f))}, given {short(meta[f])}"
+                for f in [*diffs, *(["example_ids"] if relabel else [])]
             ]
             raise StoreMismatchError(
                 f"{meta_path} was written with other settings ({'; '.join(parts)}). "
@@ -201,8 +211,10 @@ class ComponentDataset:
         if diffs or existing.version != FORMAT_VERSION:
             existing._clear_blocks()
             _fs.atomic_write(meta_path, json.dumps(meta, indent=1).encode())
-        elif meta["n_masks"] > existing.meta["n_masks"]:
-            existing.meta["n_masks"] = meta["n_masks"]
+        elif meta["n_masks"] > existing.meta["n_masks"] or relabel:
+            existing.meta["n_masks"] = max(meta["n_masks"], existing.meta["n_masks"])
+            if relabel:  # labels only: no row depends on them, the blocks stay
+                existing.meta["example_ids"] = given_ids
             _fs.atomic_write(meta_path, json.dumps(existing.meta, indent=1).encode())
 
     def _clear_blocks(self) -> None:
@@ -238,6 +250,12 @@ class ComponentDataset:
     @property
     def seed(self) -> int:
         return self.meta["seed"]
+
+    @property
+    def example_ids(self) -> list[str | int] | None:
+        """The examples' ids (``collect(..., example_ids=)`` or the data's ``id`` field),
+        one per example in order; None when the store was collected without them."""
+        return self.meta.get("example_ids")
 
     @property
     def identity(self) -> str:

@@ -67,6 +67,7 @@ class Source:
             self.n_examples = int(source.n_examples)
             self.names = [str(n) for n in source.names]
             self.meta = _jsonable(getattr(source, "meta", None))
+            self.example_ids = getattr(source, "example_ids", None)
             self.n_rows = len(source) if hasattr(source, "__len__") else None
             self.device = torch.device("cpu")
             if len(self.names) != self.n_components:
@@ -118,6 +119,7 @@ class Source:
         self.n_components, self.n_examples = V.shape[1], Y.shape[1]
         self.names = [str(i) for i in range(self.n_components)]
         self.meta = None
+        self.example_ids = None
         self.n_rows = V.shape[0]
         self.device = V.device
 
@@ -559,4 +561,6 @@ def finish(src: Source, res: Result) -> Attributions:
         check_weights(W[e0 : e0 + step], e0)
     meta = dict(res.meta)
     meta["source"] = src.meta
-    return Attributions(weights=W, bias=res.bias, names=src.names, meta=meta)
+    return Attributions(
+        weights=W, bias=res.bias, names=src.names, meta=meta, example_ids=src.example_ids
+    )
