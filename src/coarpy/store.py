@@ -24,6 +24,15 @@ last block has its own name, so a worker still running with a smaller ``n_masks`
 never replaces the full block of a grown run. ``meta.json`` is updated under a lock
 (read, compare, write), so concurrent growth never loses a larger ``n_masks``.
 
+Why a format of our own, not zarr, HDF5 or a ``datasets`` table: what a run needs is
+(1) "a block is done iff its file exists" as the only coordination between workers
+that share nothing but a directory (no server, no single writer as HDF5 has), (2) an
+identity and a checksum in every block, so a block computed under other settings, or
+damaged, is recomputed rather than read as data (chunked array formats record what a
+chunk holds, not what it was computed under), and (3) masks packed to one bit per
+component and regenerable from (seed, row). Each of these is a few lines on numpy and
+``os.replace``; the files stay readable with numpy alone.
+
 Block file (format 2): magic ``COARBLK2``, a little-endian header (block, first_row,
 n_rows, n_components, n_examples, dtype code, the store's 16-byte identity), the
 packed masks (n_rows, ceil(N/8)) uint8, the outputs (n_rows, n_examples) float32 or
