@@ -19,12 +19,12 @@
   :func:`finish`, which turns solved weights into :class:`~coarpy.attributions.Attributions`.
 
 Why these statistics are ours, not scikit-learn's ``RidgeCV``/``LassoCV``: those take the
-design and targets in memory as float64 (the paper's ViT run: 5,000 masks x 82,944
-components is 3.3 GB for the design alone, before 50,000 examples' outputs), on the CPU,
-and cannot read a store block by block. Here the rows stream from the store, the
-products run on the GPU when there is one, every example gets its own penalty from a
-validation split that stays fixed as the store grows, and the memory a fit needs is
-stated and checked before it is allocated.
+whole design and targets as arrays in memory (the paper's ViT run: 5,000 masks x 82,944
+components is 1.7 GB in float32, 3.3 GB in float64, for the design alone), fit on the
+CPU, and cannot read a store block by block. Here the rows stream from the store, the
+products run on the device asked for (a GPU included), every example gets its own
+penalty from a validation split that stays fixed as the store grows, and the memory a
+fit needs is stated and checked before it is allocated.
 
 This is a helper module made for sharing inside the package: its names carry no
 underscore, and no promise outside :mod:`coarpy.regression`.
