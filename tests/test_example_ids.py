@@ -168,3 +168,39 @@ def test_attributions_refuse_ids_that_do_not_fit_their_rows():
     with pytest.raises(FitError, match="Attributions.example_ids has 1 ids for 2 examples"):
         Attributions(weights=torch.zeros(2, 3), bias=torch.zeros(2), names=list("abc"),
                      example_ids=["x"])  # fmt: skip
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 4, generator=g), torch.randint(0, 3, (10,), generator=g)
+    rows = [{"input": x[i], "labels": y[i], "id": f"row-{i}"} for i in range(10)]
+    return {"model": model, "data": rows, "components": {"0": "linear"}}
+"""
+
+
+def test_a_run_directory_keeps_the_ids_of_its_factorys_data_in_every_launcher(
+    tmp_path, monkeypatch
+):
+    from coarpy import runs
+    from coarpy.runs.ray import BlockActor
+
+    (tmp_path / "idfactory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    want = [f"row-{i}" for i in range(N_EXAMPLES)]
+    for name in ("local", "actor"):
+        cfg = runs.RunConfig(
+            factory="idfactory:build", path=str(tmp_path / name), n_masks=16, alpha=0.25,
+            block_size=8,
+        )  # fmt: skip
+        if name == "local":
+            runs.collect_run(cfg, progress=False)
+        else:  # what a Ray actor runs, in this process: batches on its device, ids apart
+            BlockActor(cfg.to_toml(), "cpu", None).run([0, 1])
+        assert ComponentDataset(tmp_path / name).example_ids == want, name
+    assert runs.fit_run(tmp_path / "local").example_ids == want

@@ -151,12 +151,13 @@ def collect_setup(
     lease_s: float = LEASE_S,
     progress: bool | None = None,
     overwrite: bool = False,
+    example_ids: list | None = None,
 ) -> ComponentDataset:
     """``coarpy.collect`` on a built configuration, with heartbeats (and leases).
 
     ``data`` replaces the setup's examples (a Ray actor passes them already on its
-    device); ``blocks`` restricts the work to these blocks (default: all, or
-    ``shard``'s).
+    device, with their ids as ``example_ids``); ``blocks`` restricts the work to these
+    blocks (default: all, or ``shard``'s).
     """
     from ..collect import collect
 
@@ -169,6 +170,8 @@ def collect_setup(
     settings = collect_settings(cfg, setup.output)
     if overwrite:
         settings["overwrite"] = True
+    if example_ids is not None:
+        settings["example_ids"] = example_ids
     if claim:
         with Claims(run, blocks, shard=shard, lease_s=lease_s) as claims:
             return collect(*args, **settings, blocks=beat.around(claims), progress=progress)
