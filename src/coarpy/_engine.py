@@ -121,7 +121,11 @@ def progress_bar(total: int, enabled: bool | None, desc: str, unit: str = "block
 
 
 class ExampleSet:
-    """The fixed examples of a run, on the device, in forward-pass-sized batches."""
+    """The fixed examples of a run, on the device, in forward-pass-sized batches.
+
+    ``ids`` holds the examples' ids when the data names them (an ``id``/``idx`` field of
+    dict rows or batches, which the model never sees), else None.
+    """
 
     def __init__(self, data: Iterable, device: torch.device, batch_size: int | None):
         batch_size = _checks.batch_size(batch_size)
@@ -132,14 +136,20 @@ class ExampleSet:
                 f"data must be a DataLoader, a list of batches or a tuple of tensors "
                 f"(inputs, labels), got {type(data).__name__}."
             )
+        found: list = []
         try:
-            batches = [B.to_device(b, device) for b in B.as_batches(data, batch_size)]
+            batches = [B.to_device(b, device) for b in B.as_batches(data, batch_size, ids=found)]
             sizes = [B.batch_size(b) for b in batches]
         except TypeError as err:
             raise DataError(f"data cannot be read as batches: {err}") from err
         if not batches:
             raise DataError("data yielded no batches; pass a non-empty DataLoader or list.")
         self.n_examples = sum(sizes)
+        self.ids = (
+            _checks.example_ids(found, self.n_examples, "the data's id field", error=DataError)
+            if found
+            else None
+        )
         largest = max(sizes)
         self.batch_size = batch_size or largest
         self.whole = B.concat(batches) if len(batches) > 1 else batches[0]

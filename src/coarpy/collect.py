@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -72,6 +72,7 @@ def collect(
     prefix: str | _prefix.Split | None = None,
     compile_model: bool = False,
     until: _stopping.StopRule | None = None,
+    example_ids: Sequence[str | int] | None = None,
 ) -> ComponentDataset:
     """Fill (or resume) the component dataset at ``path`` and return it.
 
@@ -113,6 +114,10 @@ def collect(
         masks double, fitting on prefixes of the store (``coarpy.stopping``); each
         check saves ``learning_curve.json`` next to the store. One process only: not
         with ``shard``.
+    example_ids : one distinct id (str or int) per example, in the data's order, kept in
+        the store and carried into the attributions and evaluations. By default the
+        data's own ``id`` or ``idx`` field (dict rows or batches; never passed to the
+        model), if it has one.
 
     Every argument is checked before the model runs or anything is written. The store
     records what each row depends on (the model's weights and structure, the output
@@ -165,6 +170,7 @@ def collect(
     autocast_context(device, autocast)  # validates the name before anything is written
     examples = ExampleSet(data, device, batch_size)
     examples.check_labels(output_fn)
+    ids = _example_ids(example_ids, examples)
     # Shared masks go into the weights where that is exact: no hook runs per forward.
     # Made before the store: a bad mode or means is refused before anything is written.
     ablator = Ablator(model, components, mode=mode, means=means, edit_weights=True)
@@ -185,6 +191,7 @@ def collect(
         prefix=_prefix_name(prefix),
         compile_model=compile_model,
         overwrite=overwrite,
+        example_ids=ids,
         **row_record,
     )
     if ds.sweep():
@@ -305,6 +312,19 @@ def _check_args(**args: Any) -> dict[str, Any]:
     except (ValueError, TypeError) as err:
         raise ArgumentError(str(err)) from err
     return {"output_fn": output_fn, "shard": _checks.shard(args["shard"])}
+
+
+def _example_ids(given: Any, examples: ExampleSet) -> list[str | int] | None:
+    """``example_ids`` checked against the examples, else the data's own ids (or None)."""
+    if given is None:
+        return examples.ids
+    ids = _checks.example_ids(given, examples.n_examples)
+    if examples.ids is not None and examples.ids != ids:
+        raise ArgumentError(
+            f"example_ids differ from the ids in the data's id field (first: {ids[:3]} vs "
+            f"{examples.ids[:3]}). Give one of them: drop example_ids=, or the field."
+        )
+    return ids
 
 
 def _n_blocks_after(path: str | os.PathLike, n_masks: int, block_size: int) -> int:

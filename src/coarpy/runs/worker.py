@@ -88,6 +88,7 @@ def collect_run(
     device: str | None = None,
     progress: bool | None = None,
     until: Any = None,
+    overwrite: bool = False,
 ) -> ComponentDataset:
     """Collect (or resume) a run in this process, or this worker's part of it.
 
@@ -108,6 +109,8 @@ def collect_run(
     until : a ``coarpy.StopRule``: stop early once more masks stop paying
         (``coarpy.collect``'s ``until``); one process only, not with ``shard`` or
         ``claim``.
+    overwrite : discard a store at the run's path that was built with other settings
+        (``coarpy.collect``'s ``overwrite``); its saved configuration is replaced.
 
     Returns
     -------
@@ -124,6 +127,12 @@ def collect_run(
             "until= stops the whole run from one process's view; it cannot be combined "
             "with a shard or claim. Collect with one process, or drop until=."
         )
+    _checks.flag(overwrite, "overwrite")
+    if overwrite and claim:
+        raise ArgumentError(
+            "overwrite=True with claim=True: a worker that claims blocks shares the run with "
+            "other workers and must not discard it. Overwrite with one process first."
+        )
     run = layout.where(cfg.path)
     if layout.is_local(run):
         heartbeat.sweep(run)
@@ -135,6 +144,7 @@ def collect_run(
     ds = collect_setup(
         here, here.build(), shard=shard, claim=claim, lease_s=lease_s, progress=progress,
         until=until,
+        overwrite=overwrite,
     )  # fmt: skip
     save_config(cfg)  # after collect: a configuration the store refused is not kept
     return ds
@@ -151,12 +161,14 @@ def collect_setup(
     lease_s: float = LEASE_S,
     progress: bool | None = None,
     until: Any = None,
+    overwrite: bool = False,
+    example_ids: list | None = None,
 ) -> ComponentDataset:
     """``coarpy.collect`` on a built configuration, with heartbeats (and leases).
 
     ``data`` replaces the setup's examples (a Ray actor passes them already on its
-    device); ``blocks`` restricts the work to these blocks (default: all, or
-    ``shard``'s).
+    device, with their ids as ``example_ids``); ``blocks`` restricts the work to these
+    blocks (default: all, or ``shard``'s).
     """
     from ..collect import collect
 
@@ -167,6 +179,10 @@ def collect_setup(
     beat = Heartbeat(run, shard=shard, device=str(model_device(model)))
     args = (model, setup.components, setup.data if data is None else data)
     settings = collect_settings(cfg, setup.output)
+    if overwrite:
+        settings["overwrite"] = True
+    if example_ids is not None:
+        settings["example_ids"] = example_ids
     if claim:
         with Claims(run, blocks, shard=shard, lease_s=lease_s) as claims:
             return collect(*args, **settings, blocks=beat.around(claims), progress=progress)
