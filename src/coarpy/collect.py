@@ -201,7 +201,7 @@ def collect(
     if done_before:
         log.info("%s: resuming, %d of %d blocks already done", ds.path, done_before, n_blocks)
     order, total = _plan(ds, blocks, shard)
-    watch = None if until is None else _stopping._Watch(until, ds)
+    watch = None if until is None else _stopping.Watch(until, ds)
     first = next(order, None)
     if first is None:
         if watch is not None:

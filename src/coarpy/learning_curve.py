@@ -65,7 +65,7 @@ class LearningCurve:
     def pearson_se(self) -> Tensor:
         """Standard error over examples of the mean Pearson's r, per size: (n_sizes,)
         float64 (NaN with fewer than two defined examples)."""
-        return _standard_error(self.pearson)
+        return standard_error(self.pearson)
 
     @property
     def mean_spearman(self) -> Tensor:
@@ -222,7 +222,7 @@ def _curve(
     )
 
 
-def _standard_error(values: Tensor) -> Tensor:
+def standard_error(values: Tensor) -> Tensor:
     """SE over the last dimension of the mean of the finite entries: (n_sizes,) float64."""
     ok = torch.isfinite(values)
     count = ok.sum(dim=-1)  # (n_sizes,)

@@ -116,7 +116,7 @@ class StopRule:
         EvaluationError
             Too few validation rows (fewer than 3) for a correlation.
         """
-        from .learning_curve import _standard_error, learning_curve
+        from .learning_curve import learning_curve, standard_error
         from .regression._stats import validation_rows
 
         rows = store.rows()  # (n,) int64, ascending
@@ -142,7 +142,7 @@ class StopRule:
         if len(curve.sizes) >= 2:
             diff = curve.pearson[-1] - curve.pearson[-2]  # (E,) paired over examples
             gain = _num(float(torch.nanmean(diff)))
-            gain_se = _num(float(_standard_error(diff)))
+            gain_se = _num(float(standard_error(diff)))
         n = int(rows.shape[0])
         if n < self.min_masks:
             stop, reason = False, f"{n} masks, fewer than min_masks {self.min_masks}"
@@ -201,7 +201,7 @@ def format_curve(curve: dict[str, Any]) -> list[str]:
     ]
 
 
-class _Watch:
+class Watch:
     """Tells ``collect`` when a check is due (counting finished rows) and runs it."""
 
     def __init__(self, rule: StopRule, store: ComponentDataset):
