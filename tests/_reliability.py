@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -67,3 +70,22 @@ def record(section: str, markdown: str) -> None:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text}\n{block}\n"
     RESULTS.write_text(text)
+
+
+def in_a_fresh_interpreter(script: str, tmp_path: Path, timeout: float) -> None:
+    """Run ``python script tmp_path`` (a campaign's ``__main__``) and fail with its output
+    if it fails or outlives ``timeout`` seconds.
+
+    The campaigns fork, and forking the test process itself would copy whatever threads
+    and locks earlier tests left in it (Ray's, gRPC's, OpenMP's): a child that inherits
+    a held lock waits forever.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    try:
+        done = subprocess.run(
+            [sys.executable, script, str(tmp_path)], env=env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the campaign did not finish in {timeout} s:\n{err.stdout}\n{err.stderr}")
+    assert done.returncode == 0, done.stdout + done.stderr

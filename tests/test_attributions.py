@@ -280,3 +280,76 @@ def test_top_refuses_a_negative_k_with_the_fix():
     with pytest.raises(ArgumentError, match="k must be an int >= 0") as err:
         make().top(0, k=-1)
     assert isinstance(err.value, ValueError)
+
+
+# -- exports readable without coarpy ------------------------------------------------------
+
+
+def named(ids=("cat-1", "dog-7", "cat-3")):
+    attr = make(E=3, N=5, seed=2, meta={"method": "ridge", "l2": [0.1, 0.2, 0.3]})
+    return Attributions(
+        weights=attr.weights, bias=attr.bias, names=attr.names, meta=attr.meta,
+        example_ids=list(ids) if ids is not None else None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("ids", [("cat-1", "dog-7", "cat-3"), None])
+def test_safetensors_export_reads_back_exactly_with_the_safetensors_package(tmp_path, ids):
+    safetensors = pytest.importorskip("safetensors")
+    from safetensors.numpy import load_file
+
+    attr = named(ids)
+    path = attr.save_safetensors(tmp_path / "attr.safetensors")
+    arrays = load_file(path)
+    assert np.array_equal(arrays["weights"], attr.weights.numpy())
+    assert np.array_equal(arrays["bias"], attr.bias.numpy())
+    assert arrays["weights"].dtype == np.float32
+    with safetensors.safe_open(path, "np") as f:
+        meta = f.metadata()
+    assert meta["format"] == "coarpy.attributions"
+    assert json.loads(meta["names"]) == attr.names
+    assert json.loads(meta["example_ids"]) == (list(ids) if ids else None)
+    assert json.loads(meta["meta"]) == attr.meta
+
+
+def test_the_tidy_frame_holds_every_weight_once_keyed_by_example_id_and_component():
+    pytest.importorskip("pandas")
+    attr = named()
+    frame = attr.to_pandas()
+    assert list(frame.columns) == ["example", "component", "weight"]
+    assert len(frame) == attr.n_examples * attr.n_components
+    back = frame.pivot(index="example", columns="component", values="weight")
+    back = back.loc[attr.example_ids, attr.names].to_numpy()
+    assert np.array_equal(back, attr.weights.numpy())
+    assert frame.loc[6, "example"] == "dog-7" and frame.loc[6, "component"] == attr.names[1]
+
+
+def test_the_wide_frame_equals_the_weight_tensor():
+    pytest.importorskip("pandas")
+    attr = named(None)
+    wide = attr.to_pandas(wide=True)
+    assert np.array_equal(wide.to_numpy(), attr.weights.numpy())
+    assert list(wide.columns) == attr.names and list(wide.index) == [0, 1, 2]
+    assert wide.index.name == "example"
+
+
+def test_the_csv_reads_back_to_the_exact_float32_weights(tmp_path):
+    pd = pytest.importorskip("pandas")
+    attr = named((10, 20, 30))
+    table = pd.read_csv(attr.to_csv(tmp_path / "attr.csv"))
+    assert table["example"].tolist() == np.repeat([10, 20, 30], 5).tolist()
+    assert table["component"].tolist() == attr.names * 3
+    weights = table["weight"].to_numpy().reshape(3, 5)
+    assert np.array_equal(weights.astype(np.float32), attr.weights.numpy())
+    assert np.array_equal(weights, attr.weights.numpy().astype(np.float64))  # no rounding
+
+
+def test_an_export_without_its_package_names_the_extra(monkeypatch, tmp_path):
+    from coarpy.errors import MissingExtraError
+
+    monkeypatch.setitem(__import__("sys").modules, "pandas", None)
+    monkeypatch.setitem(__import__("sys").modules, "safetensors.numpy", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'coarpy\[export\]'"):
+        named().to_pandas()
+    with pytest.raises(MissingExtraError, match="save_safetensors needs safetensors"):
+        named().save_safetensors(tmp_path / "x.safetensors")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -359,10 +360,132 @@ def test_status_fit_report_and_verify_import_nothing_from_the_configuration(
     )
     saved = Path(cfg.path) / "config.toml"
     saved.write_text(saved.read_text().replace("cfgfactory:build", "trap:build"))
-    for argv in (["status", cfg.path], ["fit", cfg.path], ["verify", cfg.path],
+    for argv in (["status", cfg.path], ["fit", cfg.path, "--prior", "none"], ["verify", cfg.path],
                  ["report", cfg.path, "--examples", "0"]):  # fmt: skip
         assert main(argv) == 0, capsys.readouterr().err
     assert not marker.exists() and "trap" not in sys.modules
     assert main(["worker", cfg.path]) == 2  # a command that needs the model does import it
     assert marker.exists()
     assert "the factory was imported" in capsys.readouterr().err
+
+
+def test_fit_centres_on_the_gradient_of_the_runs_model_by_default(config_file, capsys):
+    from coarpy import baselines, fit
+    from coarpy.attributions import Attributions
+
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    assert main(["fit", cfg.path]) == 0
+    assert "(group, prior gradient)" in capsys.readouterr().out
+    saved = Attributions.load(Path(cfg.path) / "attributions")
+    setup = cfg.build()
+    grad = baselines.gradient(setup.model, setup.components, setup.data, progress=False)
+    by_hand = fit(ComponentDataset(cfg.path), prior=grad, progress=False)
+    assert saved.meta["prior"] == "gradient" and torch.equal(saved.weights, by_hand.weights)
+    assert main(["fit", cfg.path, "--prior", "none"]) == 0
+    assert "(group, prior none)" in capsys.readouterr().out
+    assert main(["fit", cfg.path, "--method", "ridge", "--prior", "gradient"]) == 2
+    assert "The gradient prior centres method 'group'" in capsys.readouterr().err
+
+
+def test_fit_options_reach_the_library(config_file, capsys):
+    from coarpy.attributions import Attributions
+
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    argv = ["fit", cfg.path, "--method", "ridge", "--solver", "dual", "--l2-grid", "0.01",
+            "0.1", "--val-fraction", "0.2"]  # fmt: skip
+    assert main(argv) == 0
+    assert "(ridge)" in capsys.readouterr().out
+    attr = Attributions.load(Path(cfg.path) / "attributions")
+    assert attr.meta["solver"] == "dual" and attr.meta["l2_grid"] == [0.01, 0.1]
+    assert attr.meta["n_val"] == 6  # 20% of 30 rows, by the seeded split
+    assert main(["fit", cfg.path, "--method", "group", "--val-fraction", "0.2"]) == 2
+    assert "val_fraction= does not apply" in capsys.readouterr().err
+    assert main(["fit", cfg.path, "--prior", "maybe"]) == 2
+
+
+def test_collect_until_r_gain_stops_early_and_status_shows_the_curve(config_file, capsys):
+    cfg = RunConfig.load(config_file)
+    config_file.write_text(config_file.read_text().replace("n_masks = 30", "n_masks = 200"))
+    # a gain in mean r below 2 is certain: the rule stops at its first check, 40 masks
+    argv = ["collect", str(config_file), "--until-r-gain", "2", "--until-min-masks", "40"]
+    assert main(argv) == 0
+    assert len(ComponentDataset(cfg.path)) == 40
+    capsys.readouterr()
+    assert main(["status", cfg.path]) == 0
+    shown = capsys.readouterr().out
+    assert "stop rule  at 40 masks: stop (gain per doubling" in shown
+    assert "curve      held-out r (group," in shown
+    assert runs.status(cfg.path)["learning_curve"]["stop"] is True
+    assert main(argv + ["--launcher", "local"]) == 2
+    assert "--until-r-gain stops one process" in capsys.readouterr().err
+
+
+# -- the command line meets users where they work -------------------------------------------
+
+
+def test_version_prints_the_package_version(capsys):
+    import coarpy
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"coar (coarpy) {coarpy.__version__}"
+
+
+def test_every_flag_of_every_command_has_help():
+    from coarpy.cli import _parser
+
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"coar {name} {action.dest} has no help"
+
+
+def test_a_factory_module_in_the_working_directory_is_importable(tmp_path, monkeypatch):
+    """As with ``python -m``: ``factory = "here:build"`` finds ``./here.py``."""
+    (tmp_path / "herefactory.py").write_text(FACTORY)
+    (tmp_path / "run.toml").write_text(
+        'factory = "herefactory:build"\npath = "run"\nn_masks = 10\nalpha = 0.25\n'
+        'block_size = 10\nkinds = ["conv"]\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "herefactory", raising=False)
+    before = list(sys.path)
+    assert main(["collect", "run.toml"]) == 0
+    assert len(ComponentDataset(tmp_path / "run")) == 10
+    assert sys.path == before  # the directory is on the path while the command runs only
+
+
+def test_collect_overwrite_replaces_a_store_built_with_other_settings(config_file, capsys):
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    config_file.write_text(config_file.read_text().replace("alpha = 0.25", "alpha = 0.5"))
+    assert main(["collect", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert "run `coar collect CONFIG --overwrite` to discard it" in err, err
+    assert "overwrite=True" not in err
+    assert main(["collect", str(config_file), "--overwrite"]) == 0
+    ds = ComponentDataset(cfg.path)
+    assert ds.alpha == 0.5 and len(ds) == 30
+    assert runs.load_config(cfg.path).alpha == 0.5
+
+
+def test_the_library_says_overwrite_true_where_the_command_line_says_the_flag(config_file):
+    from coarpy.cli import LIBRARY_OVERWRITE
+    from coarpy.errors import StoreMismatchError
+
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    import dataclasses
+
+    with pytest.raises(StoreMismatchError, match=LIBRARY_OVERWRITE):
+        runs.collect_run(dataclasses.replace(cfg, alpha=0.5), progress=False)
+
+
+def test_collect_overwrite_is_refused_with_a_launcher(config_file, capsys):
+    assert main(["collect", str(config_file), "--launcher", "local", "--overwrite"]) == 2
+    assert "--overwrite with --launcher" in capsys.readouterr().err

@@ -424,6 +424,59 @@ def test_an_edit_saves_and_loads_with_a_plain_state_dict(setting, tmp_path):
         made.save(tmp_path / "fix.pt")
 
 
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24, max_position_embeddings=16,
+    )  # fmt: skip
+    return transformers, transformers.BertModel(config).eval()
+
+
+def test_an_edited_hf_model_saves_with_save_pretrained_and_loads_without_coarpy(tmp_path):
+    from coarpy._fingerprint import model_fingerprint
+
+    transformers, model = _tiny_bert()
+    comps = coar.Components.discover(model, kinds=("heads", "neurons"))
+    picked = (1, 3, len(comps) - 1)  # a head of layer 0, neurons of layers 0 and 1
+    made = edit.Edit(
+        names=[comps.names[i] for i in picked], indices=picked, scores=(-3.0, -2.0, -1.0),
+        direction="raise", targets=(0,), references=(1,),
+        meta={"fingerprint": model_fingerprint(model)},
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = made.save_pretrained(tmp_path / "edited", model=model, components=comps)
+    loaded = transformers.AutoModel.from_pretrained(out).eval()
+    want = made.apply_to(model, comps).state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    assert any(not torch.equal(want[k], before[k]) for k in want)  # something was zeroed
+    for name, value in model.state_dict().items():  # the model itself is untouched
+        assert torch.equal(value, before[name]), name
+    assert edit.Edit.load(out / "coarpy_edit.json") == made
+    ids = torch.tensor([[2, 5, 7, 9, 0]])
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(input_ids=ids).last_hidden_state,
+            made.apply_to(model, comps)(input_ids=ids).last_hidden_state,
+        )
+
+
+def test_save_pretrained_refuses_a_model_that_is_not_from_transformers(tmp_path):
+    net = nn.Sequential(nn.Linear(2, 3))
+    comps = coar.Components.from_spec(net, {"0": "linear"})
+    made = edit.Edit(
+        names=["0:1"], indices=(1,), scores=(-1.0,), direction="raise", targets=(0,),
+        references=(1,),
+    )  # fmt: skip
+    with pytest.raises(EditError, match="needs a Hugging Face transformers model .* Sequential"):
+        made.save_pretrained(tmp_path / "x", model=net, components=comps)
+    assert not (tmp_path / "x").exists()
+
+
 def test_the_report_draws_a_saved_edit_curve(setting, tmp_path):
     pytest.importorskip("matplotlib")
     from coarpy.report import plot_edit_curve, report_run

@@ -20,7 +20,7 @@ from coarpy.regression import fit
 
 pytestmark = pytest.mark.slow
 
-N_EVAL = 40  # the examples attributed: held out from the probe's training sentences
+N_EVAL = 24  # the examples attributed: held out from the probe's training sentences
 
 
 class _Probe(nn.Module):
@@ -73,7 +73,7 @@ def sentiment():
 
     def tokens(rows):
         enc = tokenizer(
-            [sentences[i] for i in rows], padding=True, truncation=True, max_length=32,
+            [sentences[i] for i in rows], padding=True, truncation=True, max_length=24,
             return_tensors="pt",
         )  # fmt: skip
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -101,16 +101,16 @@ def test_minilm_heads_attributions_predict_held_out_ablations(sentiment, tmp_pat
 
     kw = dict(output=outputs.margin, batch_size=4 * N_EVAL)  # 4 masks per forward pass
     ds = collect(
-        probe, comps, [data], path=tmp_path / "store", n_masks=300, alpha=0.1, seed=0,
-        block_size=100, progress=False, **kw,
+        probe, comps, [data], path=tmp_path / "store", n_masks=150, alpha=0.1, seed=0,
+        block_size=50, progress=False, **kw,
     )  # fmt: skip
     attr = fit(ds, progress=False)
-    res = evaluate(attr, probe, comps, [data], alphas=(0.1,), n_masks=60, seed=1, **kw)
+    res = evaluate(attr, probe, comps, [data], alphas=(0.1,), n_masks=40, seed=1, **kw)
     r = res.per_example("coar")
     mean_pearson = float(r.pearson.nanmean())
     print(
         f"\nMiniLM heads ({len(comps)}), {N_EVAL} held-out sentences (probe accuracy "
-        f"{_accuracy(probe, data):.2f}), 300 masks at alpha=0.1:"
+        f"{_accuracy(probe, data):.2f}), 150 masks at alpha=0.1:"
     )
     print(res.summary())
     assert mean_pearson > 0.8

@@ -72,7 +72,7 @@ def test_ols_recovers_exactly_additive_outputs():
 
 def test_ridge_picks_a_tiny_l2_and_recovers_exactly_additive_outputs():
     V, Y, W, b = additive_data()
-    attr = fit((V, Y), progress=False)
+    attr = fit((V, Y), method="ridge", progress=False)
     var = attr.meta["l2_grid"][0] / DEFAULT_L2_RELATIVE[0]
     assert max(attr.meta["l2"]) <= 1e-7 * var
     np.testing.assert_allclose(attr.weights.numpy(), W, atol=1e-6)
@@ -93,7 +93,7 @@ def test_lasso_recovers_a_sparse_truth_and_its_support():
 
 def test_weights_are_on_the_raw_mask_scale_with_matching_bias():
     V, Y, _, _ = additive_data(noise=0.5, seed=2)
-    attr = fit((V, Y), l2_grid=[0.01], progress=False)
+    attr = fit((V, Y), method="ridge", l2_grid=[0.01], progress=False)
     mean_v, mean_y = V.mean(0), Y.mean(0)
     np.testing.assert_allclose(
         attr.bias.numpy(), mean_y - attr.weights.numpy().astype(np.float64) @ mean_v, atol=1e-5
@@ -184,8 +184,8 @@ def test_split_depends_only_on_seed_and_row_index():
 def test_streamed_store_equals_in_memory_tuple():
     V, Y, _, _ = additive_data(n=500, N=20, E=4, noise=1.0, seed=8)
     store = FakeStore(V, Y, block=37)
-    streamed = fit(store, progress=False)
-    in_memory = fit((V, store.Y), progress=False)
+    streamed = fit(store, method="ridge", progress=False)
+    in_memory = fit((V, store.Y), method="ridge", progress=False)
     assert streamed.meta["l2"] == in_memory.meta["l2"]
     torch.testing.assert_close(streamed.weights, in_memory.weights, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(streamed.bias, in_memory.bias, rtol=1e-6, atol=1e-6)
@@ -195,8 +195,8 @@ def test_streamed_store_equals_in_memory_tuple():
 
 def test_float32_matches_float64_within_tolerance():
     V, Y, _, _ = additive_data(n=600, N=20, E=4, noise=0.5, seed=9)
-    a64 = fit((V, Y), l2_grid=[0.01], progress=False)
-    a32 = fit((V, Y), l2_grid=[0.01], dtype=torch.float32, progress=False)
+    a64 = fit((V, Y), method="ridge", l2_grid=[0.01], progress=False)
+    a32 = fit((V, Y), method="ridge", l2_grid=[0.01], dtype=torch.float32, progress=False)
     torch.testing.assert_close(a32.weights, a64.weights, rtol=1e-4, atol=1e-4)
     # The bias sums the weights' errors over all components: a looser bound.
     torch.testing.assert_close(a32.bias, a64.bias, rtol=1e-3, atol=1e-3)
@@ -216,26 +216,26 @@ def test_cg_solver_matches_eig_solver_over_the_whole_path():
 
 def test_cg_in_small_example_chunks_matches_eig():
     V, Y, _, _ = additive_data(n=300, N=10, E=7, noise=1.0, seed=12)
-    eig = fit((V, Y), l2_grid=[0.02], solver="eig", progress=False)
+    eig = fit((V, Y), method="ridge", l2_grid=[0.02], solver="eig", progress=False)
     # A budget that holds two examples at a time (besides the kept rows) forces four chunks.
     kept = 300 * 2 + 300 * 7 * 8 + 4 * 7 * 10 + 16 * 7  # packed masks, outputs, the result
     budget = 2 * (BLOCK_BYTES + 2 * column_bytes(10, 1, 8, 300) + kept)
-    cg = fit((V, Y), l2_grid=[0.02], solver="cg", max_memory=budget, progress=False)
+    cg = fit((V, Y), method="ridge", l2_grid=[0.02], solver="cg", max_memory=budget, progress=False)
     assert cg.meta["cg_example_chunk"] == 2
     torch.testing.assert_close(cg.weights, eig.weights, rtol=1e-6, atol=1e-6)
 
 
 def test_auto_solver_picks_cg_when_eig_does_not_fit_the_budget():
     V, Y, _, _ = additive_data(n=200, N=10, E=2, noise=1.0, seed=13)
-    attr = fit((V, Y), l2_grid=[0.1], max_memory=290 * 2**20, progress=False)
+    attr = fit((V, Y), method="ridge", l2_grid=[0.1], max_memory=290 * 2**20, progress=False)
     assert attr.meta["solver"] == "cg"
-    roomy = fit((V, Y), l2_grid=[0.1], max_memory=2**30, progress=False)
+    roomy = fit((V, Y), method="ridge", l2_grid=[0.1], max_memory=2**30, progress=False)
     assert roomy.meta["solver"] == "eig"
 
 
 def test_float_01_masks_give_the_same_fit_as_bool_masks():
     V, Y, _, _ = additive_data(seed=14, noise=1.0)
-    a = fit((V, Y), l2_grid=[0.01], progress=False)
+    a = fit((V, Y), method="ridge", l2_grid=[0.01], progress=False)
     b = fit((V.astype(np.float32), Y), l2_grid=[0.01], progress=False)
     torch.testing.assert_close(a.weights, b.weights)
 
@@ -281,8 +281,8 @@ def test_progress_shows_a_bar_for_every_method_only_when_asked(method, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fit_on_gpu_equals_fit_on_cpu():
     V, Y, _, _ = additive_data(n=500, N=20, E=4, noise=1.0, seed=16)
-    cpu = fit((V, Y), progress=False)
-    gpu = fit((V, Y), device="cuda", progress=False)
+    cpu = fit((V, Y), method="ridge", progress=False)
+    gpu = fit((V, Y), method="ridge", device="cuda", progress=False)
     assert gpu.meta["l2"] == cpu.meta["l2"]
     torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=1e-5, atol=1e-5)
 
@@ -293,7 +293,7 @@ def test_fit_on_gpu_equals_fit_on_cpu():
 def test_no_finished_rows_is_an_error():
     V, Y, _, _ = additive_data()
     with pytest.raises(FitError, match="no finished rows"):
-        fit(FakeStore(V[:0], Y[:0]), progress=False)
+        fit(FakeStore(V[:0], Y[:0]), method="ridge", progress=False)
 
 
 def test_ols_with_fewer_rows_than_components_says_how_many_are_needed():
@@ -307,26 +307,26 @@ def test_ols_with_fewer_rows_than_components_says_how_many_are_needed():
 def test_ridge_path_without_validation_rows_says_what_is_needed():
     V, Y, _, _ = additive_data(n=4)
     with pytest.raises(FitError, match=r"needs at least 2 training rows and 1 validation row"):
-        fit((V, Y), progress=False)
+        fit((V, Y), method="ridge", progress=False)
 
 
 def test_nan_output_is_an_error_naming_row_and_example():
     V, Y, _, _ = additive_data(n=100)
     Y[57, 2] = np.nan
     with pytest.raises(FitError, match=r"outputs\[row 57, example 2\] is nan"):
-        fit(FakeStore(V, Y, block=10), progress=False)
+        fit(FakeStore(V, Y, block=10), method="ridge", progress=False)
 
 
 def test_mismatched_rows_are_an_error():
     V, Y, _, _ = additive_data(n=50)
     with pytest.raises(FitError, match="masks has 50 rows but outputs has 49"):
-        fit((V, Y[:49]), progress=False)
+        fit((V, Y[:49]), method="ridge", progress=False)
 
 
 def test_masks_that_are_not_01_are_an_error():
     V, Y, _, _ = additive_data(n=50)
     with pytest.raises(FitError, match="bool or 0/1"):
-        fit((V * 0.5, Y), progress=False)
+        fit((V * 0.5, Y), method="ridge", progress=False)
 
 
 def test_a_store_block_of_the_wrong_width_is_an_error():
@@ -335,19 +335,19 @@ def test_a_store_block_of_the_wrong_width_is_an_error():
     store.n_components = 11
     store.names = store.names[:11]
     with pytest.raises(FitError, match=r"expected \(rows, 11\)"):
-        fit(store, progress=False)
+        fit(store, method="ridge", progress=False)
 
 
 def test_eig_solver_that_does_not_fit_in_memory_says_the_bytes_and_the_fix():
     V, Y, _, _ = additive_data(n=50)
     with pytest.raises(FitError, match=r"needs about \d+ bytes .* solver='cg'"):
-        fit((V, Y), solver="eig", max_memory=10**6, progress=False)
+        fit((V, Y), method="ridge", solver="eig", max_memory=10**6, progress=False)
 
 
 def test_a_penalty_grid_for_the_wrong_method_is_an_error():
     V, Y, _, _ = additive_data(n=50)
     with pytest.raises(FitError, match="takes l2_grid, not l1_grid"):
-        fit((V, Y), l1_grid=[0.1], progress=False)
+        fit((V, Y), method="ridge", l1_grid=[0.1], progress=False)
     with pytest.raises(FitError, match="method must be one of"):
         fit((V, Y), method="elastic", progress=False)
 
@@ -370,27 +370,27 @@ def test_a_penalty_grid_for_the_wrong_method_is_an_error():
 def test_a_bad_setting_is_a_fit_error_that_says_what_was_expected(kwargs, match):
     V, Y, _, _ = additive_data(n=50)
     with pytest.raises(FitError, match=match) as err:
-        fit((V, Y), **kwargs)
+        fit((V, Y), **{"method": "ridge", **kwargs})
     assert isinstance(err.value, ValueError)  # callers catching ValueError keep working
 
 
 def test_a_path_is_refused_with_the_fix():
     with pytest.raises(FitError, match="ComponentDataset"):
-        fit("runs/demo", progress=False)
+        fit("runs/demo", method="ridge", progress=False)
 
 
 def test_cg_handles_a_component_that_never_varies():
     V, Y, W, b = additive_data(n=300, N=10, E=3, noise=0.5, seed=17)
     V[:, 4] = True
-    eig = fit((V, Y), l2_grid=[0.01], solver="eig", progress=False)
-    cg = fit((V, Y), l2_grid=[0.01], solver="cg", progress=False)
+    eig = fit((V, Y), method="ridge", l2_grid=[0.01], solver="eig", progress=False)
+    cg = fit((V, Y), method="ridge", l2_grid=[0.01], solver="cg", progress=False)
     assert float(cg.weights[:, 4].abs().max()) < 1e-10
     torch.testing.assert_close(cg.weights, eig.weights, rtol=1e-6, atol=1e-6)
 
 
 def test_a_fitted_result_saves_and_loads_with_its_meta(tmp_path):
     V, Y, _, _ = additive_data(n=300, noise=1.0, seed=18)
-    attr = fit(FakeStore(V, Y), progress=False)
+    attr = fit(FakeStore(V, Y), method="ridge", progress=False)
     back = type(attr).load(attr.save(tmp_path / "attr"))
     assert torch.equal(back.weights, attr.weights)
     assert back.meta == attr.meta

@@ -73,8 +73,8 @@ def test_dual_equals_primal_over_the_whole_path(n, N):
 def test_dual_equals_primal_for_one_l2_on_a_store():
     V, Y = data(90, 120, 3, seed=2)
     store = CountingStore(V, Y)
-    eig = fit(store, l2_grid=[0.05], solver="eig", progress=False)
-    dual = fit(store, l2_grid=[0.05], solver="dual", progress=False)
+    eig = fit(store, method="ridge", l2_grid=[0.05], solver="eig", progress=False)
+    dual = fit(store, method="ridge", l2_grid=[0.05], solver="dual", progress=False)
     close(dual, eig)
     assert dual.meta["n_val"] == 0 and dual.names == store.names
 
@@ -82,7 +82,7 @@ def test_dual_equals_primal_for_one_l2_on_a_store():
 def test_dual_matches_the_numpy_closed_form():
     V, Y = data(60, 200, 4, seed=3)
     n, l2 = len(V), 0.02
-    attr = fit((V, Y), l2_grid=[l2], solver="dual", progress=False)
+    attr = fit((V, Y), method="ridge", l2_grid=[l2], solver="dual", progress=False)
     Vc, Yc = V - V.mean(0), Y - Y.mean(0)
     W = Vc.T @ np.linalg.solve(Vc @ Vc.T + n * l2 * np.eye(n), Yc)  # (N, E)
     np.testing.assert_allclose(attr.weights.numpy(), W.T, rtol=1e-5, atol=1e-6)
@@ -107,7 +107,7 @@ def test_dual_chooses_l2_on_the_same_validation_rows_as_a_brute_force_search():
 
 def test_dual_with_l2_zero_is_the_minimum_norm_interpolation():
     V, Y = data(40, 100, 2, seed=6)
-    attr = fit((V, Y), l2_grid=[0.0], solver="dual", progress=False)
+    attr = fit((V, Y), method="ridge", l2_grid=[0.0], solver="dual", progress=False)
     Vc, Yc = V - V.mean(0), Y - Y.mean(0)
     np.testing.assert_allclose(attr.weights.numpy(), (np.linalg.pinv(Vc) @ Yc).T, atol=1e-5)
     assert attr.meta["refit_eig_fallbacks"] == 1
@@ -115,8 +115,10 @@ def test_dual_with_l2_zero_is_the_minimum_norm_interpolation():
 
 def test_dual_in_float32_matches_float64():
     V, Y = data(80, 150, 3, seed=7, noise=0.5)
-    a64 = fit((V, Y), l2_grid=[0.05], solver="dual", progress=False)
-    a32 = fit((V, Y), l2_grid=[0.05], solver="dual", dtype=torch.float32, progress=False)
+    a64 = fit((V, Y), method="ridge", l2_grid=[0.05], solver="dual", progress=False)
+    a32 = fit(
+        (V, Y), method="ridge", l2_grid=[0.05], solver="dual", dtype=torch.float32, progress=False
+    )
     torch.testing.assert_close(a32.weights, a64.weights, rtol=1e-4, atol=1e-4)
 
 
@@ -126,7 +128,7 @@ def test_dual_in_float32_matches_float64():
 def test_auto_picks_the_dual_when_masks_are_far_fewer_than_components(caplog):
     V, Y = data(60, 3000, 2, seed=8)
     with caplog.at_level(logging.INFO, logger="coarpy.regression.ridge"):
-        attr = fit((V, Y), progress=False)
+        attr = fit((V, Y), method="ridge", progress=False)
     assert attr.meta["solver"] == "dual"
     assert attr.meta["solver_reason"].startswith("dual, the fewest flops")
     lines = [r.getMessage() for r in caplog.records if "solver=" in r.getMessage()]
@@ -135,7 +137,7 @@ def test_auto_picks_the_dual_when_masks_are_far_fewer_than_components(caplog):
 
 def test_auto_picks_the_primal_when_masks_far_outnumber_components():
     V, Y = data(3000, 20, 2, seed=9)
-    attr = fit((V, Y), progress=False)
+    attr = fit((V, Y), method="ridge", progress=False)
     assert attr.meta["solver"] == "eig"
     est = attr.meta["solver_estimate"]
     assert est["flops"] > 0 and est["bytes"] > 0
@@ -161,9 +163,9 @@ def test_nothing_fits_is_refused_before_the_store_is_read():
     V, Y = data(100, 50, 2, seed=11)
     store = CountingStore(V, Y)
     with pytest.raises(FitError, match=r"No solver fits the memory budget.*eig needs \d+ bytes"):
-        fit(store, max_memory=10**5, progress=False)
+        fit(store, method="ridge", max_memory=10**5, progress=False)
     with pytest.raises(FitError, match=r"The dual solver .* needs about \d+ bytes"):
-        fit(store, solver="dual", max_memory=10**5, progress=False)
+        fit(store, method="ridge", solver="dual", max_memory=10**5, progress=False)
     assert store.passes == 0
 
 
@@ -174,13 +176,13 @@ def test_nothing_fits_is_refused_before_the_store_is_read():
 def test_examples_in_chunks_give_the_same_weights_as_all_at_once(solver, monkeypatch):
     V, Y = data(120, 90, 7, seed=12)
     kw = dict(solver=solver, tol=1e-12, progress=False)
-    whole = fit((V, Y), **kw)
+    whole = fit((V, Y), method="ridge", **kw)
     monkeypatch.setattr(_cost, "CHUNK_CAP_BYTES", 1)  # one example per chunk
     if solver == "cg":
         per_col = _cost.cg_column_bytes(90, 21, 8, 120)
         kept = _cost.kept_bytes(_cost.Shape(120, 12, 90, 7, 21, 8, 8, 1e-8, 1000))
         kw["max_memory"] = 2 * (2**27 + 2 * per_col + kept)  # room for two examples
-    chunked = fit((V, Y), **kw)
+    chunked = fit((V, Y), method="ridge", **kw)
     assert chunked.meta["example_chunk" if solver != "cg" else "cg_example_chunk"] < 7
     assert chunked.meta["l2"] == whole.meta["l2"]
     close(chunked, whole, 1e-6)
@@ -214,7 +216,7 @@ def test_group_in_chunks_gives_the_same_weights_as_all_at_once(monkeypatch):
 def test_the_store_is_read_once(kwargs):
     V, Y = data(150, 60, 3, seed=14)
     store = CountingStore(V, Y, block=16)
-    fit(store, progress=False, **kwargs)
+    fit(store, progress=False, **{"method": "ridge", **kwargs})
     assert store.passes == 1
     assert store.block_reads == store.n_blocks
 
@@ -233,7 +235,7 @@ def test_the_store_is_read_once(kwargs):
 def test_progress_shows_every_phase_that_can_take_minutes(kwargs, phases, capsys):
     V, Y = data(60, 80, 2, seed=15)
     groups = {"groups": ["a"] * 40 + ["b"] * 40} if kwargs.get("method") == "group" else {}
-    fit((V, Y), progress=True, **kwargs, **groups)
+    fit((V, Y), progress=True, **{"method": "ridge", **kwargs}, **groups)
     err = capsys.readouterr().err
     for phase in phases:
         assert f"fit: {phase}" in err
@@ -247,5 +249,6 @@ def test_a_store_without_a_length_gives_the_same_fit():
         setattr(unsized, name, getattr(store, name))
     for solver in ("eig", "dual"):
         close(
-            fit(unsized, solver=solver, progress=False), fit(store, solver=solver, progress=False)
+            fit(unsized, method="ridge", solver=solver, progress=False),
+            fit(store, method="ridge", solver=solver, progress=False),
         )

@@ -271,3 +271,70 @@ def test_dual_group_matches_the_numpy_closed_form():
     W_np, b_np = np_prior_ridge(V.astype(float), Y, W0, l2=0.03, c=np.full(3, 0.5), r=r)
     np.testing.assert_allclose(est.weights_.numpy(), W_np, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(est.bias_.numpy(), b_np, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------- the default, and prior="gradient"
+
+
+def test_the_default_method_is_group_without_a_prior():
+    V, Y, _, _ = additive_data(n=120, N=10, E=3, seed=21)
+    default = fit((V, Y), progress=False)
+    group = fit((V, Y), method="group", progress=False)
+    assert default.meta["method"] == "group" and default.meta["prior"] == "none"
+    assert torch.equal(default.weights, group.weights) and torch.equal(default.bias, group.bias)
+
+
+@pytest.fixture(scope="module")
+def digits_store(trained_cnn, digits, tmp_path_factory):
+    """A store of 60 masks of the digits CNN (56 components) on 32 test digits."""
+    from coarpy.collect import collect
+
+    _, _, x, y = digits
+    data = (x[:32], y[:32])
+    comps = Components.discover(trained_cnn, kinds=("conv", "neurons"))
+    path = tmp_path_factory.mktemp("grad") / "store"
+    ds = collect(trained_cnn, comps, data, path=path, n_masks=60, alpha=0.1, progress=False)
+    return ds, comps, data
+
+
+def test_prior_gradient_is_exactly_the_gradient_passed_by_hand(trained_cnn, digits_store):
+    ds, comps, data = digits_store
+    by_name = fit(ds, prior="gradient", model=trained_cnn, components=comps, data=data,
+                  progress=False)  # fmt: skip
+    by_hand = fit(ds, prior=gradient(trained_cnn, comps, data), progress=False)
+    assert torch.equal(by_name.weights, by_hand.weights)
+    assert torch.equal(by_name.bias, by_hand.bias)
+    assert by_name.meta["prior"] == "gradient" and by_hand.meta["prior"] == "given"
+    assert by_hand.meta["prior_method"] == "gradient"
+
+
+def test_prior_gradient_needs_the_model_components_and_data(digits_store):
+    ds, comps, _ = digits_store
+    with pytest.raises(FitError, match="needs model=, components= and data=.*missing model, data"):
+        fit(ds, prior="gradient", components=comps, progress=False)
+    with pytest.raises(FitError, match="are for prior='gradient'"):
+        fit(ds, components=comps, progress=False)
+    with pytest.raises(FitError, match="prior must be 'gradient'"):
+        fit(ds, prior="gradients", progress=False)
+
+
+def test_prior_gradient_on_other_components_examples_or_weights_is_refused(
+    trained_cnn, digits_store
+):
+    import copy
+
+    ds, comps, (x, y) = digits_store
+    kw = dict(prior="gradient", progress=False)
+    fewer = Components.discover(trained_cnn, kinds=("conv",))
+    with pytest.raises(FitError, match=r"components given \(24\) are not the store's \(56"):
+        fit(ds, model=trained_cnn, components=fewer, data=(x, y), **kw)
+    with pytest.raises(FitError, match="data has 31 examples but the store 32"):
+        fit(ds, model=trained_cnn, components=comps, data=(x[1:], y[1:]), **kw)
+    with pytest.raises(FitError, match="the examples differ"):
+        fit(ds, model=trained_cnn, components=comps, data=(x.flip(0), y.flip(0)), **kw)
+    other = copy.deepcopy(trained_cnn)
+    with torch.no_grad():
+        other.classifier[3].bias.add_(1.0)
+    with pytest.raises(FitError, match="the model's weights differ.*Pass the model, data"):
+        fit(ds, model=other, components=Components.discover(other, kinds=("conv", "neurons")),
+            data=(x, y), **kw)  # fmt: skip

@@ -19,13 +19,21 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from coarpy.collect import collect
 from coarpy.runs import RunConfig, collect_run
 from coarpy.store import ComponentDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _reliability import SETTINGS, record, store_files, temp_files, tiny_setup  # noqa: E402
+from _reliability import (
+    SETTINGS,
+    in_a_fresh_interpreter,
+    record,
+    store_files,
+    temp_files,
+    tiny_setup,
+)  # noqa: E402
 
 sys.path.pop(0)
 
@@ -43,6 +51,7 @@ def _worker(path: Path, n_masks: int, k: int, n: int) -> int:
     if pid == 0:
         code = 3
         try:
+            torch.set_num_threads(1)  # no OpenMP pool inherited across the fork
             settings = {**SETTINGS, "n_masks": n_masks}
             cfg = RunConfig(
                 factory="_reliability:tiny_setup", path=str(path), **settings,
@@ -66,7 +75,8 @@ def _reap(procs: dict[int, tuple[int, int]]) -> list[tuple[int, int]]:
     return done
 
 
-def test_concurrent_workers_with_kills_and_growth_lose_no_block(tmp_path):
+def campaign(tmp_path: Path) -> None:
+    """The whole campaign, run by the test in a fresh interpreter."""
     made = tiny_setup()
     collect(made["model"], made["components"], made["data"], path=tmp_path / "reference",
             progress=False, **{**SETTINGS, "n_masks": LARGE})  # fmt: skip
@@ -135,3 +145,13 @@ a random moment and restarted; partway through, `n_masks` grows from {SMALL} to
 | leases and temporary files left | 0 |
 """,
     )
+
+
+def test_concurrent_workers_with_kills_and_growth_lose_no_block(tmp_path):
+    """The campaign, in a fresh interpreter (see ``in_a_fresh_interpreter``)."""
+    in_a_fresh_interpreter(__file__, tmp_path, timeout=600)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # no OpenMP pool in the process that forks
+    campaign(Path(sys.argv[1]))

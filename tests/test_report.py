@@ -279,6 +279,20 @@ def test_edit_curve_draws_target_and_reference_columns_sorted_by_k():
     np.testing.assert_array_equal(fig.axes[0].lines[1].get_ydata(), [0.91, 0.9])
 
 
+def test_edit_curve_gives_each_method_one_colour_for_its_target_and_reference():
+    methods = ["coar", "loo", "gradient", "random", "oracle"]
+    rows = [
+        {"k": k, **{f"{m}_target_acc": 0.1 * k + i for i, m in enumerate(methods)},
+         **{f"{m}_ref_acc": 0.9 - 0.01 * k for m in methods}}
+        for k in range(3)
+    ]  # fmt: skip
+    lines = {line.get_label(): line for line in report.plot_edit_curve(rows).axes[0].lines}
+    colours = [lines[f"{m}_target_acc"].get_color() for m in methods]
+    assert len(set(colours)) == len(methods)  # five methods, five colours
+    assert colours == [lines[f"{m}_ref_acc"].get_color() for m in methods]
+    assert {lines[f"{m}_ref_acc"].get_linestyle() for m in methods} == {"--"}
+
+
 def test_edit_curve_names_the_columns_it_could_not_find():
     with pytest.raises(ReportError, match=r"No column 'acc' in the table; it has \['k', "):
         report.plot_edit_curve(EDIT_ROWS, target="acc")

@@ -108,6 +108,41 @@ def test_save_config_writes_once_and_leaves_an_identical_file_alone(tmp_path):
     assert runs.load_config(tmp_path / "run").seed == 9
 
 
+def test_every_field_round_trips_through_toml_exactly():
+    """Written by tomli-w, read by tomllib: awkward strings, tuples, floats and nested
+    factory arguments come back equal."""
+    cfg = RunConfig(
+        factory="my pkg.mod:build",
+        path='runs/a "quoted" \\ path\twith tab',
+        n_masks=7,
+        alpha=0.1 + 0.2,  # 0.30000000000000004 must come back bit for bit
+        seed=3,
+        sampler="exact",
+        block_size=5,
+        batch_size=4,
+        device="cpu",
+        output="margin",
+        kinds=("heads", "neurons"),
+        include=("encoder.*",),
+        exclude=("*.out", "pooler*"),
+        components=None,
+        autocast="bf16",
+        dtype="float16",
+        prefix="é/ü",
+        compile_model=True,
+        factory_args={"n": 2, "x": 1e-300, "names": ["a", "b"], "more": {"deep key": True}},
+    )
+    assert RunConfig.from_text(cfg.to_toml()) == cfg
+    spec = dataclasses.replace(cfg, kinds=None, components={"encoder.layer.0": "heads"})
+    assert RunConfig.from_text(spec.to_toml()) == spec
+
+
+def test_a_factory_argument_toml_cannot_hold_is_a_config_error():
+    cfg = dataclasses.replace(config("x"), factory_args={"missing": None})
+    with pytest.raises(ConfigError, match="factory_args may hold"):
+        cfg.to_toml()
+
+
 # -- the one config -> collect path ------------------------------------------------------
 
 

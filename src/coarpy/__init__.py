@@ -12,6 +12,7 @@ from .components import Components
 from .errors import CoarError
 from .evaluate import Evaluation, evaluate, evaluate_store
 from .regression import fit
+from .stopping import StopRule
 from .store import ComponentDataset
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "ComponentDataset",
     "Components",
     "Evaluation",
+    "StopRule",
     "ablate",
     "apply_ablation",
     "baselines",

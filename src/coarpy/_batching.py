@@ -11,6 +11,10 @@ list of its rows) yields it: a dict of unbatched tensors, lists and numbers, or 
 batches (:func:`collate`), right-padding token sequences the way a tokenizer does.
 This module is the one place data is turned into batches; :func:`is_shuffled` tells
 whether a DataLoader would give the examples in a different order each time.
+
+An ``id`` or ``idx`` field of a dict row or batch (``ID_KEYS``: what ``datasets`` names
+a row's key, e.g. GLUE's ``idx``) names the example, not an input: :func:`as_batches`
+takes it out of every batch, so the model never sees it, and hands its values over.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .errors import ArgumentError, DataError
 
 Batch = Any
 LABEL_KEYS = ("labels", "label")
+ID_KEYS = ("id", "idx")  # the example's identity: never passed to the model
 # Token sequences of one example: 1-D in a row, 2-D in a batch.
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")
 # What a tokenizer pads each token field with (input_ids: pad_token_id).
@@ -113,9 +118,13 @@ def split(batch: Batch, size: int) -> list[Batch]:
 
 
 def as_batches(
-    data: Iterable | tuple, batch_size_hint: int | None = None, *, pad_token_id: int = 0
+    data: Iterable | tuple,
+    batch_size_hint: int | None = None,
+    *,
+    pad_token_id: int = 0,
+    ids: list | None = None,
 ) -> Iterator[Batch]:
-    """Yield the batches of ``data``.
+    """Yield the batches of ``data``, without their ``id``/``idx`` fields.
 
     A tuple of tensors with equal first dimensions is one data set ``(inputs, labels)``
     and is cut into batches of ``batch_size_hint`` (all of it if None). Anything else
@@ -124,11 +133,16 @@ def as_batches(
     same way; an item that is a list of rows (a DataLoader with ``collate_fn=list``) is
     collated into one batch.
 
+    The ``id``/``idx`` field of dict rows and batches (``ID_KEYS``) is removed; its
+    values, one per example in order, are appended to ``ids`` when a list is given.
+
     Raises
     ------
     DataError : rows and batches are mixed, or rows cannot be collated.
     """
+    sink: list = [] if ids is None else ids
     if isinstance(data, (Tensor, dict)) or _is_tensor_tuple(data):
+        data = _pop_ids(data, sink)
         if batch_size_hint is None:
             yield data
         else:
@@ -138,18 +152,35 @@ def as_batches(
     batches = 0
     for item in data:
         if is_row(item):
-            rows.append(item)
+            rows.append(_pop_ids(item, sink))
             continue
         if rows:
             raise _mixed(item)
         batches += 1
         rows_in_item = isinstance(item, list) and item and all(is_row(r) for r in item)
-        yield collate(item, pad_token_id=pad_token_id) if rows_in_item else item
+        if rows_in_item:
+            yield collate([_pop_ids(r, sink) for r in item], pad_token_id=pad_token_id)
+        else:
+            yield _pop_ids(item, sink)
     if rows:
         if batches:
             raise _mixed(rows[0])
         whole = collate(rows, pad_token_id=pad_token_id)
         yield from split(whole, batch_size_hint or len(rows))
+
+
+def _pop_ids(item: Any, sink: list) -> Any:
+    """``item`` without its id field (a dict row or batch); the ids go to ``sink``."""
+    if not _is_mapping(item):
+        return item
+    key = next((k for k in ID_KEYS if k in item), None)
+    if key is None:
+        return item
+    value = item[key]
+    if isinstance(value, (Tensor, np.ndarray)):
+        value = value.tolist()
+    sink.extend(value if isinstance(value, (list, tuple)) else [value])
+    return {k: v for k, v in item.items() if k != key}
 
 
 def _mixed(item: Any) -> DataError:

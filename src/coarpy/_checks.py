@@ -218,6 +218,55 @@ def module(value: Any, name: str = "model") -> torch.nn.Module:
     )
 
 
+def example_ids(
+    value: Any, n_examples: int, name: str = "example_ids", *, error: type = ArgumentError
+) -> list[str | int]:
+    """One id per example, in order: distinct ``str`` or ``int`` values (numpy and 0-d
+    tensors become ``int``), as a list.
+
+    Examples
+    --------
+    >>> example_ids(["a", "b"], 2)
+    ['a', 'b']
+    >>> example_ids([3, 3], 2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    coarpy.errors.ArgumentError: example_ids must be distinct, but 3 occurs twice ...
+    """
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise error(
+            f"{name} must be a sequence of one id (str or int) per example, got {_got(value)}."
+        )
+    ids: list[str | int] = []
+    for i, v in enumerate(value):
+        if isinstance(v, torch.Tensor) and v.ndim == 0:
+            v = v.item()
+        if _is_int(v):
+            v = int(v)
+        elif not isinstance(v, str):
+            raise error(
+                f"{name}[{i}] must be a str or an int, got {_got(v)}. Give ids such as "
+                "dataset row numbers or keys."
+            )
+        ids.append(v)
+    if len(ids) != n_examples:
+        raise error(
+            f"{name} has {len(ids)} ids for {n_examples} examples. Give exactly one id per "
+            "example, in the order of the data."
+        )
+    first: dict[str | int, int] = {}
+    for i, v in enumerate(ids):
+        if v in first:
+            raise error(
+                f"{name} must be distinct, but {v!r} occurs twice (positions {first[v]} and "
+                f"{i}). Give each example its own id."
+            )
+        first[v] = i
+    return ids
+
+
 def _tail(fix: str) -> str:
     return f" {fix}" if fix else ""
 

@@ -171,6 +171,9 @@ class ExampleSet:
     else on the host in their own dtype (pinned for CUDA), moved a segment at a time by
     :meth:`segments`. ``streamed`` says which; ``batches`` are where the examples are
     kept (on the host when streamed), :meth:`device_batches` yields them on the device.
+
+    ``ids`` holds the examples' ids when the data names them (an ``id``/``idx`` field of
+    dict rows or batches, which the model never sees), else None.
     """
 
     def __init__(
@@ -197,9 +200,10 @@ class ExampleSet:
                 "Pass a DataLoader with shuffle=False (the default) and a sequential sampler."
             )
         device = torch.device(device)
+        found: list = []
         budget = resolve_budget(device_budget, device)
         try:
-            batches = [_home(b, device) for b in B.as_batches(data, batch_size)]
+            batches = [_home(b, device) for b in B.as_batches(data, batch_size, ids=found)]
             sizes = [B.batch_size(b) for b in batches]
         except TypeError as err:
             raise DataError(f"data cannot be read as batches: {err}") from err
@@ -208,6 +212,11 @@ class ExampleSet:
         self.device = device
         self.device_budget = budget
         self.n_examples = sum(sizes)
+        self.ids = (
+            _checks.example_ids(found, self.n_examples, "the data's id field", error=DataError)
+            if found
+            else None
+        )
         largest = max(sizes)
         self.batch_size = batch_size or largest
         whole = B.concat(batches) if len(batches) > 1 else batches[0]

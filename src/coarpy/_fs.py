@@ -6,6 +6,22 @@ rename). A URL with another scheme (``s3://``, ``gs://``, ``memory://``) gives a
 ``RemotePath``: the handful of ``pathlib`` operations the store uses, done with fsspec
 (imported only then). On an object store a single PUT is atomic by itself, so a block
 is written in one call, with no temporary name and no rename.
+
+Why not ``universal-pathlib`` (``UPath``, a pathlib API over fsspec)? Evaluated at 0.3.10
+(issue 17), it would replace the naming and plain read/write methods of
+:class:`RemotePath` (about 60 lines) but not the rest, so it removes little and adds
+risk:
+
+- ``UPath("memory://...").stat().st_mtime`` is 0 (it reads only the ``info`` keys),
+  while heartbeats, leases and ``coar status`` need real modification times:
+  :meth:`RemotePath.stat` asks ``fs.modified`` first, and would stay.
+- Ranged reads of a block's header (:meth:`RemotePath.read_range`) and the exclusive
+  create with its fallback for filesystems without mode ``"xb"`` (``_write_new``) are
+  not in its API and would stay, as would the local/remote split (a local ``UPath`` is
+  a ``PosixUPath``, so ``is_remote`` would test the protocol instead of the type).
+- It is 8,500 lines with its own pins (``pathlib-abc<0.6``, ``fsspec>=2024.5``) and an
+  API that was rewritten between 0.2 and 0.3; what the store needs from fsspec is the
+  dozen calls below, which fsspec itself keeps stable.
 """
 
 from __future__ import annotations

@@ -127,6 +127,11 @@ def check_meta(meta: Any, where: Path) -> dict:
             f"the component groups add up to {sum(g[2] for g in meta['components'])} units, "
             f"but n_components is {meta['n_components']}",
         )
+    if "example_ids" in meta:  # labels of the examples, outside the identity
+        _checks.example_ids(
+            meta["example_ids"], meta["n_examples"], f"{where}: example_ids",
+            error=StoreCorruptError,
+        )  # fmt: skip
     if version == 2 and meta["identity"] != identity_of(meta):
         raise StoreCorruptError(
             f"{where}: the settings do not match the identity recorded with them: the file "

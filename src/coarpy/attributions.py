@@ -18,6 +18,11 @@ The layout is made for large results (ImageNet: 50,000 examples x 22,720 compone
 and :meth:`Attributions.load` memory-maps them (copy-on-write), so neither holds a
 second copy; the checksums are computed a slice at a time. Format version 1 (one
 ``arrays.npz``, read with ``allow_pickle=False``) is still read.
+
+Exports for tools that do not know coarpy (the ``export`` extra: ``pip install
+'coarpy[export]'``): :meth:`Attributions.save_safetensors` (the arrays and a JSON
+metadata header, for ``safetensors.numpy.load_file``), :meth:`Attributions.to_pandas`
+and :meth:`Attributions.to_csv` (one row per example and component).
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _fs
-from .errors import ArgumentError, FitError, MaskError, StoreCorruptError
+from . import _checks, _fs
+from .errors import ArgumentError, FitError, MaskError, MissingExtraError, StoreCorruptError
 
 FORMAT = "coarpy.attributions"
 VERSION = 2
@@ -62,6 +67,9 @@ class Attributions:
     meta : dict
         JSON-able record of how the attributions were fitted (method, chosen ``l2``
         per example, split sizes, the store's own meta, ...).
+    example_ids : list of str or int, optional
+        One distinct id per row (the store's ``example_ids``, or the data's ``id``
+        field); None when the examples were not named.
 
     Examples
     --------
@@ -82,6 +90,7 @@ class Attributions:
     bias: Tensor
     names: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    example_ids: list[str | int] | None = None
 
     def __post_init__(self) -> None:
         w, b = self.weights, self.bias
@@ -131,6 +140,12 @@ class Attributions:
         object.__setattr__(self, "weights", w.detach().to(torch.float32).contiguous())
         object.__setattr__(self, "bias", b.detach().to(torch.float32, copy=False).contiguous())
         object.__setattr__(self, "names", list(self.names))
+        if self.example_ids is not None:
+            try:
+                ids = _checks.example_ids(self.example_ids, w.shape[0])
+            except ArgumentError as err:
+                raise FitError(f"Attributions.{err}") from None
+            object.__setattr__(self, "example_ids", ids)
 
     @property
     def n_examples(self) -> int:
@@ -241,6 +256,8 @@ class Attributions:
             "names": self.names,
             "meta": self.meta,
         }
+        if self.example_ids is not None:
+            header["example_ids"] = self.example_ids
         header["header_sha256"] = _header_digest(header)
         _fs.atomic_write(root / _WEIGHTS_NAME, _raw(weights))
         _fs.atomic_write(root / _BIAS_NAME, _raw(bias))
@@ -248,6 +265,78 @@ class Attributions:
         with contextlib.suppress(OSError):  # a version-1 save in the same directory
             (root / _V1_ARRAYS_NAME).unlink()
         return root
+
+    def save_safetensors(self, path: str | os.PathLike) -> Path:
+        """Write the weights and bias as one ``.safetensors`` file, for any reader.
+
+        The file holds ``weights`` (n_examples x n_components) and ``bias``
+        (n_examples), float32, and string metadata: ``format``
+        (``"coarpy.attributions"``), ``names`` (the component names, a JSON list: column
+        j of ``weights``), ``example_ids`` (a JSON list, or ``null``: row i) and
+        ``meta`` (JSON). Read it without coarpy::
+
+            from safetensors import safe_open
+            with safe_open("attr.safetensors", "np") as f:
+                weights = f.get_tensor("weights")
+                names = json.loads(f.metadata()["names"])
+
+        Needs ``safetensors`` (``pip install 'coarpy[export]'``). The file is
+        serialised in memory first (one more copy of the weights), then written
+        atomically.
+        """
+        st = _export_module("safetensors.numpy", "save_safetensors")
+        metadata = {
+            "format": FORMAT,
+            "names": json.dumps(self.names),
+            "example_ids": json.dumps(self.example_ids),
+            "meta": json.dumps(self.meta, allow_nan=False),
+        }
+        arrays = {"weights": _as_le32(self.weights), "bias": _as_le32(self.bias)}
+        path = Path(path)
+        _fs.atomic_write(path, st.save(arrays, metadata=metadata))
+        return path
+
+    def to_pandas(self, *, wide: bool = False):
+        """The weights as a pandas DataFrame.
+
+        Parameters
+        ----------
+        wide : False (default) for the tidy form, one row per (example, component)
+            with columns ``example``, ``component``, ``weight``, example-major; True for
+            one row per example (indexed by ``example``) and one column per component.
+
+        ``example`` is the example's id (:attr:`example_ids`) when the examples are
+        named, else its row number. The bias is not included: it is ``self.bias``.
+        Needs pandas (``pip install 'coarpy[export]'``).
+        """
+        pd = _export_module("pandas", "to_pandas")
+        w = self.weights.detach().cpu().numpy()  # (E, N) float32
+        if self.example_ids is None:
+            examples = np.arange(self.n_examples)
+        else:
+            examples = np.asarray(self.example_ids, dtype=object)
+        if wide:
+            return pd.DataFrame(
+                w, index=pd.Index(examples, name="example"), columns=pd.Index(self.names)
+            )
+        return pd.DataFrame(
+            {
+                "example": np.repeat(examples, self.n_components),
+                "component": np.tile(np.asarray(self.names, dtype=object), self.n_examples),
+                "weight": w.reshape(-1),
+            }
+        )
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write the tidy table of :meth:`to_pandas` (``example,component,weight``, one
+        row per example and component, example-major) as CSV. Weights are written in
+        full precision, so they read back exactly. Needs pandas (``coarpy[export]``)."""
+        frame = self.to_pandas()
+        # as float64, whose shortest round-trip text holds every float32 exactly
+        frame["weight"] = frame["weight"].astype(np.float64)
+        path = Path(path)
+        _fs.atomic_write(path, frame.to_csv(index=False).encode())
+        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = True) -> Attributions:
@@ -310,12 +399,30 @@ class Attributions:
                 f"{jpath} records {n_c} components but "
                 f"{len(names) if isinstance(names, list) else 'no list of'} names."
             )
-        return cls(
-            weights=torch.from_numpy(weights),
-            bias=torch.from_numpy(bias),
-            names=names,
-            meta=header.get("meta") or {},
-        )
+        try:
+            return cls(
+                weights=torch.from_numpy(weights),
+                bias=torch.from_numpy(bias),
+                names=names,
+                meta=header.get("meta") or {},
+                example_ids=header.get("example_ids"),
+            )
+        except FitError as err:
+            raise StoreCorruptError(f"{jpath}: {err}") from err
+
+
+def _export_module(name: str, use: str) -> Any:
+    """Import an optional export dependency, or say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        package = name.partition(".")[0]
+        raise MissingExtraError(
+            f"Attributions.{use} needs {package}, which is not installed. Install the "
+            "export extra: pip install 'coarpy[export]'."
+        ) from err
 
 
 def _as_le32(t: Tensor) -> np.ndarray:

@@ -155,6 +155,7 @@ def leave_one_out(
         weights=weights,
         bias=bias,
         names=list(components.names),
+        example_ids=examples.ids,
         meta=_meta(
             "leave_one_out", model, examples, output_fn, mode=mode, means=means, autocast=autocast
         ),
@@ -268,6 +269,7 @@ def gradient(
         weights=weights,
         bias=bias,
         names=list(components.names),
+        example_ids=examples.ids,
         meta=_meta(
             "gradient", model, examples, output_fn, mode=mode, means=means, autocast=autocast
         ),

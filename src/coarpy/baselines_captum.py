@@ -254,6 +254,7 @@ def _attribute(
         weights=weights,
         bias=full - weights.sum(1),
         names=list(components.names),
+        example_ids=examples.ids,
         meta={
             "method": method,
             "output": _outputs.name_of(output_fn),

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from . import _checks, _fingerprint, _fs
 from . import outputs as _outputs
 from . import prefix as _prefix
+from . import stopping as _stopping
 from ._engine import (
     AUTOCAST,
     ExampleSet,
@@ -71,6 +72,8 @@ def collect(
     progress: bool | None = None,
     prefix: str | _prefix.Split | None = None,
     compile_model: bool = False,
+    until: _stopping.StopRule | None = None,
+    example_ids: Sequence[str | int] | None = None,
     device_budget: int | None = None,
 ) -> ComponentDataset:
     """Fill (or resume) the component dataset at ``path`` and return it.
@@ -108,6 +111,15 @@ def collect(
         change weights in place, which a compiled graph reads without recompiling;
         compiling takes seconds to minutes and fused kernels round differently, so
         outputs agree with eager ones to float tolerance, not bit for bit.
+    until : a ``coarpy.StopRule``: stop before ``n_masks`` once more masks stop raising
+        held-out correlation. Checked at ``min_masks``, then each time the finished
+        masks double, fitting on prefixes of the store (``coarpy.stopping``); each
+        check saves ``learning_curve.json`` next to the store. One process only: not
+        with ``shard``.
+    example_ids : one distinct id (str or int) per example, in the data's order, kept in
+        the store and carried into the attributions and evaluations. By default the
+        data's own ``id`` or ``idx`` field (dict rows or batches; never passed to the
+        model), if it has one.
     device_budget : bytes the examples may take on the device (default: half the free
         memory of a CUDA device; no limit on the CPU). Examples that fit stay on the
         device; larger sets stay on the host (pinned for CUDA, in their own dtype:
@@ -143,6 +155,14 @@ def collect(
         device_budget=device_budget,
     )  # fmt: skip
     output_fn, shard = settings["output_fn"], settings["shard"]
+    if until is not None and not isinstance(until, _stopping.StopRule):
+        raise ArgumentError(f"until must be a coarpy.StopRule, got {type(until).__name__}.")
+    if until is not None and shard is not None:
+        raise ArgumentError(
+            "until= decides for the whole store after this process's blocks, so it needs "
+            "one process; got shard=. Drop it, or collect without until= and read the "
+            "curve with StopRule().check(store)."
+        )
     model = _checks.module(model)  # an nnsight envoy runs as the module it wraps
     if isinstance(blocks, Collection):  # checked whole before anything is written
         _check_blocks(blocks, _n_blocks_after(path, n_masks, block_size))
@@ -160,6 +180,7 @@ def collect(
     autocast_context(device, autocast)  # validates the name before anything is written
     examples = ExampleSet(data, device, batch_size, device_budget=device_budget)
     examples.check_labels(output_fn)
+    ids = _example_ids(example_ids, examples)
     # Shared masks go into the weights where that is exact: no hook runs per forward.
     # Made before the store: a bad mode or means is refused before anything is written.
     ablator = Ablator(model, components, mode=mode, means=means, edit_weights=True)
@@ -180,6 +201,7 @@ def collect(
         prefix=_prefix_name(prefix),
         compile_model=compile_model,
         overwrite=overwrite,
+        example_ids=ids,
         **row_record,
     )
     if ds.sweep():
@@ -189,8 +211,11 @@ def collect(
     if done_before:
         log.info("%s: resuming, %d of %d blocks already done", ds.path, done_before, n_blocks)
     order, total = _plan(ds, blocks, shard)
+    watch = None if until is None else _stopping.Watch(until, ds)
     first = next(order, None)
     if first is None:
+        if watch is not None:
+            watch.finish()
         return ComponentDataset(ds.path)
 
     # No autocast weight cache: weights change between masks (it is off under
@@ -237,10 +262,19 @@ def collect(
                 bar.update(1)
                 rate = count * (stop - start) / (time.perf_counter() - started)
                 bar.set_postfix(masks_per_s=f"{rate:.1f}", refresh=False)
+                if watch is not None and watch.add(stop - start):
+                    while pending:  # the check reads the store: this block first
+                        pending.pop().result()
+                    if watch.check():
+                        log.info("%s: the stop rule says stop at %d masks", ds.path, watch.rows)
+                        watch = None
+                        break
             while pending:
                 pending.pop().result()
     finally:
         bar.close()
+    if watch is not None:
+        watch.finish()
     return ComponentDataset(ds.path)
 
 
@@ -289,6 +323,19 @@ def _check_args(**args: Any) -> dict[str, Any]:
     except (ValueError, TypeError) as err:
         raise ArgumentError(str(err)) from err
     return {"output_fn": output_fn, "shard": _checks.shard(args["shard"])}
+
+
+def _example_ids(given: Any, examples: ExampleSet) -> list[str | int] | None:
+    """``example_ids`` checked against the examples, else the data's own ids (or None)."""
+    if given is None:
+        return examples.ids
+    ids = _checks.example_ids(given, examples.n_examples)
+    if examples.ids is not None and examples.ids != ids:
+        raise ArgumentError(
+            f"example_ids differ from the ids in the data's id field (first: {ids[:3]} vs "
+            f"{examples.ids[:3]}). Give one of them: drop example_ids=, or the field."
+        )
+    return ids
 
 
 def _n_blocks_after(path: str | os.PathLike, n_masks: int, block_size: int) -> int:

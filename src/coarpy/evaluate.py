@@ -205,6 +205,7 @@ def _build(
     n_masks: int,
     per_alpha: list[tuple[Tensor, Tensor, int]],
     meta: dict,
+    example_ids: list[str | int] | None = None,
 ) -> Evaluation:
     return Evaluation(
         attribution_names=tuple(named),
@@ -214,7 +215,32 @@ def _build(
         spearman=torch.stack([s for _, s, _ in per_alpha], dim=1),
         n_constant=tuple(c for _, _, c in per_alpha),
         meta=meta,
+        example_ids=example_ids,
     )
+
+
+def _example_ids(
+    named: dict[str, Attributions], given: list | None, what: str, *, check: bool
+) -> list[str | int] | None:
+    """The examples' ids: those of the data (or store), else those the attributions
+    carry. With ``check``, ids that disagree are refused: the examples differ in order
+    or identity."""
+    ids = given
+    for name, attr in named.items():
+        if attr.example_ids is None:
+            continue
+        if ids is None:
+            ids = attr.example_ids
+        elif check and attr.example_ids != ids:
+            pairs = zip(attr.example_ids, ids, strict=True)
+            first = next(i for i, (a, b) in enumerate(pairs) if a != b)
+            raise EvaluationError(
+                f"attributions[{name!r}] name example {first} {attr.example_ids[first]!r}, "
+                f"but {what} names it {ids[first]!r}: the examples differ or are in another "
+                "order. Evaluate on the examples the attributions were fitted on, in the same "
+                "order (or pass check=False)."
+            )
+    return ids
 
 
 # -- public entry points -----------------------------------------------------------------
@@ -323,6 +349,7 @@ def evaluate(
         data_fingerprint=examples.fingerprint(),
     )  # fmt: skip
     _checks.check_attributions(named, actual, check=check, error=EvaluationError, use="evaluate")
+    ids = _example_ids(named, examples.ids, "the data", check=check)
 
     step = examples.pack * -(-_CHUNK // examples.pack)
     per_alpha = []
@@ -353,7 +380,7 @@ def evaluate(
         "mode": mode,
         "autocast": autocast,
     }
-    return _build(named, alphas, n_masks, per_alpha, meta)
+    return _build(named, alphas, n_masks, per_alpha, meta, ids)
 
 
 def evaluate_store(
@@ -395,6 +422,7 @@ def evaluate_store(
     _checks.check_attributions(
         named, actual, check=check, error=EvaluationError, use="evaluate_store"
     )
+    ids = _example_ids(named, ds.example_ids, f"the store {ds.path}", check=check)
     n_done = len(ds)
     if n_done < 3:
         raise EvaluationError(
@@ -417,4 +445,4 @@ def evaluate_store(
         "output": ds.meta["output"],
         "mode": ds.meta["mode"],
     }
-    return _build(named, (alpha,), n_done, [_correlate(named, keep, true)], meta)
+    return _build(named, (alpha,), n_done, [_correlate(named, keep, true)], meta, ids)

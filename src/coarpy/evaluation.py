@@ -65,6 +65,8 @@ class Evaluation:
     n_constant : per alpha, the number of examples whose true output did not vary over
         the masks. Their correlation is undefined (NaN) and summaries leave them out.
     meta : how the masks were made (seed, sampler, output, mode, source).
+    example_ids : one id per example (the data's, the store's or the attributions'),
+        or None when the examples were not named.
 
     Summaries (:meth:`to_rows`, :meth:`summary`) average every attribution over the
     same examples: at each alpha, those where every attribution's correlation is
@@ -79,6 +81,7 @@ class Evaluation:
     spearman: Tensor
     n_constant: tuple[int, ...]
     meta: dict = field(default_factory=dict)
+    example_ids: list[str | int] | None = None
 
     @property
     def n_examples(self) -> int:
@@ -228,6 +231,8 @@ class Evaluation:
             "spearman": _nan_to_none(self.spearman),
             "summary": self.to_rows(),
         }
+        if self.example_ids is not None:
+            doc["example_ids"] = list(self.example_ids)
         doc["sha256"] = _digest(doc)
         _fs.atomic_write(path, json.dumps(doc, indent=1).encode())
         return path
@@ -278,6 +283,7 @@ class Evaluation:
                 spearman=tensor(doc["spearman"]),
                 n_constant=tuple(int(n) for n in doc["n_constant"]),
                 meta=doc["meta"],
+                example_ids=doc.get("example_ids"),
             )
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise EvaluationError(

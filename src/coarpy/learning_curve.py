@@ -62,6 +62,12 @@ class LearningCurve:
         return torch.nanmean(self.pearson, dim=1)
 
     @property
+    def pearson_se(self) -> Tensor:
+        """Standard error over examples of the mean Pearson's r, per size: (n_sizes,)
+        float64 (NaN with fewer than two defined examples)."""
+        return standard_error(self.pearson)
+
+    @property
     def mean_spearman(self) -> Tensor:
         """Mean over examples of Spearman's rho, per size: (n_sizes,) float64."""
         return torch.nanmean(self.spearman, dim=1)
@@ -84,6 +90,7 @@ def learning_curve(
     sizes: Sequence[int] | None = None,
     method: str = "ridge",
     seed: int = 0,
+    groups: Sequence[Any] | None = None,
 ) -> LearningCurve:
     """Held-out correlation against the number of training masks.
 
@@ -101,6 +108,7 @@ def learning_curve(
     sizes : numbers of training rows; default six sizes spaced geometrically up to
         all rows.
     method, seed : passed to ``fit``.
+    groups : ``method="group"`` only: the group of each component (passed to ``fit``).
 
     Returns
     -------
@@ -123,7 +131,7 @@ def learning_curve(
     [1.0, 1.0]
     """
     V, Y = _as_arrays(train, "train")  # (n, N) bool, (n, E) float32
-    return _curve(V, Y, keep, true, sizes=sizes, method=method, seed=seed)
+    return _curve(V, Y, keep, true, sizes=sizes, method=method, seed=seed, groups=groups)
 
 
 def store_learning_curve(
@@ -190,12 +198,14 @@ def _curve(
     method: str,
     seed: int,
     label: str | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> LearningCurve:
     true = _check_heldout(keep, true, V.shape[1], Y.shape[1])
     sizes = _check_sizes(sizes, V.shape[0])
     pearsons, spearmans = [], []
     for n in sizes:
-        attr = fit((V[:n], Y[:n]), method=method, seed=seed, progress=False)
+        extra = {} if groups is None else {"groups": groups}
+        attr = fit((V[:n], Y[:n]), method=method, seed=seed, progress=False, **extra)
         pred = attr.predict(keep).double().cpu()  # (n_heldout, E)
         pearsons.append(pearson(pred, true))
         spearmans.append(spearman(pred, true))
@@ -210,6 +220,17 @@ def _curve(
         keep=keep,
         true=true,
     )
+
+
+def standard_error(values: Tensor) -> Tensor:
+    """SE over the last dimension of the mean of the finite entries: (n_sizes,) float64."""
+    ok = torch.isfinite(values)
+    count = ok.sum(dim=-1)  # (n_sizes,)
+    mean = torch.nanmean(values, dim=-1, keepdim=True)
+    sq = torch.where(ok, (values - mean) ** 2, torch.zeros_like(values)).sum(dim=-1)
+    var = sq / (count - 1).clamp(min=1)
+    se = (var / count.clamp(min=1)).sqrt()
+    return torch.where(count >= 2, se, torch.full_like(se, float("nan")))
 
 
 def _as_arrays(source: Any, what: str) -> tuple[Tensor, Tensor]:

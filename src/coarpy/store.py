@@ -24,6 +24,15 @@ last block has its own name, so a worker still running with a smaller ``n_masks`
 never replaces the full block of a grown run. ``meta.json`` is updated under a lock
 (read, compare, write), so concurrent growth never loses a larger ``n_masks``.
 
+Why a format of our own, not zarr, HDF5 or a ``datasets`` table: what a run needs is
+(1) "a block is done iff its file exists" as the only coordination between workers
+that share nothing but a directory (no server, no single writer as HDF5 has), (2) an
+identity and a checksum in every block, so a block computed under other settings, or
+damaged, is recomputed rather than read as data (chunked array formats record what a
+chunk holds, not what it was computed under), and (3) masks packed to one bit per
+component and regenerable from (seed, row). Each of these is a few lines on numpy and
+``os.replace``; the files stay readable with numpy alone.
+
 Block file (format 2): magic ``COARBLK2``, a little-endian header (block, first_row,
 n_rows, n_components, n_examples, dtype code, the store's 16-byte identity), the
 packed masks (n_rows, ceil(N/8)) uint8, the outputs (n_rows, n_examples) float32 or
@@ -51,7 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _consolidated, _fs
+from . import _checks, _consolidated, _fs
 from . import masks as _masks
 from ._storemeta import (
     DTYPES,
@@ -131,12 +140,17 @@ class ComponentDataset:
         compile_model: bool = False,
         overwrite: bool = False,
         extra: dict | None = None,
+        example_ids: list | None = None,
     ) -> ComponentDataset:
         """Create a store, or reopen the one at ``path`` if its settings agree.
 
         ``components`` is ``Components.to_dict()["groups"]``. A store with other
         settings is refused (``StoreMismatchError`` naming the fields) unless
         ``overwrite``, which deletes its blocks first. A larger ``n_masks`` grows it.
+        ``example_ids`` (one distinct str or int per example) label the examples: they
+        are kept in ``meta.json`` but are not part of the identity (no row depends on
+        them), so a store without ids takes them on a resume, and other ids are refused
+        unless ``overwrite`` (which then keeps the blocks: only the labels change).
         Every argument is checked before anything is written.
         """
         settings = check_settings(
@@ -147,6 +161,8 @@ class ComponentDataset:
             means_fingerprint=means_fingerprint, autocast=autocast, prefix=prefix,
             compile_model=compile_model, overwrite=overwrite, extra=extra,
         )  # fmt: skip
+        if example_ids is not None:
+            settings["example_ids"] = _checks.example_ids(example_ids, settings["n_examples"])
         path = _fs.path(path)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -189,9 +205,12 @@ class ComponentDataset:
                 "recompute it in the new format."
             )
         diffs = [f for f in IDENTITY if existing.meta.get(f) != meta[f]]
-        if diffs and not overwrite:
+        stored_ids, given_ids = existing.meta.get("example_ids"), meta.get("example_ids")
+        relabel = given_ids is not None and stored_ids != given_ids
+        if (diffs or (relabel and stored_ids is not None)) and not overwrite:
             parts = [
-                f"{f}: stored {short(existing.meta.get(f))}, given {short(meta[f])}" for f in diffs
+                f"{f}: stored {short(existing.meta.get(f))}, given {short(meta[f])}"
+                for f in [*diffs, *(["example_ids"] if relabel else [])]
             ]
             raise StoreMismatchError(
                 f"{meta_path} was written with other settings ({'; '.join(parts)}). "
@@ -201,8 +220,10 @@ class ComponentDataset:
         if diffs or existing.version != FORMAT_VERSION:
             existing._clear_blocks()
             _fs.atomic_write(meta_path, json.dumps(meta, indent=1).encode())
-        elif meta["n_masks"] > existing.meta["n_masks"]:
-            existing.meta["n_masks"] = meta["n_masks"]
+        elif meta["n_masks"] > existing.meta["n_masks"] or relabel:
+            existing.meta["n_masks"] = max(meta["n_masks"], existing.meta["n_masks"])
+            if relabel:  # labels only: no row depends on them, the blocks stay
+                existing.meta["example_ids"] = given_ids
             _fs.atomic_write(meta_path, json.dumps(existing.meta, indent=1).encode())
 
     def _clear_blocks(self) -> None:
@@ -238,6 +259,12 @@ class ComponentDataset:
     @property
     def seed(self) -> int:
         return self.meta["seed"]
+
+    @property
+    def example_ids(self) -> list[str | int] | None:
+        """The examples' ids (``collect(..., example_ids=)`` or the data's ``id`` field),
+        one per example in order; None when the store was collected without them."""
+        return self.meta.get("example_ids")
 
     @property
     def identity(self) -> str:

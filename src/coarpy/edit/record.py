@@ -28,6 +28,7 @@ from ..ablation import apply_ablation
 from ..attributions import Attributions
 from ..components import Components
 from ..errors import ComponentError, EditError
+from ..integrations import as_module
 from ._checks import (
     Rows,
     check_compatible,
@@ -182,6 +183,52 @@ class Edit:
             }
         _fs.atomic_write(path, json.dumps(doc, indent=1, allow_nan=False).encode())
         return path
+
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        *,
+        model: nn.Module,
+        components: Components,
+        **kwargs: Any,
+    ) -> Path:
+        """Save the edited Hugging Face model as ``transformers`` saves any model.
+
+        Applies the edit to a copy of ``model`` (:meth:`apply_to`; ``model`` itself is
+        untouched) and calls the copy's ``save_pretrained(directory, **kwargs)``, so
+        ``AutoModel.from_pretrained(directory)`` loads the edited model without
+        coarpy. The edit's record goes beside it as ``directory/coarpy_edit.json``.
+
+        Parameters
+        ----------
+        directory : the folder to write (created if missing).
+        model : the unedited ``transformers`` model the edit was made for (a
+            ``PreTrainedModel``; an nnsight wrapper of one is unwrapped).
+        components : the Components the edit was made with.
+        **kwargs : passed to ``save_pretrained`` (``safe_serialization``, ...).
+
+        Returns
+        -------
+        Path of the directory.
+
+        Raises
+        ------
+        EditError
+            ``model`` is not a Hugging Face model (no ``save_pretrained``), or not the
+            model the edit was made for.
+        """
+        module = as_module(model)
+        if not (callable(getattr(module, "save_pretrained", None)) and hasattr(module, "config")):
+            raise EditError(
+                f"save_pretrained needs a Hugging Face transformers model (a "
+                f"PreTrainedModel), got {type(module).__name__}. For any other model save "
+                "the weights: edit.save(path, model=edit.apply_to(model, components))."
+            )
+        edited = self.apply_to(module, components)
+        directory = Path(directory)
+        edited.save_pretrained(directory, **kwargs)
+        self.save(directory / "coarpy_edit.json")
+        return directory
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Edit:

@@ -44,6 +44,7 @@ import torch
 
 from ..attributions import Attributions
 from ..errors import FitError
+from . import _prior, _stats
 from ._stats import DEFAULT_L2_RELATIVE
 from .group import DEFAULT_PRIOR_SCALES, PriorRidge
 from .lasso import DEFAULT_L1_RELATIVE, LassoPath
@@ -68,10 +69,10 @@ __all__ = [
 def fit(
     source: Any,
     *,
-    method: str = "ridge",
+    method: str = "group",
     l2_grid: Sequence[float] | None = None,
     l1_grid: Sequence[float] | None = None,
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     seed: int = 0,
     solver: str = "auto",
     device: str | torch.device | None = None,
@@ -82,6 +83,10 @@ def fit(
     progress: bool | None = None,
     prior: Any = None,
     groups: Sequence[Any] | None = None,
+    model: Any = None,
+    components: Any = None,
+    data: Any = None,
+    output: Any = None,
 ) -> Attributions:
     """Fit one linear model per example over the components: the COAR attributions.
 
@@ -90,18 +95,21 @@ def fit(
     source : ComponentDataset or tuple (masks, outputs)
         A store (read with one streamed pass over its finished blocks), or in-memory
         masks ``(n_rows, n_components)`` (bool or 0/1) and outputs ``(n_rows, n_examples)``.
-    method : {"ridge", "ols", "lasso", "group"}
-        The estimator (see the module docstring). ``"ridge"`` chooses ``l2`` per example
-        on held-out rows; ``"group"`` penalises each group of components on its own
-        scale, shrinks toward ``prior`` and chooses by GCV.
+    method : {"group", "ridge", "ols", "lasso"}
+        The estimator (see the module docstring). ``"group"`` (default) penalises each
+        group of components on its own scale, shrinks toward ``prior`` and chooses by
+        GCV: ``bench/RESULTS_efficiency.md`` measured it never worse than ``"ridge"``
+        and much better with few masks, most of all centred on the gradient.
+        ``"ridge"`` chooses one ``l2`` per example on held-out rows.
     l2_grid : sequence of float, optional
         Ridge penalties per row (``sklearn alpha = l2 * n_rows``); ``"ridge"`` and
         ``"group"``.
     l1_grid : sequence of float, optional
         Lasso penalties (``sklearn Lasso alpha = l1``); ``"lasso"`` only.
     val_fraction, seed :
-        The held-out share of rows and the seed of the split (a pure function of
-        ``(seed, row index)``); ``"ridge"`` and ``"lasso"`` only.
+        The held-out share of rows (default 0.1) and the seed of the split (a pure
+        function of ``(seed, row index)``); ``"ridge"`` and ``"lasso"`` only (``"group"``
+        holds out nothing: it chooses by GCV).
     solver : {"auto", "eig", "dual", "cg"}
         ``"auto"`` (default) picks by estimated time and memory and logs why (INFO):
         ``"eig"`` (primal, ``N x N``) when components are few, ``"dual"`` (``n x n``) when
@@ -117,10 +125,17 @@ def fit(
     progress : bool, optional
         Progress bars over the passes: None (default) only when stderr is a terminal,
         True always, False never.
-    prior : Attributions or Tensor (n_examples, n_components), optional
-        ``"group"`` only: the prior mean, e.g. ``coarpy.baselines.gradient(...)``.
+    prior : "gradient", Attributions or Tensor (n_examples, n_components), optional
+        ``"group"`` only: the prior mean. ``"gradient"`` computes
+        ``coarpy.baselines.gradient`` from ``model``, ``components``, ``data`` and
+        ``output`` (with the store's ablation mode) and refuses it unless they are the
+        ones the store was collected with; or pass a precomputed prior. The meta
+        records which: ``meta["prior"]`` is ``"gradient"``, ``"given"`` or ``"none"``.
     groups : sequence of labels (n_components,), optional
         ``"group"`` only: the group of each component (default: the store's modules).
+    model, components, data, output :
+        ``prior="gradient"`` only: as given to ``collect`` (``output`` default: the
+        margin).
 
     Returns
     -------
@@ -132,7 +147,9 @@ def fit(
     Raises
     ------
     FitError
-        An unknown method or a setting that belongs to another method, no finished rows,
+        An unknown method or a setting that belongs to another method, a
+        ``prior="gradient"`` whose model, components or examples are not the store's,
+        no finished rows,
         too few rows, non-finite outputs (naming the row and example), mismatched
         shapes, or not enough memory (naming the bytes needed).
 
@@ -144,17 +161,38 @@ def fit(
     >>> attr = fit((V, Y), method="ols", progress=False)
     >>> attr.weights, attr.bias
     (tensor([[2., 1.]]), tensor([2.]))
+    >>> default = fit((V, Y), progress=False)
+    >>> default.meta["method"], default.meta["prior"]
+    ('group', 'none')
     """
     if method not in METHODS:
         raise FitError(
-            f"method must be one of {METHODS}, got {method!r}. 'ridge' is the default; "
-            "'lasso' for sparse attributions, 'group' for per-module penalties."
+            f"method must be one of {METHODS}, got {method!r}. 'group' is the default; "
+            "'ridge' for one penalty per example, 'lasso' for sparse attributions."
         )
     if method != "group" and (prior is not None or groups is not None):
         raise FitError(
             f"prior= and groups= are for method='group', got method={method!r}. Pass "
             "method='group', or drop them."
         )
+    if method in ("group", "ols") and val_fraction is not None:
+        raise FitError(
+            f"method={method!r} holds out no rows, so val_fraction= does not apply (it is for "
+            "'ridge' and 'lasso'). Drop it, or pass method='ridge'."
+        )
+    if isinstance(prior, str) and prior not in _prior.PRIORS:
+        raise FitError(
+            f"prior must be {' or '.join(map(repr, _prior.PRIORS))}, an Attributions or a "
+            f"tensor (n_examples, n_components), got {prior!r}."
+        )
+    given = {"model": model, "components": components, "data": data, "output": output}
+    if not isinstance(prior, str) and any(v is not None for v in given.values()):
+        named = ", ".join(k for k, v in given.items() if v is not None)
+        raise FitError(
+            f"{named} are for prior='gradient' (fit computes the prior from them), got "
+            f"prior={prior!r}. Pass prior='gradient', or drop them."
+        )
+    val_fraction = 0.1 if val_fraction is None else val_fraction
     if method in ("ridge", "ols", "group") and l1_grid is not None:
         raise FitError(
             f"method={method!r} takes l2_grid, not l1_grid (that is for 'lasso'). Rename the "
@@ -172,6 +210,14 @@ def fit(
             f"'ols', got solver={solver!r}."
         )
     est: RidgePath | LeastSquares | LassoPath | PriorRidge
+    used = "none" if prior is None else "given"
+    if isinstance(prior, str):  # "gradient": computed here, checked against the store
+        src = _stats.Source(source)
+        prior = _prior.gradient_prior(
+            src.meta if src.store is not None else None, src.names, src.n_examples,
+            progress=progress, **given,
+        )  # fmt: skip
+        used = "gradient"
     if method == "group":
         est = PriorRidge(
             prior, groups=groups, l2_grid=l2_grid, solver=solver, device=device, dtype=dtype,
@@ -194,4 +240,7 @@ def fit(
             dtype=dtype, max_memory=max_memory, max_iter=1000 if max_iter is None else max_iter,
             tol=tol, progress=progress,
         )  # fmt: skip
-    return est.fit(source).attributions_
+    attr = est.fit(source).attributions_
+    if method == "group":  # PriorRidge records "none" or "given"; fit knows it computed it
+        attr.meta["prior"] = used
+    return attr

@@ -417,7 +417,8 @@ class PriorRidge:
             "n_rows": every.n,
             "l2_grid": used_grid.tolist(),
             "l2": l2.tolist(),
-            "prior": None if W0 is None else _prior_name(self.prior),
+            "prior": "none" if W0 is None else "given",  # fit(prior="gradient") says "gradient"
+            "prior_method": None if W0 is None else _prior_name(self.prior),
             "prior_scales": scales.tolist() if W0 is not None else None,
             "prior_scale": c.tolist() if W0 is not None else None,
             "group_penalties": penalties,

@@ -345,7 +345,9 @@ def write_report(
             "Mean |weight| of every component over all examples, laid out by module",
         )
         for e in examples:
-            body += f"<h3>Example {e}</h3>"
+            ids = attributions.example_ids
+            named = "" if ids is None else f" (id {html.escape(repr(ids[e]))})"
+            body += f"<h3>Example {e}{named}</h3>"
             rows = [
                 {"rank": r + 1, "component": n, "weight": f"{w:+.4f}", "ablating it": _effect(w)}
                 for r, (n, w) in enumerate(attributions.top(e, k=top_k))

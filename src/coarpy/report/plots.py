@@ -12,6 +12,7 @@ names, titles) is drawn literally: a ``$`` never starts matplotlib mathtext.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -182,6 +183,29 @@ def plot_correlations(evaluation: Evaluation, *, metric: str = "pearson") -> Fig
 def _method_colors(methods: Sequence[str]) -> dict[str, str]:
     palette = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"]
     return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+
+
+def _edit_curve_colors(targets: Sequence[str], references: Sequence[str]) -> dict[str, str]:
+    """One colour per method, shared by its target (solid) and reference (dashed) curves.
+
+    A column's method is its name without the words target/reference/ref/acc, so
+    ``coar_target_acc`` and ``coar_ref_acc`` share a colour; with one method, targets
+    are red and references blue, as on every other editing figure.
+    """
+
+    def method(c: str) -> str:
+        words = [w for w in re.split(r"[_\W]+", c.lower()) if w]
+        return "_".join(w for w in words if w not in {"target", "reference", "ref", "acc"})
+
+    methods = list(dict.fromkeys(method(c) for c in [*targets, *references]))
+    if len(methods) == 1:
+        reds, blues = ["#b2182b", "#ef8a62", "#67001f"], ["#2166ac", "#67a9cf", "#053061"]
+        return {
+            **{c: reds[i % 3] for i, c in enumerate(targets)},
+            **{c: blues[i % 3] for i, c in enumerate(references)},
+        }
+    by_method = _method_colors(methods)
+    return {c: by_method[method(c)] for c in [*targets, *references]}
 
 
 # -- learning curve --------------------------------------------------------------------
@@ -423,19 +447,13 @@ def plot_edit_curve(
     x = np.asarray(cols[k], dtype=float)[order]
     fig = _figure(5.6, 3.8)
     ax = fig.subplots()
-    for i, c in enumerate(targets):
+    colors = _edit_curve_colors(targets, references)
+    for c in targets:
         y = np.asarray(cols[c], dtype=float)[order]
-        ax.plot(x, y, marker="o", color=["#b2182b", "#ef8a62", "#67001f"][i % 3], label=literal(c))
-    for i, c in enumerate(references):
+        ax.plot(x, y, marker="o", color=colors[c], label=literal(c))
+    for c in references:
         y = np.asarray(cols[c], dtype=float)[order]
-        ax.plot(
-            x,
-            y,
-            marker="s",
-            ls="--",
-            color=["#2166ac", "#67a9cf", "#053061"][i % 3],
-            label=literal(c),
-        )
+        ax.plot(x, y, marker="s", ls="--", color=colors[c], label=literal(c))
     ax.set_xlabel(f"{literal(k)} (components edited)")
     ax.set_ylabel("metric")
     ax.grid(alpha=0.3)

@@ -16,8 +16,8 @@ are the functions it calls:
 - :func:`verify_run`: check every file of a run, and repair what can be recomputed.
 
 A configuration names a factory that is imported and called: trust it like a pickle
-(:mod:`coarpy.runs.config` says which commands import it; ``status``, ``fit``,
-``report`` and ``verify`` never do).
+(:mod:`coarpy.runs.config` says which commands import it; ``status``, ``report``,
+``verify`` and ``fit`` with ``prior="none"`` never do).
 """
 
 from __future__ import annotations

@@ -15,12 +15,13 @@ Trust model: a configuration is code. Its ``factory`` names a module that is imp
 and a function that is called, with your permissions, so ``factory =
 "subprocess:run"`` runs a program: trust a configuration, and a run directory (its
 ``config.toml``), exactly as you would a pickle from the same source. The commands that
-need the model import the factory: ``coar collect``, ``coar worker``, ``coar evaluate``
-and ``coar edit`` (and the launchers, whose workers run ``coar worker``). The commands
-that do not need it import nothing a configuration names: ``coar status``, ``coar
-fit``, ``coar report`` and ``coar verify`` read only the store, the attributions and
-the results. Loading a configuration (:func:`load_config`) parses and checks the TOML
-without importing anything; only :meth:`RunConfig.build` imports the factory.
+need the model import the factory: ``coar collect``, ``coar worker``, ``coar evaluate``,
+``coar edit`` and ``coar fit`` (its default gradient prior; and the launchers, whose
+workers run ``coar worker``). The commands that do not need it import nothing a
+configuration names: ``coar status``, ``coar report``, ``coar verify`` and ``coar fit
+--prior none`` read only the store, the attributions and the results. Loading a
+configuration (:func:`load_config`) parses and checks the TOML without importing
+anything; only :meth:`RunConfig.build` imports the factory.
 
 Every field is checked when a configuration is made or read (``ConfigError`` naming
 the file and the field), before anything is imported, built or written.
@@ -50,6 +51,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+import tomli_w
 
 from .. import _checks, _fs
 from .._engine import AUTOCAST
@@ -148,21 +151,24 @@ class RunConfig:
         return load_config(source)
 
     def to_toml(self) -> str:
-        """The configuration as TOML text (saved next to the run)."""
-        lines, tables = [], []
+        """The configuration as TOML text (saved next to the run).
+
+        Written by ``tomli-w``, read back by ``tomllib``: ``RunConfig.from_text(cfg.to_toml())
+        == cfg``. Fields left at ``None`` and an empty ``factory_args`` are left out.
+        """
+        raw = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            if value is None or (isinstance(value, dict) and not value):
                 continue
-            if isinstance(value, dict):
-                if value:
-                    tables.append((f.name, value))
-                continue
-            lines.append(f"{f.name} = {_toml_value(value)}")
-        for name, table in tables:
-            lines.append(f"\n[{name}]")
-            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())
-        return "\n".join(lines) + "\n"
+            raw[f.name] = value
+        try:
+            return tomli_w.dumps(raw)
+        except TypeError as err:  # e.g. a None or an object in factory_args
+            raise ConfigError(
+                f"Cannot write this configuration as TOML: {err}. factory_args may hold "
+                "strings, numbers, booleans, lists and tables only."
+            ) from err
 
     def build(self) -> Setup:
         """Import and call the factory (trusted code: see the module's docstring), and
@@ -380,19 +386,3 @@ def _check_fields(cfg: RunConfig) -> None:
     _checks.flag(cfg.compile_model, "compile_model")
     _checks.device_budget(cfg.device_budget)
     _checks.mapping(cfg.factory_args, "factory_args")
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else f'"{key}"'
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise ConfigError(f"Cannot write {type(value).__name__} {value!r} to TOML.")

@@ -4,6 +4,7 @@
 
     RUN/config.toml        the run configuration (saved by every worker of the run)
     RUN/meta.json, blocks/ the component dataset (``coarpy.store``)
+    RUN/learning_curve.json the last stop-rule check (``coarpy.stopping``)
     RUN/attributions/      fitted attributions (``Attributions.save``)
     RUN/evaluation.json    held-out evaluation (and evaluation.csv)
     RUN/workers/*.json     heartbeats of collecting workers (``coarpy.runs.heartbeat``)

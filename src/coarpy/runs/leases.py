@@ -19,6 +19,13 @@ iff its file exists, and two workers computing one block write identical bytes, 
 lost race costs time, never data. Leases need a POSIX filesystem shared by the
 workers (local disk, NFS, Lustre); object stores use static shards or Ray instead.
 
+Why leases of our own, not a job queue (Redis, Celery) or ``filelock``: a queue needs a
+server that outlives every worker on a cluster, which the run directory alone does
+not; ``filelock`` gives a mutex that waits, not a claim that lapses when its holder
+stalls and can be taken over. The engines that schedule well (SLURM arrays, Ray) are
+used as launchers; leases only let any mix of their workers share one run's blocks,
+with ``O_EXCL`` creates and modification times, which shared POSIX filesystems keep.
+
 A worker waiting for blocks that live workers hold says so in the log (which blocks,
 whose leases, how fresh) and gives up with a ``CollectError`` when no block of the run
 has finished for ``max_wait_s`` seconds. A file in ``leases/`` that is not a lease is

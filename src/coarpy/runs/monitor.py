@@ -1,9 +1,10 @@
 """How a run is doing: progress, speed, ETA, recent workers and settings (``coar status``).
 
 Reads only the run directory (the store's block files and their times, the workers'
-heartbeats, which results exist); imports nothing from the run's configuration, and
-writes nothing. A worker is shown as active, stalled (alive, but no forward pass for a
-long time), finished or dead (its heartbeat expired, or its process is gone).
+heartbeats, the learning curve a stop rule saved, which results exist); imports nothing
+from the run's configuration, and writes nothing. A worker is shown as active, stalled
+(alive, but no forward pass for a long time), finished or dead (its heartbeat expired,
+or its process is gone).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import time
 from typing import Any
 
+from ..stopping import format_curve, read_curve
 from ..store import ComponentDataset
 from . import heartbeat
 from .layout import ATTRIBUTIONS, EVALUATION, where
@@ -63,6 +65,7 @@ def status(run: str | os.PathLike) -> dict[str, Any]:
         "fitted": (folder / ATTRIBUTIONS).exists(),
         "evaluated": (folder / f"{EVALUATION}.json").exists(),
         "settings": settings,
+        "learning_curve": read_curve(folder),
     }
 
 
@@ -100,6 +103,8 @@ def format_status(info: dict[str, Any]) -> str:
                 "their blocks are taken over by workers in claim mode, or by the next "
                 "`coar worker RUN`"
             )
+    if info.get("learning_curve"):
+        lines.extend(format_curve(info["learning_curve"]))
     lines.append(f"fitted     {yes[info['fitted']]}; evaluated {yes[info['evaluated']]}")
     s = info["settings"]
     lines.append(

@@ -46,8 +46,9 @@ class BlockActor:
 
     def run(self, blocks: list[int]) -> list[int]:
         collect_setup(
-            self.cfg, self.setup, data=self.examples.batches, blocks=blocks, progress=False
-        )
+            self.cfg, self.setup, data=self.examples.batches, blocks=blocks, progress=False,
+            example_ids=self.examples.ids,  # the batches have lost the data's id field
+        )  # fmt: skip
         return blocks
 
     def missing(self) -> list[int]:

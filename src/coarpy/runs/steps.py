@@ -1,19 +1,22 @@
 """The steps after collection, on a run directory: fit, evaluate, verify, and their
 saved tables.
 
-``fit_run`` fits the run's store and saves ``RUN/attributions``; ``evaluate_run``
+``fit_run`` fits the run's store (by default centred on the gradient of the run's
+model) and saves ``RUN/attributions``; ``evaluate_run``
 rebuilds the run's model from its configuration, evaluates the attributions (and
 baselines) on fresh masks and saves ``RUN/evaluation.json`` and ``.csv``. Both write
 next to the store, so the run must be a local directory. ``verify_run`` checks every
 file of a run (and with ``repair`` deletes what is damaged, to be recomputed).
 
-``fit_run`` and ``verify_run`` import nothing a configuration names; only
-``evaluate_run`` builds the model (trusted code: see ``coarpy.runs.config``).
+``verify_run`` and ``fit_run(prior="none")`` import nothing a configuration names;
+``evaluate_run`` and the default ``fit_run`` (its gradient prior) build the model
+(trusted code: see ``coarpy.runs.config``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +37,84 @@ def _local(run: str | os.PathLike, step: str) -> Path:
     return Path(run)
 
 
-def fit_run(run: str | os.PathLike, *, method: str = "ridge", progress: bool = True):
+PRIORS = ("auto", "gradient", "none")
+
+
+def fit_run(
+    run: str | os.PathLike,
+    *,
+    method: str = "group",
+    prior: str = "auto",
+    solver: str = "auto",
+    l2_grid: Sequence[float] | None = None,
+    val_fraction: float | None = None,
+    progress: bool = True,
+):
     """Fit attributions to a run's store and save them in ``RUN/attributions``.
 
-    Returns the ``Attributions`` (``method`` as for ``coarpy.fit``).
+    By default the group model centred on the gradient (``coarpy.fit``'s default
+    method with ``prior="gradient"``), the estimator ``bench/RESULTS_efficiency.md``
+    measured to need the fewest masks.
+
+    Parameters
+    ----------
+    run : a local run directory.
+    method, solver, l2_grid, val_fraction : as for ``coarpy.fit``.
+    prior : ``"auto"`` (default): ``"gradient"`` for ``method="group"`` when the run
+        has a configuration to build its model from, else ``"none"``. ``"gradient"``
+        imports and calls the configuration's factory (trusted code: see
+        ``coarpy.runs.config``) and refuses a model other than the store's;
+        ``"none"`` imports nothing the configuration names.
+
+    Returns
+    -------
+    Attributions, with ``meta["prior"]`` saying which prior was used (group only).
+
+    Raises
+    ------
+    ConfigError
+        An unknown prior, ``"gradient"`` with another method than ``"group"`` or on a run
+        without a configuration.
+    FitError
+        As for ``coarpy.fit``.
     """
-    from ..regression import fit
+    from ..regression import _prior, fit
 
     run = _local(run, "fit")
-    attr = fit(ComponentDataset(run), method=method, progress=progress)
+    if prior not in PRIORS:
+        raise ConfigError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}.")
+    has_config = (run / CONFIG).exists()
+    if prior == "auto":
+        prior = "gradient" if method == "group" and has_config else "none"
+    if prior == "gradient" and method != "group":
+        raise ConfigError(
+            f"The gradient prior centres method 'group', got method {method!r}. Fit with "
+            "method 'group', or with prior 'none'."
+        )
+    if prior == "gradient" and not has_config:
+        raise ConfigError(
+            f"{run} has no {CONFIG} to build the model from, which the gradient prior needs. "
+            "Fit with prior 'none', or call coarpy.fit(..., prior='gradient', model=...)."
+        )
+    ds = ComponentDataset(run)
+    kw: dict[str, Any] = dict(method=method, solver=solver, l2_grid=l2_grid, progress=progress)
+    if val_fraction is not None:
+        kw["val_fraction"] = val_fraction
+    grad = None
+    if prior == "gradient":
+        cfg = load_config(run)
+        setup = cfg.build()
+        if cfg.device is not None:
+            setup.model.to(cfg.device)
+        grad = _prior.gradient_prior(
+            ds.meta, ds.names, ds.n_examples, model=setup.model,
+            components=setup.components, data=setup.data, output=setup.output,
+            progress=progress, batch_size=cfg.batch_size,
+        )  # fmt: skip
+        kw["prior"] = grad
+    attr = fit(ds, **kw)
+    if grad is not None:
+        attr.meta["prior"] = "gradient"
     attr.save(run / ATTRIBUTIONS)
     return attr
 

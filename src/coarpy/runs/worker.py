@@ -87,6 +87,8 @@ def collect_run(
     lease_s: float = LEASE_S,
     device: str | None = None,
     progress: bool | None = None,
+    until: Any = None,
+    overwrite: bool = False,
 ) -> ComponentDataset:
     """Collect (or resume) a run in this process, or this worker's part of it.
 
@@ -104,6 +106,11 @@ def collect_run(
     device : run here instead of the configuration's device (the saved
         configuration keeps its own).
     progress : show a progress bar (default: when stderr is a terminal).
+    until : a ``coarpy.StopRule``: stop early once more masks stop paying
+        (``coarpy.collect``'s ``until``); one process only, not with ``shard`` or
+        ``claim``.
+    overwrite : discard a store at the run's path that was built with other settings
+        (``coarpy.collect``'s ``overwrite``); its saved configuration is replaced.
 
     Returns
     -------
@@ -115,6 +122,17 @@ def collect_run(
     _checks.flag(claim, "claim")
     _checks.number(lease_s, "lease_s", positive_only=True, fix="e.g. lease_s=120.")
     _checks.optional_flag(progress, "progress")
+    if until is not None and (shard is not None or claim):
+        raise ArgumentError(
+            "until= stops the whole run from one process's view; it cannot be combined "
+            "with a shard or claim. Collect with one process, or drop until=."
+        )
+    _checks.flag(overwrite, "overwrite")
+    if overwrite and claim:
+        raise ArgumentError(
+            "overwrite=True with claim=True: a worker that claims blocks shares the run with "
+            "other workers and must not discard it. Overwrite with one process first."
+        )
     run = layout.where(cfg.path)
     if layout.is_local(run):
         heartbeat.sweep(run)
@@ -125,6 +143,8 @@ def collect_run(
         _fs.write_new(run / layout.CONFIG, cfg.to_toml().encode())
     ds = collect_setup(
         here, here.build(), shard=shard, claim=claim, lease_s=lease_s, progress=progress,
+        until=until,
+        overwrite=overwrite,
     )  # fmt: skip
     save_config(cfg)  # after collect: a configuration the store refused is not kept
     return ds
@@ -140,12 +160,15 @@ def collect_setup(
     claim: bool = False,
     lease_s: float = LEASE_S,
     progress: bool | None = None,
+    until: Any = None,
+    overwrite: bool = False,
+    example_ids: list | None = None,
 ) -> ComponentDataset:
     """``coarpy.collect`` on a built configuration, with heartbeats (and leases).
 
     ``data`` replaces the setup's examples (a Ray actor passes them already on its
-    device); ``blocks`` restricts the work to these blocks (default: all, or
-    ``shard``'s).
+    device, with their ids as ``example_ids``); ``blocks`` restricts the work to these
+    blocks (default: all, or ``shard``'s).
     """
     from ..collect import collect
 
@@ -156,12 +179,19 @@ def collect_setup(
     beat = Heartbeat(run, shard=shard, device=str(model_device(model)))
     args = (model, setup.components, setup.data if data is None else data)
     settings = collect_settings(cfg, setup.output)
+    if overwrite:
+        settings["overwrite"] = True
+    if example_ids is not None:
+        settings["example_ids"] = example_ids
     if claim:
         with Claims(run, blocks, shard=shard, lease_s=lease_s) as claims:
             return collect(*args, **settings, blocks=beat.around(claims), progress=progress)
     if blocks is None:
         blocks = _every_block(cfg)
-    return collect(*args, **settings, blocks=beat.around(blocks), shard=shard, progress=progress)
+    return collect(
+        *args, **settings, blocks=beat.around(blocks), shard=shard, progress=progress,
+        until=until,
+    )  # fmt: skip
 
 
 def _every_block(cfg: RunConfig) -> Iterator[int]:
