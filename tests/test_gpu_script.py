@@ -86,3 +86,13 @@ def test_without_torchvision_the_imagenet_sections_are_skipped_with_a_note(tmp_p
         "collect ViT-B/16 (torchvision)",
     ]
     assert [r["section"] for r in rows if r not in skipped] == ["fit"]  # setup B's fit still runs
+
+
+@pytest.mark.slow  # runs the benchmark script
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_the_stream_section_runs_alone_and_finds_the_same_rows(tmp_path):
+    rows = _run(tmp_path, "--only", "stream")
+    assert [r["section"] for r in rows] == ["stream"]
+    (row,) = rows
+    assert row["plain"] > 0 and row["collect"] > 0 and row["ratio"] > 0
+    assert "rows identical: True" in row["note"]
