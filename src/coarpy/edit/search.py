@@ -88,7 +88,7 @@ def _rows_of(
 ) -> tuple[ExampleSet, ExampleSet, Any]:
     """(every example, the examples the objective reads, the objective on those)."""
     device = model_device(model)
-    every = ExampleSet(data, device, None)
+    every = ExampleSet(data, device, batch_size)  # batch_size: what a budget holds
     rows, local = restrict(objective, every.n_examples)
     return every, every.subset(rows, batch_size), (rows, local)
 
