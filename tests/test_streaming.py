@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from coarpy import edit
-from coarpy._engine import ExampleSet
+from coarpy._engine import ExampleSet, resolve_budget
 from coarpy.baselines import gradient, leave_one_out
 from coarpy.collect import collect
 from coarpy.components import Components
@@ -79,6 +79,13 @@ def test_examples_over_the_budget_stay_on_the_host_as_uint8_in_segments():
     assert all(b[0].dtype == torch.uint8 for b in examples.device_batches())
     resident = ExampleSet(data, torch.device("cpu"), BATCH)
     assert not resident.streamed and resident.fingerprint() == examples.fingerprint()
+
+
+def test_the_default_budget_is_half_the_free_cuda_memory_and_no_limit_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3000, 8000))
+    assert resolve_budget(None, torch.device("cuda")) == 1500
+    assert resolve_budget(4096, torch.device("cuda")) == 4096
+    assert resolve_budget(None, torch.device("cpu")) is None
 
 
 def test_a_streamed_collection_writes_the_same_store_bytes(tmp_path):
