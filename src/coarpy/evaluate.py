@@ -388,7 +388,6 @@ def evaluate_store(
     ds: ComponentDataset,
     *,
     check: bool = True,
-    device_budget: int | None = None,
 ) -> Evaluation:
     """Correlate predicted and true outputs on masks already collected into ``ds``.
 
