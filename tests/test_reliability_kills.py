@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,8 @@ def _child(path: Path) -> int:
             collect(made["model"], made["components"], made["data"], path=path, progress=False,
                     **SETTINGS)  # fmt: skip
             code = 0
+        except BaseException:  # say why in the campaign's output, then exit as a child
+            traceback.print_exc()
         finally:
             os._exit(code)
     return pid

@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,8 @@ def _worker(path: Path, n_masks: int, k: int, n: int) -> int:
             )  # fmt: skip
             collect_run(cfg, shard=(k, n), claim=True, lease_s=2.0, progress=False)
             code = 0
+        except BaseException:  # say why in the campaign's output, then exit as a child
+            traceback.print_exc()
         finally:
             os._exit(code)
     return pid
