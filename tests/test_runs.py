@@ -23,7 +23,7 @@ from coarpy.store import ComponentDataset
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
-from _launch_setup import config  # noqa: E402
+from _launch_setup import SETTINGS, config, setup  # noqa: E402
 
 sys.path.remove(str(TESTS))
 
@@ -417,3 +417,21 @@ def test_a_factory_that_raises_on_import_or_takes_other_arguments_is_a_config_er
         RunConfig(factory="broken_factory:make", **base).build()
     with pytest.raises(ConfigError, match=r"\[factory_args\] \['depth'\] do not fit"):
         RunConfig(factory="strict_factory:make", factory_args={"depth": 2}, **base).build()
+
+
+def test_a_claiming_worker_of_a_smaller_run_takes_only_its_own_blocks_of_a_grown_store(
+    tmp_path,
+):
+    """A worker started with the smaller n_masks after another grew the store fills its
+    own blocks and leaves the rest (it once claimed a block past its own count and
+    stopped with an ArgumentError: the workers campaign hit this under load)."""
+    from coarpy.collect import collect
+
+    made = setup()
+    grown = {**SETTINGS, "n_masks": 2 * SETTINGS["n_masks"]}
+    collect(made["model"], made["components"], made["data"], path=tmp_path / "run",
+            blocks=[], progress=False, **grown)  # fmt: skip
+    ds = runs.collect_run(config(tmp_path / "run"), claim=True, progress=False)
+    n_small = SETTINGS["n_masks"] // SETTINGS["block_size"]
+    assert ComponentDataset(ds.path).n_blocks == 2 * n_small  # the growth is kept
+    assert ComponentDataset(ds.path).missing_blocks() == list(range(n_small, 2 * n_small))

@@ -89,9 +89,9 @@ class Claims:
     run : the store, or its directory on a local or shared POSIX filesystem. The
         store may not exist yet: it is opened when the iteration starts (``collect``
         creates it first).
-    blocks : the candidate blocks, in the order to try them (default: every block of
-        the store, those of ``shard`` first, so that workers start apart).
-    shard : ``(k, K)``: this worker's share, tried first when ``blocks`` is None.
+    blocks : the candidate blocks (default: every block of the store), tried in their
+        order after those of ``shard``, so that workers start apart.
+    shard : ``(k, K)``: this worker's share of the candidates, tried first.
     lease_s : seconds after which an untouched lease is stale.
     stall_s : seconds without a forward pass in this process after which its leases
         are no longer renewed (a hung worker loses its blocks to others).
@@ -150,9 +150,7 @@ class Claims:
         return self._ds
 
     def _order(self) -> list[int]:
-        if self.blocks is not None:
-            return self.blocks
-        every = range(self.ds.n_blocks)
+        every = range(self.ds.n_blocks) if self.blocks is None else self.blocks
         if self.shard is None:
             return list(every)
         k, n = self.shard

@@ -184,7 +184,10 @@ def collect_setup(
     if example_ids is not None:
         settings["example_ids"] = example_ids
     if claim:
-        with Claims(run, blocks, shard=shard, lease_s=lease_s) as claims:
+        # this configuration's blocks only: a store another worker has grown holds more
+        # blocks than this call's n_masks covers, and collect refuses those
+        mine = range(-(-cfg.n_masks // cfg.block_size)) if blocks is None else blocks
+        with Claims(run, mine, shard=shard, lease_s=lease_s) as claims:
             return collect(*args, **settings, blocks=beat.around(claims), progress=progress)
     if blocks is None:
         blocks = _every_block(cfg)
