@@ -355,3 +355,32 @@ def test_pilot_examples_must_be_a_positive_int_or_none():
     V, Y, _, _ = additive_data(n=30, N=10, E=2)
     with pytest.raises(FitError, match="pilot_examples must be an int >= 1 or None"):
         PriorRidge(pilot_examples=0, progress=False).fit((V, Y))
+
+
+def test_prior_expected_gradient_is_the_expected_gradient_at_the_stores_alpha(
+    trained_cnn, digits_store
+):
+    from coarpy.baselines import expected_gradient
+
+    ds, comps, data = digits_store
+    by_name = fit(ds, prior="expected_gradient", model=trained_cnn, components=comps,
+                  data=data, progress=False)  # fmt: skip
+    eg = expected_gradient(trained_cnn, comps, data, n_states=16, alpha=0.1, seed=0)
+    by_hand = fit(ds, prior=eg, progress=False)
+    assert torch.equal(by_name.weights, by_hand.weights)
+    assert by_name.meta["prior"] == "expected_gradient"
+    assert by_hand.meta["prior_method"] == "expected_gradient"
+
+
+def test_prior_expected_gradient_on_in_memory_masks_centres_on_the_true_weights():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5, bias=False), torch.nn.Linear(5, 1)).eval()
+    comps = Components.from_spec(net, {"0": "linear"})
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        true = (net[0](x) * net[1].weight).double()  # (E, 5): additive in the hidden units
+    V = torch.from_numpy(np.random.default_rng(1).random((12, 5)) > 0.2)  # (n, N)
+    Y = V.double() @ true.T + float(net[1].bias.detach())  # (n, E) exact outputs
+    attr = fit((V, Y), prior="expected_gradient", model=net, components=comps, data=x,
+               output=lambda m, b: m(b)[:, 0], progress=False)  # fmt: skip
+    assert attr.meta["prior"] == "expected_gradient"
+    torch.testing.assert_close(attr.weights.double(), true, rtol=1e-4, atol=1e-4)
