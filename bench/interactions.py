@@ -5,8 +5,9 @@ alpha = 0.1, 0.877 at 0.2). This prototype adds pairwise interactions over the t
 ``k`` components of each example (chosen by the size of its linear attributions),
 fitted from the same masks, and measures the held-out Pearson with and without them.
 
-Model, per example ``e``: the linear fit ``b + w . v`` (``coarpy.fit``, method
-"group" with the gradient prior, the default) plus
+Model (``coarpy.regression.interactions.PairwiseInteractions``), per example ``e``:
+the linear fit ``b + w . v`` (``coarpy.fit``, method "group" with the gradient prior)
+plus
 ``sum_{i<j in top_k(e)} u_ij (a_i - abar_i)(a_j - abar_j)``, ``a = 1 - v`` the
 ablated indicator and ``abar`` its mean over the training masks. For independent
 masks the centred products are orthogonal to the linear terms (the best linear
@@ -30,13 +31,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from coarpy import Components, outputs
 from coarpy.baselines import gradient
 from coarpy.collect import collect
 from coarpy.evaluate import pearson
 from coarpy.regression import fit
+from coarpy.regression.interactions import PairwiseInteractions
 
 OUT = Path(__file__).resolve().parent / "out" / "interactions"
 MODELS = {"digits": 200, "fashion": 100}  # examples
@@ -50,58 +51,6 @@ def setup(name: str):
     comps = Components.discover(model, kinds=("conv", "neurons"))
     n = MODELS[name]
     return model, comps, (x[:n], y[:n])
-
-
-def pair_features(V: Tensor, pairs: Tensor, abar: Tensor) -> Tensor:
-    """(n, P) centred products of the ablated indicators of ``pairs`` (P, 2)."""
-    A = 1.0 - V.double()  # (n, N) ablated
-    A -= abar
-    return A[:, pairs[:, 0]] * A[:, pairs[:, 1]]
-
-
-def top_pairs(weights: Tensor, k: int) -> Tensor:
-    """(E, P, 2) the pairs among each example's k largest |weights|."""
-    top = weights.abs().topk(k, dim=1).indices  # (E, k)
-    i, j = torch.triu_indices(k, k, offset=1)
-    return torch.stack([top[:, i], top[:, j]], 2)
-
-
-def fit_pairs(V: Tensor, resid: Tensor, pairs: Tensor, abar: Tensor) -> tuple[Tensor, Tensor]:
-    """Per example a ridge of the residuals on its pair features, penalty by GCV.
-
-    Returns (u (E, P), intercept (E,)); u = 0 where GCV prefers no pairs.
-    """
-    n, E = resid.shape
-    P = pairs.shape[1]
-    u = torch.zeros(E, P, dtype=torch.float64)
-    c = torch.zeros(E, dtype=torch.float64)
-    rel = torch.tensor([10.0**p for p in range(-4, 5)], dtype=torch.float64)
-    for e in range(E):
-        Z = pair_features(V, pairs[e], abar)  # (n, P)
-        zm = Z.mean(0)
-        Z = Z - zm
-        r = resid[:, e].double()
-        rm = r.mean()
-        r = r - rm
-        U, s, Vt = torch.linalg.svd(Z, full_matrices=False)
-        d = s * s  # (P,)
-        p = U.T @ r
-        base = float(r @ r)
-        best = n * base / (n - 1.0) ** 2  # no pairs: df = 1 (the intercept)
-        lam_best = None
-        for lam in (rel * d.mean()).tolist():
-            f = d / (d + lam)
-            rss = base - float((p * p).sum()) + float((((1 - f) * p) ** 2).sum())
-            df = 1.0 + float(f.sum())
-            g = n * rss / max(n - df, 1e-9) ** 2
-            if g < best:
-                best, lam_best = g, lam
-        if lam_best is not None:
-            u[e] = Vt.T @ (s / (d + lam_best) * p)
-            c[e] = rm - zm @ u[e]
-        else:
-            c[e] = rm
-    return u, c
 
 
 def run(name: str, alpha: float, n_train: int, n_held: int, ks: list[int]) -> list[str]:
@@ -120,19 +69,12 @@ def run(name: str, alpha: float, n_train: int, n_held: int, ks: list[int]) -> li
         lin = fit((V[:n], Y[:n]), prior=grad, groups=[g.partition(":")[0] for g in comps.names],
                   progress=False)  # fmt: skip
         r_lin = float(pearson(lin.predict(Vh).double(), Yh.double()).nanmean())
-        resid = Y[:n].double() - lin.predict(V[:n]).double()  # (n, E)
-        abar = 1.0 - V[:n].double().mean(0)  # (N,)
         cells = [f"{r_lin:.4f}"]
         for k in ks:
             t1 = time.perf_counter()
-            pairs = top_pairs(lin.weights, k)
-            u, c = fit_pairs(V[:n], resid, pairs, abar)
-            extra = torch.stack(
-                [pair_features(Vh, pairs[e], abar) @ u[e] + c[e] for e in range(len(u))], 1
-            )  # (n_held, E)
-            pred = lin.predict(Vh).double() + extra
-            r = float(pearson(pred, Yh.double()).nanmean())
-            used = float((u.abs().sum(1) > 0).double().mean())
+            pw = PairwiseInteractions(lin, top=k).fit((V[:n], Y[:n]))
+            r = float(pearson(pw.predict(Vh), Yh.double()).nanmean())
+            used = float((pw.weights_.abs().sum(1) > 0).double().mean())
             cells.append(f"{r:.4f} ({r - r_lin:+.4f}; pairs used for {used:.0%} of examples, "
                          f"{time.perf_counter() - t1:.0f} s)")  # fmt: skip
         lines.append(f"| {name} | {alpha} | {n} | " + " | ".join(cells) + " |")

@@ -26,6 +26,10 @@ method     estimator                              what it does
                                                   generalised cross-validation
 ========== ====================================== ==========================================
 
+:class:`PairwiseInteractions` (:mod:`.interactions`) optionally adds pairwise terms over
+each example's top components to a fitted linear model (a second-order model, for larger
+``alpha``).
+
 The held-out rows are a pure function of ``(seed, row index)``, so the split does not
 depend on block sizes or on how far a store has grown. The statistics, the split and the
 memory budget shared by the estimators live in :mod:`coarpy.regression._stats`. Ridge
@@ -47,6 +51,7 @@ from ..errors import FitError
 from . import _prior, _stats
 from ._stats import DEFAULT_L2_RELATIVE
 from .group import DEFAULT_PRIOR_SCALES, PriorRidge
+from .interactions import PairwiseInteractions
 from .lasso import DEFAULT_L1_RELATIVE, LassoPath
 from .ridge import SOLVERS, LeastSquares, RidgePath
 
@@ -60,6 +65,7 @@ __all__ = [
     "SOLVERS",
     "LassoPath",
     "LeastSquares",
+    "PairwiseInteractions",
     "PriorRidge",
     "RidgePath",
     "fit",
