@@ -173,6 +173,15 @@ def test_fit_then_evaluate_from_the_command_line(config_file, tmp_path, capsys):
     assert info["fitted"] and info["evaluated"]
 
 
+def test_evaluate_takes_the_expected_gradient_baseline_at_the_runs_alpha(config_file, capsys):
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    assert main(["fit", cfg.path, "--prior", "none"]) == 0
+    argv = ["evaluate", cfg.path, "--n-masks", "10", "--baselines", "expected_gradient"]
+    assert main(argv) == 0
+    assert "expected_gradient" in capsys.readouterr().out
+
+
 def test_evaluate_before_fit_says_what_to_run(config_file, capsys):
     cfg = RunConfig.load(config_file)
     runs.collect_run(cfg, progress=False)

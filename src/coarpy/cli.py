@@ -170,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
         "--baselines",
         nargs="*",
         default=["leave_one_out", "gradient"],
-        help="baselines evaluated on the same masks (default: leave_one_out gradient)",
+        help="baselines evaluated on the same masks: leave_one_out, gradient, "
+        "expected_gradient (default: leave_one_out gradient)",
     )
     e.add_argument(
         "--no-check", action="store_true",

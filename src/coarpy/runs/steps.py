@@ -15,6 +15,7 @@ file of a run (and with ``repair`` deletes what is damaged, to be recomputed).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -153,7 +154,16 @@ def evaluate_run(
     ds = ComponentDataset(run)
     if not (run / ATTRIBUTIONS).exists():
         raise ConfigError(f"{run} has no fitted attributions yet. Run `coar fit {run}` first.")
-    known = {"leave_one_out": _baselines.leave_one_out, "gradient": _baselines.gradient}
+    known = {
+        "leave_one_out": _baselines.leave_one_out,
+        "gradient": _baselines.gradient,
+        "expected_gradient": functools.partial(
+            _baselines.expected_gradient,
+            alpha=ds.alpha,
+            seed=int(ds.meta.get("seed", 0)),
+            sampler=ds.meta.get("sampler", "bernoulli"),
+        ),  # its states drawn like the run's masks
+    }
     unknown = [name for name in baselines if name not in known]
     if unknown:
         raise ConfigError(
