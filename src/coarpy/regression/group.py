@@ -10,7 +10,9 @@ masks that wastes information in two ways:
   ``l2 * r_g``. The relative penalties ``r_g`` are estimated across examples (empirical
   Bayes): a pilot fit gives every example's weights, ``tau_g**2`` is the mean over
   examples of a group's mean squared weight relative to the example's, and
-  ``r_g = 1 / tau_g**2``. The pilot is refitted with those penalties ``n_iter`` times.
+  ``r_g = 1 / tau_g**2``. The pilot is refitted with those penalties ``n_iter`` times;
+  the pilots pool ``pilot_examples`` (256) evenly spaced examples, since they estimate
+  one number per group.
   The ``r_g`` are normalised so that their geometric mean over components is 1: equal
   group penalties are plain ridge.
 - **A cheap estimate is a better centre than zero.** The gradient (attribution
@@ -47,8 +49,9 @@ or the dual (:mod:`._gcv`), whichever the estimate of :mod:`._cost` says is fast
 eigendecompositions of the ``N x N`` scaled Gram (about ``5 s N**2`` bytes for ``s``
 bytes per number), or, with fewer masks than components, of the ``n x n`` scaled
 kernel (about ``12 n**2`` bytes plus ``4 n**2`` per group when the group kernels are
-kept). Examples are processed in chunks, so memory does not grow with ``E`` beyond the
-kept outputs and the result. The choice, and why, is logged (INFO) and kept in the
+kept); the dual pilots run in float32, the final fit in ``dtype``. Examples are
+processed in chunks, so memory does not grow with ``E`` beyond the kept outputs and the
+result. The choice, and why, is logged (INFO) and kept in the
 meta (``solver``, ``solver_reason``).
 """
 
