@@ -246,9 +246,10 @@ class GroupKernels:
         if keep:
             n = rows.n
             self.kernels = [torch.zeros(n, n, device=device) for _ in range(n_groups)]
-            self._count(lambda g, X: _rows.add_outer_lower_(self.kernels[g], X))
-            for Kg in self.kernels:
-                _rows.mirror_lower_(Kg)
+            # One full product per group: a group is a few columns wide, and one large
+            # GEMM beats the lower triangle's many small ones (49 ResNet-50 modules, 2,000
+            # rows: 4.1 s against 7.8 s on 2 cores) despite twice the flops.
+            self._count(lambda g, X: self.kernels[g].addmm_(X, X.T))
 
     def _count(self, add: Any) -> None:
         """Call ``add(group, X)`` for the float32 columns X (n, w) of each group, by slices."""
