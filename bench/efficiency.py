@@ -13,7 +13,9 @@ and the ratio n / that.
 Models: the digits CNN (144 components), a Fashion-MNIST CNN (240) and all-MiniLM-L6-v2
 in a sentiment probe (the 72 heads of all layers and the 1,536 MLP neurons of the last
 layer: 1,608 components; all 9,288 would need more masks than this 2-core CPU collects in
-reasonable time for least squares to be defined at all).
+reasonable time for least squares to be defined at all). ``minilm_all`` takes all 9,288
+heads and neurons with 1,000 masks (no least squares; ridge, group and the two priors,
+the gradient and ``coarpy.baselines.expected_gradient``, at n = 125 .. 1,000).
 
 Usage::
 
@@ -21,6 +23,7 @@ Usage::
     python bench/efficiency.py curves digits    # fits -> bench/out/efficiency/digits/curves.json
     python bench/efficiency.py report           # tables (summary.md), bench/figures/*.png
     python bench/efficiency.py all              # every model, every step
+    python bench/efficiency.py all minilm_all   # all MiniLM components (~10 min here)
 
 Results and their reading: bench/RESULTS_efficiency.md.
 
