@@ -13,7 +13,9 @@ and the ratio n / that.
 Models: the digits CNN (144 components), a Fashion-MNIST CNN (240) and all-MiniLM-L6-v2
 in a sentiment probe (the 72 heads of all layers and the 1,536 MLP neurons of the last
 layer: 1,608 components; all 9,288 would need more masks than this 2-core CPU collects in
-reasonable time for least squares to be defined at all).
+reasonable time for least squares to be defined at all). ``minilm_all`` takes all 9,288
+heads and neurons with 1,000 masks (no least squares; ridge, group and the two priors,
+the gradient and ``coarpy.baselines.expected_gradient``, at n = 125 .. 1,000).
 
 Usage::
 
@@ -21,6 +23,7 @@ Usage::
     python bench/efficiency.py curves digits    # fits -> bench/out/efficiency/digits/curves.json
     python bench/efficiency.py report           # tables (summary.md), bench/figures/*.png
     python bench/efficiency.py all              # every model, every step
+    python bench/efficiency.py all minilm_all   # all MiniLM components (~10 min here)
 
 Results and their reading: bench/RESULTS_efficiency.md.
 
@@ -42,7 +45,7 @@ from torch import Tensor
 from coarpy import Components, outputs
 from coarpy._fingerprint import model_fingerprint
 from coarpy.attributions import Attributions
-from coarpy.baselines import gradient, leave_one_out
+from coarpy.baselines import expected_gradient, gradient, leave_one_out
 from coarpy.collect import collect
 from coarpy.evaluate import pearson
 from coarpy.regression import PriorRidge, fit
@@ -60,6 +63,9 @@ MODELS = {
     "fashion": dict(n_train=6000, n_heldout=500, n_examples=100, batch_size=2000),
     # 1,608 components: a fit takes ~10-60 s here, so fewer points, windows and methods.
     "minilm": dict(n_train=3200, n_heldout=300, n_examples=16, batch_size=256, windows=3),
+    # All 9,288 heads and neurons (issue 19): fewer masks than components, so no least
+    # squares; the priors and a few mask counts only.
+    "minilm_all": dict(n_train=1000, n_heldout=200, n_examples=16, batch_size=256, windows=4),
 }
 
 
@@ -90,40 +96,9 @@ def setup(name: str):
             "labels": batch["labels"][rows],
         }
     ]
-    comps = Components.discover(
-        model, kinds=("heads", "neurons"), exclude=["encoder.encoder.layer.[0-4].output"]
-    )
+    exclude = [] if name == "minilm_all" else ["encoder.encoder.layer.[0-4].output"]
+    comps = Components.discover(model, kinds=("heads", "neurons"), exclude=exclude)
     return model, comps, data
-
-
-def expected_gradient(model, comps, data, *, k: int, seed: int) -> Attributions:
-    """Gradient of every output w.r.t. the keep-mask, averaged over k Bernoulli(ALPHA) masks.
-
-    ``coarpy.baselines.gradient`` linearises at the full model (v = 1); averaging the
-    gradient over random ablation states is closer to what the regression estimates, at
-    k backward passes instead of one.
-    """
-    from coarpy import _batching
-    from coarpy.ablation import Ablator
-    from coarpy.collect import ExampleSet
-    from coarpy.masks import sample_masks
-
-    examples = ExampleSet(data, torch.device("cpu"), None)
-    points = sample_masks(0, k, len(comps), alpha=ALPHA, seed=seed, stream=7).float()
-    total = torch.zeros(examples.n_examples, len(comps))
-    with Ablator(model, comps) as ablator, torch.enable_grad():
-        for point in points:
-            row = 0
-            for batch in examples.batches:
-                size = _batching.batch_size(batch)
-                keep = point.expand(size, -1).clone().requires_grad_(True)  # (b, N)
-                ablator.set(keep)
-                (grad,) = torch.autograd.grad(outputs.margin(model, batch).sum(), keep)
-                total[row : row + size] += grad
-                row += size
-        ablator.set(None)
-    meta = {"method": f"expected_gradient_{k}", "fingerprint": model_fingerprint(model)}
-    return Attributions(total / k, torch.zeros(len(total)), list(comps.names), meta)
 
 
 def _fresh(path: Path, model) -> bool:
@@ -149,8 +124,11 @@ def collect_model(name: str, *, progress: bool = True) -> None:
     if not _fresh(root / "gradient", model):
         gradient(model, comps, data, output=outputs.margin).save(root / "gradient")
     if name != "minilm" and not _fresh(root / "egrad", model):
-        expected_gradient(model, comps, data, k=EGRAD_MASKS, seed=TRAIN_SEED).save(root / "egrad")
-    if name != "minilm" and not _fresh(root / "loo", model):
+        expected_gradient(
+            model, comps, data, n_states=EGRAD_MASKS, alpha=ALPHA, seed=TRAIN_SEED,
+            output=outputs.margin,
+        ).save(root / "egrad")  # fmt: skip
+    if not name.startswith("minilm") and not _fresh(root / "loo", model):
         leave_one_out(model, comps, data, output=outputs.margin, batch_size=cfg["batch_size"]).save(
             root / "loo"
         )
@@ -213,8 +191,16 @@ def methods(name: str, root: Path, labels: list[str]) -> dict[str, tuple]:
         "ridge to grad, GCV": (group(grad, n_iter=0), GRAD_COST, None),
         "group + grad": (group(grad), GRAD_COST, None),
     }
-    if name == "minilm":  # the variants that only isolate one ingredient cost too much here
+    if name.startswith("minilm"):  # the variants that isolate one ingredient cost too much
         del out["ridge, GCV"], out["ridge to grad, GCV"]
+    if name == "minilm_all":  # fewer masks than components: no least squares
+        del out["ols"]
+        out["group + E[grad]"] = (
+            group(Attributions.load(root / "egrad")),
+            EGRAD_MASKS * GRAD_COST,
+            None,
+        )
+        return out
     if name == "minilm":
         heads = torch.tensor(["attention" in m for m in labels])
 
@@ -254,13 +240,16 @@ def curves(name: str) -> dict:
     extra = {2263} if name == "minilm" else set()  # a second least-squares point above N
     for label, (fit_fn, _, n_max) in methods(name, root, labels).items():
         step = 2.0 if name == "minilm" else 2**0.5
-        for n in sorted(set(n_grid(min(len(V), n_max or len(V)), step=step)) | extra):
+        grid = sorted(set(n_grid(min(len(V), n_max or len(V)), step=step)) | extra)
+        if name == "minilm_all":
+            grid = [n for n in (125, 250, 500, 1000) if n <= len(V)]
+        for n in grid:
             key = str(n)
             if key in done.get(label, {}) or (label == "ols" and n < N + 2):
                 continue
             t0 = time.perf_counter()
             most = 1 if label == "lasso" else MODELS[name].get("windows", WINDOWS)
-            if name == "minilm" and n > 200:
+            if name.startswith("minilm") and n > 200:
                 most = 1
             windows = max(1, min(most, len(V) // n))
             scores = [
@@ -379,7 +368,8 @@ def summarise(name: str, data: dict, n_components: int, alone: dict) -> str:
     if alone:
         each = ", ".join(f"{k} {r:.3f} ({c} masks)" for k, (r, c) in alone.items())
         lines += [f"Baselines alone (held-out r, cost): {each}.", ""]
-    shown = [n for n in (25, 50, 100, 200, 400, 800, 1600, 3200) if str(n) in data["group"]]
+    shown = [n for n in (25, 50, 100, 125, 200, 250, 400, 500, 800, 1000, 1600, 3200)
+             if str(n) in data["group"]]  # fmt: skip
     lines.append("| method | " + " | ".join(f"n={n}" for n in shown) + " |")
     lines.append("|---" * (len(shown) + 1) + "|")
     for label in labels:
@@ -388,8 +378,9 @@ def summarise(name: str, data: dict, n_components: int, alone: dict) -> str:
             r = data[label].get(str(n))
             cells.append("" if r is None else f"{sum(r) / len(r):.3f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Masks needed to reach least squares' r at n masks (ratio n / masks):", ""]
-    lines += _ratio_rows(data, "ols", [k for k in labels if k != "ols"], costs)
+    if "ols" in data:  # not with fewer masks than components
+        lines += ["", "Masks needed to reach least squares' r at n masks (ratio n / masks):", ""]
+        lines += _ratio_rows(data, "ols", [k for k in labels if k != "ols"], costs)
     lines += ["", "Masks needed to reach ridge's (the current default's) r at n masks:", ""]
     lines += _ratio_rows(data, "ridge", ["group", "group + grad"], costs)
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ from torch import nn
 
 from coarpy.ablation import ablate
 from coarpy.attributions import Attributions
-from coarpy.baselines import gradient, leave_one_out
+from coarpy.baselines import expected_gradient, gradient, leave_one_out
 from coarpy.components import Components
 from coarpy.errors import ComponentError, EvaluationError
 from coarpy.evaluate import evaluate
@@ -281,3 +281,68 @@ def test_a_bi_encoder_gets_the_same_baselines_as_one_example_at_a_time(pairs, ca
     keep[1:].fill_diagonal_(False)
     values = _one_at_a_time(net, comps, data, keep)
     torch.testing.assert_close(loo.weights, (values[0] - values[1:]).T)
+
+
+# -- the expected gradient: the gradient averaged over ablation states ---------------------
+
+
+def test_expected_gradient_recovers_the_weights_of_an_additive_model_exactly(additive):
+    net, comps = additive
+    eg = expected_gradient(net, comps, X, output=readout, n_states=8, alpha=0.3, seed=2)
+    weights, bias = true_weights()
+    assert torch.equal(eg.weights, weights)  # the same gradient at every state
+    assert torch.equal(eg.bias, bias)
+
+
+def test_expected_gradient_at_alpha_zero_is_the_gradient(mlp):
+    comps = Components.discover(mlp, kinds=("linear",), exclude="4")
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
+    first = lambda model, batch: model(batch)[:, 0]  # noqa: E731
+    eg = expected_gradient(mlp, comps, x, output=first, n_states=3, alpha=0.0)
+    grad = gradient(mlp, comps, x, output=first)
+    torch.testing.assert_close(eg.weights, grad.weights, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(eg.bias, grad.bias, rtol=1e-6, atol=1e-5)
+
+
+class Product(nn.Module):
+    """f = h0 * h1 of two hidden units h = (2x, 3x): one pure pairwise interaction."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.tensor([[2.0], [3.0]]))
+
+    def forward(self, x):
+        h = self.hidden(x)
+        return h[:, :1] * h[:, 1:]
+
+
+def test_expected_gradient_averages_the_gradient_over_the_states_drawn_like_masks():
+    from coarpy.baselines import _STATES_STREAM
+    from coarpy.masks import sample_masks
+
+    net = Product().eval()
+    comps = Components.from_spec(net, {"hidden": "linear"})
+    x = torch.tensor([[1.0], [2.0]])  # h0 h1 = 6 x**2: 6 and 24
+    eg = expected_gradient(net, comps, x, output=readout, n_states=40, alpha=0.5, seed=5)
+    states = sample_masks(0, 40, 2, alpha=0.5, seed=5, stream=_STATES_STREAM).double()
+    hh = torch.tensor([6.0, 24.0], dtype=torch.float64)
+    # f(v) = v0 v1 h0 h1, so df/dv0 = v1 h0 h1 and df/dv1 = v0 h0 h1 at every state
+    mean = states.mean(0)
+    want = hh[:, None] * mean.flip(0)[None, :]  # (E, 2)
+    torch.testing.assert_close(eg.weights.double(), want, rtol=1e-6, atol=1e-6)
+    mean_f = hh * (states[:, 0] * states[:, 1]).mean()
+    torch.testing.assert_close(eg.bias.double(), mean_f - want @ mean, rtol=1e-6, atol=1e-5)
+    assert 0 < mean[0] < 1 and 0 < mean[1] < 1  # the states are not all full or all ablated
+    assert eg.meta["method"] == "expected_gradient"
+    assert eg.meta["states"] == {"n_states": 40, "alpha": 0.5, "sampler": "bernoulli", "seed": 5}
+
+
+def test_a_bi_encoder_gets_the_same_expected_gradient_as_one_example_at_a_time(pairs):
+    net, comps, (x, y) = pairs
+    eg = expected_gradient(net, comps, (x, y), n_states=3, alpha=0.2, progress=False)
+    for i in (0, 5):
+        alone = expected_gradient(net, comps, (x[i : i + 1], y[i : i + 1]), n_states=3, alpha=0.2)
+        torch.testing.assert_close(eg.weights[i], alone.weights[0])
+        torch.testing.assert_close(eg.bias[i], alone.bias[0])

@@ -173,6 +173,15 @@ def test_fit_then_evaluate_from_the_command_line(config_file, tmp_path, capsys):
     assert info["fitted"] and info["evaluated"]
 
 
+def test_evaluate_takes_the_expected_gradient_baseline_at_the_runs_alpha(config_file, capsys):
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    assert main(["fit", cfg.path, "--prior", "none"]) == 0
+    argv = ["evaluate", cfg.path, "--n-masks", "10", "--baselines", "expected_gradient"]
+    assert main(argv) == 0
+    assert "expected_gradient" in capsys.readouterr().out
+
+
 def test_evaluate_before_fit_says_what_to_run(config_file, capsys):
     cfg = RunConfig.load(config_file)
     runs.collect_run(cfg, progress=False)
@@ -386,6 +395,26 @@ def test_fit_centres_on_the_gradient_of_the_runs_model_by_default(config_file, c
     assert "(group, prior none)" in capsys.readouterr().out
     assert main(["fit", cfg.path, "--method", "ridge", "--prior", "gradient"]) == 2
     assert "The gradient prior centres method 'group'" in capsys.readouterr().err
+
+
+def test_fit_centres_on_the_expected_gradient_when_asked(config_file, capsys):
+    from coarpy import baselines, fit
+    from coarpy.attributions import Attributions
+
+    cfg = RunConfig.load(config_file)
+    runs.collect_run(cfg, progress=False)
+    assert main(["fit", cfg.path, "--prior", "expected_gradient"]) == 0
+    assert "(group, prior expected_gradient)" in capsys.readouterr().out
+    saved = Attributions.load(Path(cfg.path) / "attributions")
+    setup = cfg.build()
+    ds = ComponentDataset(cfg.path)
+    eg = baselines.expected_gradient(
+        setup.model, setup.components, setup.data, n_states=16, alpha=ds.alpha,
+        seed=ds.meta["seed"], progress=False,
+    )  # fmt: skip
+    by_hand = fit(ds, prior=eg, progress=False)
+    assert saved.meta["prior"] == "expected_gradient"
+    assert torch.equal(saved.weights, by_hand.weights)
 
 
 def test_fit_options_reach_the_library(config_file, capsys):

@@ -291,3 +291,154 @@ def _gradient(
         grad = torch.zeros_like(keep)
     mark_progress()
     return grad.detach(), values.detach().float()
+
+
+# --------------------------------------------------------------------------- expected gradient
+
+_STATES_STREAM = 2**32 - 1  # mask stream of the ablation states (collect: 0, evaluate: 1 + ...)
+
+
+def expected_gradient(
+    model: nn.Module,
+    components: Components,
+    data: Iterable,
+    *,
+    n_states: int = 16,
+    alpha: float = 0.05,
+    seed: int = 0,
+    sampler: str = "bernoulli",
+    output: _outputs.OutputFn | str = _outputs.margin,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    mode: str = "zero",
+    means: dict[str, Tensor] | None = None,
+    autocast: str | None = None,
+    progress: bool | None = None,
+) -> Attributions:
+    """The gradient w.r.t. the keep-mask averaged over random ablation states.
+
+    ``gradient`` linearises at the full model (v = 1); COAR fits the outputs at masks
+    with about ``alpha`` of the components ablated. This averages the per-example
+    gradient ``d f_z / d v`` over ``n_states`` keep-masks ``v_s`` drawn like the masks
+    (``sampler`` and ``alpha``; rows ``0 .. n_states - 1`` of ``coarpy.masks.sample_masks``
+    with ``seed`` on a stream of their own, so never the collected masks), and sets
+    ``bias[z] = mean_s f_z(v_s) - weights[z] . mean_s v_s``, so the linear model matches
+    the mean output over the states. On a model additive in its components this is
+    exact (the gradient is the same everywhere); with ``alpha=0`` every state is the
+    full model and the result is ``gradient``'s. Costs ``n_states`` forward and
+    backward passes over ``data``.
+
+    Parameters
+    ----------
+    model, components, data, output, batch_size, device, mode, means, autocast,
+    progress : as for ``gradient``.
+    n_states : ablation states to average over (>= 1).
+    alpha, sampler, seed : how the states are drawn, as for ``collect``.
+
+    Returns
+    -------
+    Attributions with ``meta["method"] == "expected_gradient"`` and
+    ``meta["states"]`` recording ``n_states``, ``alpha``, ``sampler`` and ``seed``.
+
+    Raises
+    ------
+    ComponentError : heads of an ``nn.MultiheadAttention`` (as for ``gradient``).
+
+    Examples
+    --------
+    >>> net = nn.Linear(3, 1).eval()
+    >>> with torch.no_grad():
+    ...     _ = net.weight.copy_(torch.tensor([[1.0, 2.0, 3.0]])), net.bias.fill_(0.5)
+    >>> comps = Components.from_spec(net, {"": "inputs"})
+    >>> first = lambda model, batch: model(batch)[:, 0]
+    >>> eg = expected_gradient(net, comps, torch.ones(1, 3), output=first, alpha=0.3)
+    >>> eg.weights.tolist(), round(eg.bias.item(), 5)
+    ([[1.0, 2.0, 3.0]], 0.5)
+    """
+    from .masks import sample_masks
+
+    model, output_fn, device, examples, cast = _prepare(
+        model, components, data, output=output, batch_size=batch_size, device=device,
+        mode=mode, autocast=autocast, progress=progress,
+    )  # fmt: skip
+    for g in components.groups:
+        if g.site == "param":
+            raise ComponentError(
+                f"expected_gradient cannot differentiate through the heads of {g.module!r}: "
+                "an nn.MultiheadAttention is ablated by zeroing its weights, which takes no "
+                "float or per-example mask. Use leave_one_out for these components, or "
+                "select components outside nn.MultiheadAttention."
+            )
+    n_states = _checks.integer(n_states, "n_states", minimum=1)
+    n = len(components)
+    states = sample_masks(
+        0, n_states, n, alpha=alpha, seed=seed, sampler=sampler, stream=_STATES_STREAM
+    )  # (S, N) bool
+    E = examples.n_examples
+    weights = torch.zeros(E, n, dtype=torch.float64)  # (E, N) sum over states
+    mean_f = torch.zeros(E, dtype=torch.float64)  # (E,) sum over states of f(v_s)
+    ablator = Ablator(model, components, mode=mode, means=means)
+    bar = progress_bar(
+        n_states * len(examples.batches), progress, desc="expected_gradient", unit="batch"
+    )
+    with eval_mode(model, "expected_gradient"), ablator, torch.enable_grad(), cast, closing(bar):
+        for state in states:
+            point = state.to(device=device, dtype=torch.float32)  # (N,)
+            row = 0
+            for batch in examples.batches:
+                size = B.batch_size(batch)
+                grad, values = _gradient_at(model, ablator, examples, batch, point, size, output_fn)
+                weights[row : row + size] += grad.double().cpu()
+                mean_f[row : row + size] += values.double().cpu()
+                row += size
+                bar.update(1)
+        ablator.set(None)
+    weights /= n_states
+    mean_f /= n_states
+    bias = mean_f - weights @ states.double().mean(0)
+    meta = _meta(
+        "expected_gradient", model, examples, output_fn, mode=mode, means=means, autocast=autocast
+    )
+    meta["states"] = {"n_states": n_states, "alpha": alpha, "sampler": sampler, "seed": seed}
+    return Attributions(
+        weights=weights.float(),
+        bias=bias.float(),
+        names=list(components.names),
+        example_ids=examples.ids,
+        meta=meta,
+    )
+
+
+def _gradient_at(
+    model: nn.Module,
+    ablator: Ablator,
+    examples: ExampleSet,
+    batch: Any,
+    point: Tensor,
+    size: int,
+    output_fn: Any,
+) -> tuple[Tensor, Tensor]:
+    """(d output / d keep (size, N), output (size,)) of one batch at the float keep-mask
+    ``point`` (N,): one row per example, or one example at a time with a shared mask where
+    per-row masks do not apply (as ``gradient`` does)."""
+    n = point.shape[0]
+    if examples.rows_ok is not False:
+        try:
+            keep = point.expand(size, n).clone().requires_grad_(True)  # (b, N)
+            out = _gradient(model, ablator, batch, keep, size, output_fn)
+            examples.rows_ok = True
+            return out
+        except MaskError as err:
+            if examples.rows_ok:
+                raise
+            examples.rows_ok = False
+            log.info(
+                "per-row masks do not apply to this model (%s); expected_gradient runs one "
+                "example at a time with a shared mask instead",
+                err,
+            )
+    parts = []
+    for i in range(size):
+        keep = point.clone().requires_grad_(True)  # (N,)
+        parts.append(_gradient(model, ablator, B.index(batch, slice(i, i + 1)), keep, 1, output_fn))
+    return torch.cat([g.reshape(1, n) for g, _ in parts]), torch.cat([v for _, v in parts])

@@ -135,9 +135,10 @@ def _parser() -> argparse.ArgumentParser:
         help="group (default: per-module penalties, centred on the prior), ridge, ols or lasso",
     )  # fmt: skip
     f.add_argument(
-        "--prior", choices=("gradient", "none"), default=None,
+        "--prior", choices=("gradient", "expected_gradient", "none"), default=None,
         help="group's prior mean: gradient (default when the run's config builds the model; "
-        "imports its factory) or none (imports nothing from the config)",
+        "imports its factory), expected_gradient (the gradient averaged over 16 ablation "
+        "states: 16 backward passes) or none (imports nothing from the config)",
     )  # fmt: skip
     f.add_argument(
         "--solver", choices=("auto", "eig", "dual", "cg"), default="auto",
@@ -169,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
         "--baselines",
         nargs="*",
         default=["leave_one_out", "gradient"],
-        help="baselines evaluated on the same masks (default: leave_one_out gradient)",
+        help="baselines evaluated on the same masks: leave_one_out, gradient, "
+        "expected_gradient (default: leave_one_out gradient)",
     )
     e.add_argument(
         "--no-check", action="store_true",

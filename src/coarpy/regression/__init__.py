@@ -26,6 +26,10 @@ method     estimator                              what it does
                                                   generalised cross-validation
 ========== ====================================== ==========================================
 
+:class:`PairwiseInteractions` (:mod:`.interactions`) optionally adds pairwise terms over
+each example's top components to a fitted linear model (a second-order model, for larger
+``alpha``).
+
 The held-out rows are a pure function of ``(seed, row index)``, so the split does not
 depend on block sizes or on how far a store has grown. The statistics, the split and the
 memory budget shared by the estimators live in :mod:`coarpy.regression._stats`. Ridge
@@ -47,6 +51,7 @@ from ..errors import FitError
 from . import _prior, _stats
 from ._stats import DEFAULT_L2_RELATIVE
 from .group import DEFAULT_PRIOR_SCALES, PriorRidge
+from .interactions import PairwiseInteractions
 from .lasso import DEFAULT_L1_RELATIVE, LassoPath
 from .ridge import SOLVERS, LeastSquares, RidgePath
 
@@ -60,6 +65,7 @@ __all__ = [
     "SOLVERS",
     "LassoPath",
     "LeastSquares",
+    "PairwiseInteractions",
     "PriorRidge",
     "RidgePath",
     "fit",
@@ -125,17 +131,22 @@ def fit(
     progress : bool, optional
         Progress bars over the passes: None (default) only when stderr is a terminal,
         True always, False never.
-    prior : "gradient", Attributions or Tensor (n_examples, n_components), optional
-        ``"group"`` only: the prior mean. ``"gradient"`` computes
+    prior : "gradient", "expected_gradient", Attributions or Tensor, optional
+        ``"group"`` only: the prior mean, (n_examples, n_components) when given as
+        attributions or a tensor. ``"gradient"`` computes
         ``coarpy.baselines.gradient`` from ``model``, ``components``, ``data`` and
         ``output`` (with the store's ablation mode) and refuses it unless they are the
-        ones the store was collected with; or pass a precomputed prior. The meta
-        records which: ``meta["prior"]`` is ``"gradient"``, ``"given"`` or ``"none"``.
+        ones the store was collected with; ``"expected_gradient"`` likewise computes
+        ``coarpy.baselines.expected_gradient`` (16 ablation states drawn at the store's
+        ``alpha``: 16 backward passes, a better prior where the model is not linear
+        around the full model); or pass a precomputed prior. The meta records which:
+        ``meta["prior"]`` is ``"gradient"``, ``"expected_gradient"``, ``"given"`` or
+        ``"none"``.
     groups : sequence of labels (n_components,), optional
         ``"group"`` only: the group of each component (default: the store's modules).
     model, components, data, output :
-        ``prior="gradient"`` only: as given to ``collect`` (``output`` default: the
-        margin).
+        ``prior="gradient"`` or ``"expected_gradient"`` only: as given to ``collect``
+        (``output`` default: the margin).
 
     Returns
     -------
@@ -189,7 +200,8 @@ def fit(
     if not isinstance(prior, str) and any(v is not None for v in given.values()):
         named = ", ".join(k for k, v in given.items() if v is not None)
         raise FitError(
-            f"{named} are for prior='gradient' (fit computes the prior from them), got "
+            f"{named} are for prior='gradient' or 'expected_gradient' (fit computes the "
+            f"prior from them), got "
             f"prior={prior!r}. Pass prior='gradient', or drop them."
         )
     val_fraction = 0.1 if val_fraction is None else val_fraction
@@ -211,13 +223,14 @@ def fit(
         )
     est: RidgePath | LeastSquares | LassoPath | PriorRidge
     used = "none" if prior is None else "given"
-    if isinstance(prior, str):  # "gradient": computed here, checked against the store
+    if isinstance(prior, str):  # computed here from the model, checked against the store
         src = _stats.Source(source)
-        prior = _prior.gradient_prior(
+        share = None if src.store is not None else float(1.0 - src.V.float().mean())
+        name, prior = prior, _prior.gradient_prior(
             src.meta if src.store is not None else None, src.names, src.n_examples,
-            progress=progress, **given,
+            progress=progress, method=prior, alpha=share, **given,
         )  # fmt: skip
-        used = "gradient"
+        used = name
     if method == "group":
         est = PriorRidge(
             prior, groups=groups, l2_grid=l2_grid, solver=solver, device=device, dtype=dtype,

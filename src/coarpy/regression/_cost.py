@@ -186,8 +186,11 @@ def cg(shape: Shape, budget: int | None) -> Estimate:
 ESTIMATORS = {"eig": eig, "dual": dual, "cg": cg}
 
 
-def group_eig(shape: Shape, budget: int | None, *, iters: int, prior: bool) -> Estimate:
-    """``method="group"`` through the N x N Gram: ``iters`` eigendecompositions."""
+def group_eig(
+    shape: Shape, budget: int | None, *, iters: int, prior: bool, pooled: int | None = None
+) -> Estimate:
+    """``method="group"`` through the N x N Gram: ``iters`` eigendecompositions, the
+    ``iters - 1`` pilots over ``pooled`` examples (default: all)."""
     n, N, E, s = shape.n, shape.N, shape.E, shape.s
     fixed = s * 5 * N * N + OVERHEAD_BYTES + kept_bytes(shape)
     per_col = 8 * s * N
@@ -195,16 +198,25 @@ def group_eig(shape: Shape, budget: int | None, *, iters: int, prior: bool) -> E
     c = _chunk(room, per_col, E)
     cache = iters > 1 and (room is None or room - c * per_col >= s * N * E)
     need = fixed + max(c, 1) * per_col + (s * N * E if cache else 0)
-    per_ex = 2 * n * N * (1 if cache else iters) + iters * 4 * N * N + (2 * N * N if prior else 0)
-    flops = n * N * N + iters * EIG_FLOPS * N**3 + per_ex * E
+    P = E if pooled is None else min(pooled, E)
+    per_ex = 2 * n * N + 4 * N * N + (2 * N * N if prior else 0)
+    per_pilot = (0 if cache else 2 * n * N) + 4 * N * N
+    flops = n * N * N + iters * EIG_FLOPS * N**3 + per_ex * E + (iters - 1) * per_pilot * P
     return Estimate("eig", float(flops), need, max(c, 1), keep=cache)
 
 
 def group_dual(
-    shape: Shape, budget: int | None, *, iters: int, prior: bool, groups: int
+    shape: Shape,
+    budget: int | None,
+    *,
+    iters: int,
+    prior: bool,
+    groups: int,
+    pooled: int | None = None,
 ) -> Estimate:
     """``method="group"`` through the n x n kernel: ``iters`` eigendecompositions, the
-    kernel of each group counted once (kept when it fits) and weighted per iteration."""
+    kernel of each group counted once (kept when it fits) and weighted per iteration;
+    the ``iters - 1`` pilots run in float32 (half the flops) over ``pooled`` examples."""
     n, N, E, s = shape.n, shape.N, shape.E, shape.s
     base = OVERHEAD_BYTES + kept_bytes(shape)
     stages = s * n * n + 3 * s * n * n + 8 * n * n  # weighted sum, eigh, float64 combination
@@ -216,8 +228,10 @@ def group_dual(
     c = _chunk(room, per_col, E)
     need = fixed + max(c, 1) * per_col
     kernel = n * n * N + iters * groups * n * n if keep else iters * 2 * n * n * N
-    per_ex = iters * (4 * n * n + 2 * n * N) + (2 * n * N + 2 * n * n if prior else 0)
-    flops = kernel + iters * EIG_FLOPS * n**3 + per_ex * E
+    P = E if pooled is None else min(pooled, E)
+    per_ex = 4 * n * n + 2 * n * N + (2 * n * N + 2 * n * n if prior else 0)
+    pilots = (iters - 1) * (EIG_FLOPS * n**3 + (4 * n * n + 2 * n * N) * P) / 2
+    flops = kernel + EIG_FLOPS * n**3 + per_ex * E + pilots
     return Estimate("dual", float(flops), need, max(c, 1), keep=keep)
 
 

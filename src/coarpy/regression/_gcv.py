@@ -44,7 +44,7 @@ class _Base:
         if grid is None:
             var = trace / (self.n * N)
             grid = var * torch.tensor(_stats.DEFAULT_L2_RELATIVE, dtype=d.dtype, device=d.device)
-        self.grid = grid
+        self.grid = grid = grid.to(d.dtype)
         self.F = _stats.ridge_filter(d, self.n, grid)  # (K, m)
         self.d = d.clamp_min(0.0) * (self.F[0] != 0)  # null directions carry nothing
         self.df = 1.0 + (self.F * self.d).sum(1)  # (K,) with the intercept
@@ -125,7 +125,13 @@ class Primal(_Base):
 
 
 class Dual(_Base):
-    """GCV ridge through the ``n x n`` scaled kernel of all rows."""
+    """GCV ridge through the ``n x n`` scaled kernel of all rows.
+
+    ``dtype`` (default: the kernels') is the precision of the eigendecomposition and the
+    products per example; the empirical-Bayes pilots of :mod:`.group` run in float32
+    (their weights are only pooled into a few group penalties), the final fit in the
+    fit's dtype.
+    """
 
     def __init__(
         self,
@@ -134,11 +140,13 @@ class Dual(_Base):
         s: Tensor,
         grid: Tensor | None,
         progress: bool | None,
+        dtype: torch.dtype | None = None,
     ):
         m = rows.parts[0]
         self.rows, self.n, self.s = rows, m.n, s
-        self.mv, self.my = m.means()
-        Kc = kernels.centred(s)  # (n, n) Vc S^2 Vc.T
+        self.mv, my = m.means()
+        Kc = kernels.centred(s, dtype)  # (n, n) Vc S^2 Vc.T
+        self.my = my.to(Kc.dtype)
         trace = float(torch.diagonal(Kc).sum())
         n = Kc.shape[0]
         with progress_bar(1, progress, desc=f"fit: eigendecomposition {n}x{n}", unit="") as bar:
@@ -238,9 +246,10 @@ class GroupKernels:
         if keep:
             n = rows.n
             self.kernels = [torch.zeros(n, n, device=device) for _ in range(n_groups)]
-            self._count(lambda g, X: _rows.add_outer_lower_(self.kernels[g], X))
-            for Kg in self.kernels:
-                _rows.mirror_lower_(Kg)
+            # One full product per group: a group is a few columns wide, and one large
+            # GEMM beats the lower triangle's many small ones (49 ResNet-50 modules, 2,000
+            # rows: 4.1 s against 7.8 s on 2 cores) despite twice the flops.
+            self._count(lambda g, X: self.kernels[g].addmm_(X, X.T))
 
     def _count(self, add: Any) -> None:
         """Call ``add(group, X)`` for the float32 columns X (n, w) of each group, by slices."""
@@ -253,8 +262,9 @@ class GroupKernels:
                     add(k, X[:, (g == k).to(self.device)])
                 bar.update(j1 - j0)
 
-    def centred(self, s: Tensor) -> Tensor:
-        """``Vc S**2 Vc.T`` (n, n) in dtype, centred at the mean of all rows."""
+    def centred(self, s: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``Vc S**2 Vc.T`` (n, n) in ``dtype`` (default: the kernels' dtype), centred at
+        the mean of all rows."""
         n = self.rows.n
         scale = torch.zeros(self.n_groups, dtype=torch.float64)
         scale[self.gid] = (s * s).to(torch.float64).cpu()  # s is constant within a group
@@ -268,4 +278,4 @@ class GroupKernels:
         rs = K.sum(1)
         a = rs / n
         mm = float(a.sum()) / n
-        return _dual.centre(K, a, mm, self.dtype)
+        return _dual.centre(K, a, mm, self.dtype if dtype is None else dtype)

@@ -1,10 +1,14 @@
 """The prior of ``fit(..., method="group", prior="gradient")``: computed from the model.
 
-The gradient (``coarpy.baselines.gradient``) must describe the rows it centres: the
-same components in the same order, the same examples, model weights, output function
-and ablation mode the store recorded. :func:`gradient_prior` computes it with the
-store's ablation mode and autocast and refuses it when anything recorded differs, so a
-prior from another model never silently shapes the attributions.
+Two priors can be computed from the model: ``"gradient"`` (``coarpy.baselines.gradient``,
+the linearisation at the full model, one backward pass) and ``"expected_gradient"``
+(``coarpy.baselines.expected_gradient``, the gradient averaged over 16 ablation states
+drawn like the store's masks: the linearisation where COAR fits, 16 backward passes).
+Either must describe the rows it centres: the same components in the same order, the
+same examples, model weights, output function and ablation mode the store recorded.
+:func:`gradient_prior` computes it with the store's ablation mode, autocast, ``alpha``
+and sampler and refuses it when anything recorded differs, so a prior from another
+model never silently shapes the attributions.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from .._checks import differences
 from ..attributions import Attributions
 from ..errors import FitError
 
-PRIORS = ("gradient",)  # the priors fit can compute itself
+PRIORS = ("gradient", "expected_gradient")  # the priors fit can compute itself
+N_STATES = 16  # ablation states of prior="expected_gradient"
 
 
 def gradient_prior(
@@ -32,8 +37,11 @@ def gradient_prior(
     output: Any,
     progress: bool | None,
     batch_size: int | None = None,
+    method: str = "gradient",
+    alpha: float | None = None,
 ) -> Attributions:
-    """``baselines.gradient`` on the store's model, components and examples, checked.
+    """``baselines.gradient`` (or ``expected_gradient``) on the store's model, components
+    and examples, checked.
 
     Parameters
     ----------
@@ -43,6 +51,9 @@ def gradient_prior(
     model, components, data, output : as for ``collect``; output None is the margin.
     progress : progress bar of the gradient pass.
     batch_size : examples per pass (default: the data's own batches).
+    method : ``"gradient"`` or ``"expected_gradient"`` (one of :data:`PRIORS`).
+    alpha : the ablation fraction of the expected gradient's states when ``meta`` does
+        not record one (in-memory masks: their mean ablated share).
 
     Raises
     ------
@@ -60,7 +71,7 @@ def gradient_prior(
     ]
     if missing:
         raise FitError(
-            f"prior='gradient' computes the gradient of the model the store was collected "
+            f"prior={method!r} computes the gradient of the model the store was collected "
             f"from, so fit needs model=, components= and data= as given to collect; missing "
             f"{', '.join(missing)}. Pass them, or pass prior=None (no prior) or a precomputed "
             "prior (coarpy.baselines.gradient(...))."
@@ -73,7 +84,7 @@ def gradient_prior(
         first = [n for n, m in zip(components.names, names, strict=False) if n != m][:1]
         detail = f"first difference {first[0]!r}" if first else f"{len(components)} vs {len(names)}"
         raise FitError(
-            f"prior='gradient': the components given ({len(components)}) are not the "
+            f"prior={method!r}: the components given ({len(components)}) are not the "
             f"store's ({len(names)}; {detail}). Pass the Components the store was collected "
             "with."
         )
@@ -81,18 +92,27 @@ def gradient_prior(
     mode = recorded.get("mode", "zero")
     if mode == "mean":
         raise FitError(
-            "prior='gradient' cannot rebuild the mean-ablation values the store was "
-            "collected with. Compute coarpy.baselines.gradient(model, components, data, "
-            "mode='mean', means=...) yourself and pass it as prior=."
+            f"prior={method!r} cannot rebuild the mean-ablation values the store was "
+            "collected with. Compute coarpy.baselines.gradient (or expected_gradient)(model, "
+            "components, data, mode='mean', means=...) yourself and pass it as prior=."
         )
     output_fn = _outputs.margin if output is None else output
-    grad = baselines.gradient(
-        model, components, data, output=output_fn, batch_size=batch_size, mode=mode,
-        autocast=recorded.get("autocast"), progress=progress,
+    common = dict(
+        output=output_fn, batch_size=batch_size, mode=mode, autocast=recorded.get("autocast"),
+        progress=progress,
     )  # fmt: skip
+    if method == "expected_gradient":
+        grad = baselines.expected_gradient(
+            model, components, data, n_states=N_STATES,
+            alpha=float(recorded.get("alpha", 0.05 if alpha is None else alpha)),
+            sampler=recorded.get("sampler", "bernoulli"), seed=int(recorded.get("seed", 0)),
+            **common,
+        )  # fmt: skip
+    else:
+        grad = baselines.gradient(model, components, data, **common)
     if grad.weights.shape[0] != n_examples:
         raise FitError(
-            f"prior='gradient': data has {grad.weights.shape[0]} examples but the store "
+            f"prior={method!r}: data has {grad.weights.shape[0]} examples but the store "
             f"{n_examples}. Pass the examples the store was collected on, in the same order."
         )
     if meta is not None:
@@ -100,7 +120,7 @@ def gradient_prior(
         diffs = differences(meta, actual)
         if diffs:
             raise FitError(
-                "prior='gradient': the store was collected under other settings than the "
+                f"prior={method!r}: the store was collected under other settings than the "
                 f"model and data given: {'; '.join(diffs)}. Pass the model, data and output "
                 "the store was collected with, or fit without a prior (prior=None)."
             )

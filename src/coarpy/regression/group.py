@@ -10,7 +10,9 @@ masks that wastes information in two ways:
   ``l2 * r_g``. The relative penalties ``r_g`` are estimated across examples (empirical
   Bayes): a pilot fit gives every example's weights, ``tau_g**2`` is the mean over
   examples of a group's mean squared weight relative to the example's, and
-  ``r_g = 1 / tau_g**2``. The pilot is refitted with those penalties ``n_iter`` times.
+  ``r_g = 1 / tau_g**2``. The pilot is refitted with those penalties ``n_iter`` times;
+  the pilots pool ``pilot_examples`` (256) evenly spaced examples, since they estimate
+  one number per group.
   The ``r_g`` are normalised so that their geometric mean over components is 1: equal
   group penalties are plain ridge.
 - **A cheap estimate is a better centre than zero.** The gradient (attribution
@@ -47,8 +49,9 @@ or the dual (:mod:`._gcv`), whichever the estimate of :mod:`._cost` says is fast
 eigendecompositions of the ``N x N`` scaled Gram (about ``5 s N**2`` bytes for ``s``
 bytes per number), or, with fewer masks than components, of the ``n x n`` scaled
 kernel (about ``12 n**2`` bytes plus ``4 n**2`` per group when the group kernels are
-kept). Examples are processed in chunks, so memory does not grow with ``E`` beyond the
-kept outputs and the result. The choice, and why, is logged (INFO) and kept in the
+kept); the dual pilots run in float32, the final fit in ``dtype``. Examples are
+processed in chunks, so memory does not grow with ``E`` beyond the kept outputs and the
+result. The choice, and why, is logged (INFO) and kept in the
 meta (``solver``, ``solver_reason``).
 """
 
@@ -69,6 +72,7 @@ from . import _cost, _gcv, _rows, _stats
 log = logging.getLogger(__name__)
 
 DEFAULT_PRIOR_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+PILOT_EXAMPLES = 256  # examples the empirical-Bayes pilots pool over (bench/RESULTS_fit.md)
 SOLVERS = ("auto", "eig", "dual")
 
 
@@ -142,15 +146,6 @@ def _normalised(r: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- GCV path
 
 
-def _spectrum(
-    solver: str, rows: _rows.Rows, gram: Tensor | None, kernels: Any, cross: Any,
-    s: Tensor, grid: Tensor | None, progress: bool | None,
-) -> _gcv.Primal | _gcv.Dual:  # fmt: skip
-    if solver == "dual":
-        return _gcv.Dual(rows, kernels, s, grid, progress)
-    return _gcv.Primal(rows, gram, s, grid, cross, progress)
-
-
 def _gcv_fit(
     spec: _gcv.Primal | _gcv.Dual,
     prior: Tensor | None,
@@ -180,17 +175,31 @@ def _gcv_fit(
     return weights, bias, c_all, spec.grid[k_all], gcv
 
 
+def _pilot_examples(n_examples: int, most: int | None) -> Tensor | None:
+    """The examples the pilots pool over: ``most`` evenly spaced ones, None for all."""
+    if most is None or most >= n_examples:
+        return None
+    return torch.linspace(0, n_examples - 1, most, dtype=torch.float64).round().long().unique()
+
+
+def _chunks(n_examples: int, chunk: int, pick: Tensor | None) -> list[slice | Tensor]:
+    """Chunks of the examples ``pick`` (None: all), as slices or index tensors."""
+    if pick is None:
+        return [slice(e0, min(e0 + chunk, n_examples)) for e0 in range(0, n_examples, chunk)]
+    return list(pick.split(chunk))
+
+
 def _pilot_rel(
-    spec: _gcv.Primal | _gcv.Dual, scales: Tensor, chunk: int, bar: Any
+    spec: _gcv.Primal | _gcv.Dual, scales: Tensor, chunks: list[slice | Tensor], bar: Any
 ) -> Tensor | None:
-    """(N,) mean over examples of each weight squared relative to the example's mean
-    squared weight, from a fit without prior; None if every weight is zero."""
-    E, N = spec.my.shape[0], spec.mv.shape[0]
+    """(N,) mean over the examples of ``chunks`` of each weight squared relative to the
+    example's mean squared weight, from a fit without prior; None if every weight is zero."""
+    N = spec.mv.shape[0]
     total = torch.zeros(N, dtype=spec.mv.dtype, device=spec.mv.device)
     used_n = 0
-    for e0 in range(0, E, chunk):
-        bar.update(min(chunk, E - e0))
-        W = spec.select(slice(e0, min(e0 + chunk, E)), None, scales, pilot=True)[0]  # (N, c)
+    for sl in chunks:
+        W = spec.select(sl, None, scales, pilot=True)[0].to(total.dtype)  # (N, c)
+        bar.update(W.shape[1])
         W2 = W.mul_(W)  # squared weights
         q = W2.mean(0)  # (c,) mean squared weight per example
         used = q > 0
@@ -204,13 +213,14 @@ def _group_scales(
     labels: list[str],
     n_iter: int,
     scales: Tensor,
-    chunk: int,
-    n_examples: int,
+    chunks: list[slice | Tensor],
+    n_pooled: int,
     progress: bool | None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Column scales s (N,) and relative penalties per group, by empirical Bayes.
 
-    ``make(s)`` builds the spectrum for column scales ``s`` (one eigendecomposition).
+    ``make(s, pilot=True)`` builds a pilot's spectrum for column scales ``s`` (one
+    eigendecomposition); the pilots pool ``n_pooled`` examples, given as ``chunks``.
     """
     names = list(dict.fromkeys(labels))
     index = {g: i for i, g in enumerate(names)}
@@ -219,10 +229,10 @@ def _group_scales(
     s = torch.ones(len(labels), dtype=scales.dtype, device=scales.device)
     r_group = torch.ones(len(names), dtype=scales.dtype, device=scales.device)
     iters = n_iter if len(names) > 1 else 0
-    total = iters * n_examples
+    total = iters * n_pooled
     with progress_bar(total, progress, desc="fit: group penalties", unit="example") as bar:
         for _ in range(iters):
-            rel = _pilot_rel(make(s), scales, chunk, bar)  # (N,) pooled over examples
+            rel = _pilot_rel(make(s, pilot=True), scales, chunks, bar)  # (N,) pooled
             if rel is None:
                 break
             tau2 = torch.zeros_like(counts).index_add_(0, gid, rel) / counts  # (G,)
@@ -264,6 +274,11 @@ class PriorRidge:
         Candidate scales ``c`` of the prior (ignored without a prior).
     n_iter : int
         Empirical-Bayes refits of the group penalties (0: equal penalties).
+    pilot_examples : int or None
+        Examples the empirical-Bayes pilots pool over, evenly spaced (None: all). The
+        pilots estimate one number per group, pooled over examples and components, so
+        a few hundred examples pin them down; the final fit uses every example. With
+        the dual solver the pilots also run in float32.
     solver : {"auto", "eig", "dual"}
         ``"eig"``: the ``N x N`` scaled Gram; ``"dual"``: the ``n x n`` scaled kernel
         (fewer masks than components); ``"auto"``: the faster by estimate that fits.
@@ -304,6 +319,7 @@ class PriorRidge:
         l2_grid: Sequence[float] | None = None,
         prior_scales: Sequence[float] = DEFAULT_PRIOR_SCALES,
         n_iter: int = 2,
+        pilot_examples: int | None = PILOT_EXAMPLES,
         solver: str = "auto",
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float64,
@@ -316,6 +332,7 @@ class PriorRidge:
         self.l2_grid = l2_grid
         self.prior_scales = prior_scales
         self.n_iter = n_iter
+        self.pilot_examples = pilot_examples
         self.solver = solver
         self.device = device
         self.dtype = dtype
@@ -328,6 +345,11 @@ class PriorRidge:
         _stats.check_common(0.0, self.dtype, 0, self.progress)
         if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 0:
             raise FitError(f"n_iter must be an int >= 0, got {self.n_iter!r}.")
+        most = self.pilot_examples
+        if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+            raise FitError(
+                f"pilot_examples must be an int >= 1 or None (all examples), got {most!r}."
+            )
         if self.solver not in SOLVERS:
             raise FitError(
                 f"solver must be one of {SOLVERS} for method='group', got {self.solver!r}. "
@@ -352,7 +374,8 @@ class PriorRidge:
                 y_bytes=src.Y.element_size() if src.store is None else 4, l2_ratio=1.0,
                 max_iter=1,
             )  # fmt: skip
-            kw = dict(iters=iters, prior=prior is not None)
+            pooled = E if self.pilot_examples is None else min(E, self.pilot_examples)
+            kw = dict(iters=iters, prior=prior is not None, pooled=pooled)
             estimators = {
                 "eig": lambda sh, b: _cost.group_eig(sh, b, **kw),
                 "dual": lambda sh, b: _cost.group_dual(sh, b, groups=n_groups, **kw),
@@ -394,15 +417,22 @@ class PriorRidge:
             gram = rows.gram(0, rows.n, dtype, dev, self.progress)
             cross = _gcv.CrossCache(rows, chosen.estimate.keep, dtype, dev)
 
-        def make(s: Tensor) -> _gcv.Primal | _gcv.Dual:
-            return _spectrum(chosen.solver, rows, gram, kernels, cross, s, grid, self.progress)
+        def make(s: Tensor, pilot: bool = False) -> _gcv.Primal | _gcv.Dual:
+            if chosen.solver == "dual":
+                low = torch.float32 if pilot else None  # pilots: pooled squares only
+                return _gcv.Dual(rows, kernels, s, grid, self.progress, low)
+            return _gcv.Primal(rows, gram, s, grid, cross, self.progress)
 
         if self.group_penalties is not None:
             r = _normalised(_fixed_penalties(labels, self.group_penalties, dtype, dev))
             s = r.rsqrt()
             penalties = {g: float(r[labels.index(g)]) for g in dict.fromkeys(labels)}
         else:
-            s, penalties = _group_scales(make, labels, self.n_iter, scales, chunk, E, self.progress)
+            pick = _pilot_examples(E, self.pilot_examples)
+            s, penalties = _group_scales(
+                make, labels, self.n_iter, scales, _chunks(E, chunk, pick),
+                E if pick is None else len(pick), self.progress,
+            )  # fmt: skip
         spec = make(s)
         W, bias, c, l2, gcv = _gcv_fit(spec, prior, scales, chunk=chunk, progress=self.progress)
         used_grid = spec.grid
@@ -423,6 +453,7 @@ class PriorRidge:
             "prior_scale": c.tolist() if W0 is not None else None,
             "group_penalties": penalties,
             "n_iter": self.n_iter,
+            "pilot_examples": self.pilot_examples,
             "gcv": gcv.tolist(),
         }
         res = _stats.Result(W, bias, l2, None, used_grid, meta)

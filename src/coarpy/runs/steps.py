@@ -15,6 +15,7 @@ file of a run (and with ``repair`` deletes what is damaged, to be recomputed).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ def _local(run: str | os.PathLike, step: str) -> Path:
     return Path(run)
 
 
-PRIORS = ("auto", "gradient", "none")
+PRIORS = ("auto", "gradient", "expected_gradient", "none")
 
 
 def fit_run(
@@ -64,6 +65,8 @@ def fit_run(
         has a configuration to build its model from, else ``"none"``. ``"gradient"``
         imports and calls the configuration's factory (trusted code: see
         ``coarpy.runs.config``) and refuses a model other than the store's;
+        ``"expected_gradient"`` likewise, averaging the gradient over 16 ablation states
+        at the run's alpha (``coarpy.baselines.expected_gradient``: 16 backward passes);
         ``"none"`` imports nothing the configuration names.
 
     Returns
@@ -86,22 +89,24 @@ def fit_run(
     has_config = (run / CONFIG).exists()
     if prior == "auto":
         prior = "gradient" if method == "group" and has_config else "none"
-    if prior == "gradient" and method != "group":
+    computed = prior in ("gradient", "expected_gradient")
+    if computed and method != "group":
         raise ConfigError(
-            f"The gradient prior centres method 'group', got method {method!r}. Fit with "
-            "method 'group', or with prior 'none'."
+            f"The {prior.replace('_', ' ')} prior centres method 'group', got method "
+            f"{method!r}. Fit with method 'group', or with prior 'none'."
         )
-    if prior == "gradient" and not has_config:
+    if computed and not has_config:
         raise ConfigError(
-            f"{run} has no {CONFIG} to build the model from, which the gradient prior needs. "
-            "Fit with prior 'none', or call coarpy.fit(..., prior='gradient', model=...)."
+            f"{run} has no {CONFIG} to build the model from, which the "
+            f"{prior.replace('_', ' ')} prior needs. Fit with prior 'none', or call "
+            f"coarpy.fit(..., prior={prior!r}, model=...)."
         )
     ds = ComponentDataset(run)
     kw: dict[str, Any] = dict(method=method, solver=solver, l2_grid=l2_grid, progress=progress)
     if val_fraction is not None:
         kw["val_fraction"] = val_fraction
     grad = None
-    if prior == "gradient":
+    if computed:
         cfg = load_config(run)
         setup = cfg.build()
         if cfg.device is not None:
@@ -109,12 +114,12 @@ def fit_run(
         grad = _prior.gradient_prior(
             ds.meta, ds.names, ds.n_examples, model=setup.model,
             components=setup.components, data=setup.data, output=setup.output,
-            progress=progress, batch_size=cfg.batch_size,
+            progress=progress, batch_size=cfg.batch_size, method=prior,
         )  # fmt: skip
         kw["prior"] = grad
     attr = fit(ds, **kw)
     if grad is not None:
-        attr.meta["prior"] = "gradient"
+        attr.meta["prior"] = prior
     attr.save(run / ATTRIBUTIONS)
     return attr
 
@@ -149,7 +154,16 @@ def evaluate_run(
     ds = ComponentDataset(run)
     if not (run / ATTRIBUTIONS).exists():
         raise ConfigError(f"{run} has no fitted attributions yet. Run `coar fit {run}` first.")
-    known = {"leave_one_out": _baselines.leave_one_out, "gradient": _baselines.gradient}
+    known = {
+        "leave_one_out": _baselines.leave_one_out,
+        "gradient": _baselines.gradient,
+        "expected_gradient": functools.partial(
+            _baselines.expected_gradient,
+            alpha=ds.alpha,
+            seed=int(ds.meta.get("seed", 0)),
+            sampler=ds.meta.get("sampler", "bernoulli"),
+        ),  # its states drawn like the run's masks
+    }
     unknown = [name for name in baselines if name not in known]
     if unknown:
         raise ConfigError(
