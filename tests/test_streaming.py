@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from coarpy import edit
 from coarpy._engine import ExampleSet, resolve_budget
-from coarpy.baselines import gradient, leave_one_out
+from coarpy.baselines import expected_gradient, gradient, leave_one_out
 from coarpy.collect import collect
 from coarpy.components import Components
 from coarpy.errors import ArgumentError, DataError
@@ -125,6 +125,9 @@ def test_streamed_evaluation_and_baselines_equal_the_resident_ones():
     grad_streamed = gradient(model, comps, data, device_budget=BUDGET, **common)
     assert torch.equal(grad_streamed.weights, grad.weights)
     assert torch.equal(grad_streamed.bias, grad.bias)
+    eg = expected_gradient(model, comps, data, n_states=3, **common)
+    eg_streamed = expected_gradient(model, comps, data, n_states=3, device_budget=BUDGET, **common)
+    assert torch.equal(eg_streamed.weights, eg.weights) and torch.equal(eg_streamed.bias, eg.bias)
     args = {"alphas": (0.1, 0.3), "n_masks": 6, **common}
     res = evaluate(loo, model, comps, data, **args)
     res_streamed = evaluate(loo, model, comps, data, device_budget=BUDGET, **args)

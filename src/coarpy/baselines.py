@@ -314,6 +314,7 @@ def expected_gradient(
     means: dict[str, Tensor] | None = None,
     autocast: str | None = None,
     progress: bool | None = None,
+    device_budget: int | None = None,
 ) -> Attributions:
     """The gradient w.r.t. the keep-mask averaged over random ablation states.
 
@@ -331,7 +332,7 @@ def expected_gradient(
     Parameters
     ----------
     model, components, data, output, batch_size, device, mode, means, autocast,
-    progress : as for ``gradient``.
+    progress, device_budget : as for ``gradient``.
     n_states : ablation states to average over (>= 1).
     alpha, sampler, seed : how the states are drawn, as for ``collect``.
 
@@ -359,7 +360,7 @@ def expected_gradient(
 
     model, output_fn, device, examples, cast = _prepare(
         model, components, data, output=output, batch_size=batch_size, device=device,
-        mode=mode, autocast=autocast, progress=progress,
+        mode=mode, autocast=autocast, progress=progress, device_budget=device_budget,
     )  # fmt: skip
     for g in components.groups:
         if g.site == "param":
@@ -382,16 +383,18 @@ def expected_gradient(
         n_states * len(examples.batches), progress, desc="expected_gradient", unit="batch"
     )
     with eval_mode(model, "expected_gradient"), ablator, torch.enable_grad(), cast, closing(bar):
-        for state in states:
-            point = state.to(device=device, dtype=torch.float32)  # (N,)
-            row = 0
-            for batch in examples.batches:
+        points = states.to(device=device, dtype=torch.float32)  # (S, N)
+        for row, batches in examples.segments():  # each segment moved once, for every state
+            for batch in batches:
                 size = B.batch_size(batch)
-                grad, values = _gradient_at(model, ablator, examples, batch, point, size, output_fn)
-                weights[row : row + size] += grad.double().cpu()
-                mean_f[row : row + size] += values.double().cpu()
+                for point in points:
+                    grad, values = _gradient_at(
+                        model, ablator, examples, batch, point, size, output_fn
+                    )
+                    weights[row : row + size] += grad.double().cpu()
+                    mean_f[row : row + size] += values.double().cpu()
+                    bar.update(1)
                 row += size
-                bar.update(1)
         ablator.set(None)
     weights /= n_states
     mean_f /= n_states
