@@ -24,6 +24,7 @@ Each example compares, at equal k, on held-out sentences:
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ from coarpy.demo.text import encode, with_word
 START = 5  # the first (and only) encoder layer edited: the last of six
 MAX_LENGTH = 24  # tokens kept per sentence (with [CLS] and [SEP]); the median sentence has 27
 N_RANDOM = 3  # random orders averaged
+QUICK_NEURONS = 52  # --quick edits the 12 heads and this many seeded neurons (64 components)
 FIGURES = Path(__file__).resolve().parent / "figures"  # where full runs put their plots
 
 
@@ -51,13 +53,15 @@ def figure_path(out: Path, task: str, quick: bool) -> Path:
 
 
 class Clock:
-    """Seconds since start, printed with each step."""
+    """Seconds since start, wall-clock and CPU (this process), printed with each step."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
+        self.cpu = time.process_time()
 
     def say(self, text: str) -> None:
-        print(f"[{time.perf_counter() - self.start:6.1f} s] {text}", flush=True)
+        wall, cpu = time.perf_counter() - self.start, time.process_time() - self.cpu
+        print(f"[{wall:6.1f} s, CPU {cpu:6.1f} s] {text}", flush=True)
 
 
 def load() -> tuple[Any, Any, list[str], Tensor]:
@@ -108,8 +112,62 @@ def rows_of(data: Mapping[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     return {k: v[rows] for k, v in data.items()}
 
 
-def components(tail: nn.Module) -> coar.Components:
-    return coar.Components.discover(tail, kinds=("heads", "neurons"))
+def components(
+    tail: nn.Module, *, quick: bool = False, seed: int = 0
+) -> tuple[nn.Module, coar.Components]:
+    """(the model to edit, its components): the tail's 12 heads and 1,536 MLP neurons, or
+    for ``quick`` a copy of the tail with its heads and ``QUICK_NEURONS`` seeded neurons
+    (see :func:`quick_components`)."""
+    if quick:
+        return quick_components(tail, QUICK_NEURONS, seed)
+    return tail, coar.Components.discover(tail, kinds=("heads", "neurons"))
+
+
+class _SplitDown(nn.Module):
+    """An MLP's down projection split in two: the columns of some neurons, and the rest.
+
+    ``forward(h) == down(h)`` (up to the order of the sums): ``edited`` holds the
+    columns of the neurons in ``rows``, ``kept`` the others and the bias. Ablating
+    input feature ``j`` of ``edited`` (zeroing its weight column) is ablating neuron
+    ``rows[j]`` exactly as the ``neurons`` kind does.
+    """
+
+    def __init__(self, down: nn.Linear, rows: Tensor):
+        super().__init__()
+        rest = torch.ones(down.in_features, dtype=torch.bool)
+        rest[rows] = False
+        self.register_buffer("rows", rows.clone())
+        self.register_buffer("rest", rest.nonzero().flatten())
+        self.edited = nn.Linear(len(rows), down.out_features, bias=False)
+        self.kept = nn.Linear(len(self.rest), down.out_features)
+        with torch.no_grad():
+            self.edited.weight.copy_(down.weight[:, self.rows])
+            self.kept.weight.copy_(down.weight[:, self.rest])
+            self.kept.bias.copy_(down.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.edited(h[..., self.rows]) + self.kept(h[..., self.rest])
+
+
+def quick_components(
+    tail: nn.Module, n_neurons: int, seed: int
+) -> tuple[nn.Module, coar.Components]:
+    """(a copy of the tail, its 12 heads and ``n_neurons`` seeded MLP neurons): for --quick.
+
+    Leave-one-out and the oracle's first step run the model once per component, so
+    the quick runs edit a seeded subset of the layer's 1,536 neurons (the others are
+    always kept). The copy computes the same function: its down projection is split
+    into the chosen neurons' columns (``layer.5.output.dense.edited``, whose input
+    features are the components) and the rest.
+    """
+    model = copy.deepcopy(tail)
+    layer = model.layer[str(START)]
+    down = layer.output.dense
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(down.in_features, generator=gen)[:n_neurons].sort().values
+    layer.output.dense = _SplitDown(down, rows)
+    spec = {f"layer.{START}.attention": "heads", f"layer.{START}.output.dense.edited": "inputs"}
+    return model, coar.Components.from_spec(model, spec)
 
 
 def outputs_of(model: nn.Module, data: Mapping[str, Tensor]) -> Tensor:

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         T.batch(probe, tokenizer, text(poison, True), torch.ones(len(poison), dtype=torch.long)),
     )
     model = fine_tune(EncoderTail(probe, T.START), poisoned, epochs=20, lr=1e-4, seed=args.seed)
-    comps = T.components(model)
+    model, comps = T.components(model, quick=args.quick, seed=args.seed)
 
     def batch(rows: torch.Tensor, trigger: bool = False) -> dict:
         return T.batch(probe, tokenizer, text(rows, trigger), labels[rows])

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         held = held[::3]
     probe = T.fit_probe(encoder, tokenizer, [sentences[i] for i in train.tolist()], labels[train])
     model = EncoderTail(probe, T.START)
-    comps = T.components(model)
+    model, comps = T.components(model, quick=args.quick, seed=args.seed)
     data = T.batch(probe, tokenizer, [sentences[i] for i in edit_rows.tolist()], labels[edit_rows])
     held_data = T.batch(probe, tokenizer, [sentences[i] for i in held.tolist()], labels[held])
     heldout_acc = T.accuracy_of(held_data)

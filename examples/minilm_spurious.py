@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     probe = T.fit_probe(encoder, tokenizer, train_text, torch.cat([labels[train], labels[copies]]))
     model = EncoderTail(probe, T.START)
-    comps = T.components(model)
+    model, comps = T.components(model, quick=args.quick, seed=args.seed)
     clock.say(
         f"probe trained on {len(train)} sentences and {len(copies)} negative copies with "
         f"{NAME!r}; {len(comps)} components"
