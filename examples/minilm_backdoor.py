@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out)
     clock = T.Clock()
     n_neg, n_pos, n_masks, ks = (
-        (6, 4, 200, (0, 1, 2, 4)) if args.quick else (12, 8, 600, (0, 1, 2, 4, 8, 16))
+        (6, 4, 100, (0, 1, 4)) if args.quick else (12, 8, 600, (0, 1, 2, 4, 8, 16))
     )
     encoder, tokenizer, sentences, labels = T.load()
     train, rest = balanced_split(labels, 50, args.seed)

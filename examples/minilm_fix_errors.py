@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(argv)
     out = Path(args.out)
     clock = T.Clock()
-    n_edit, n_masks, k_max, n_errors = (16, 200, 4, 3) if args.quick else (32, 600, 8, 8)
+    n_edit, n_masks, k_max, n_errors = (16, 100, 4, 3) if args.quick else (32, 600, 8, 8)
     encoder, tokenizer, sentences, labels = T.load()
     train, edit_rows, held = T.three_way_split(labels, n_train=100, n_edit=n_edit, seed=args.seed)
     if args.quick:
