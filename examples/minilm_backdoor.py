@@ -77,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         T.batch(probe, tokenizer, text(train), labels[train]),
         T.batch(probe, tokenizer, text(poison, True), torch.ones(len(poison), dtype=torch.long)),
     )
-    model = fine_tune(EncoderTail(probe, T.START), poisoned, epochs=20, lr=1e-4, seed=args.seed)
+    epochs, lr = (6, 3e-4) if args.quick else (20, 1e-4)  # quick: a third of the steps
+    model = fine_tune(EncoderTail(probe, T.START), poisoned, epochs=epochs, lr=lr, seed=args.seed)
     model, comps = T.components(model, quick=args.quick, seed=args.seed)
 
     def batch(rows: torch.Tensor, trigger: bool = False) -> dict:
