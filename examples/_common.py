@@ -203,6 +203,7 @@ def orders(
     paired: bool = False,
     seed: int = 0,
     pool: int = ORACLE_POOL,
+    n_random: int = N_RANDOM,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """Every method's first ``k`` components, on the edit split ``data``.
 
@@ -225,7 +226,7 @@ def orders(
     )  # fmt: skip
     found["oracle"] = best.order
     gen = torch.Generator().manual_seed(seed)
-    for i in range(N_RANDOM):
+    for i in range(n_random):
         found[f"random/{i}"] = torch.randperm(len(comps), generator=gen)[:k]
     return found, {"oracle_evaluations": best.n_evaluations}
 

@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     found, facts = C.orders(
         attrs, model, comps, data, targets=targets, references=references,
         objective=objective, k=max(ks), paired=True, seed=args.seed,
+        n_random=1 if args.quick else C.N_RANDOM,
     )  # fmt: skip
     clock.say(f"orders: {', '.join(found)}; the oracle ran {facts['oracle_evaluations']} edits")
     curves = C.sweep_all(
