@@ -52,9 +52,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out)
     clock = C.Clock()
     n_train, n_set, n_masks, n_eval = (
-        (3000, 50, 300, 500) if args.quick else (10_000, 100, 800, 2000)
+        (3000, 50, 300, 300) if args.quick else (10_000, 100, 800, 2000)
     )
-    ks = (0, 1, 2, 4, 8, 12, 16) if args.quick else (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 24, 32)
+    ks = (0, 4, 8, 12, 16) if args.quick else (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 24, 32)
     gen = torch.Generator().manual_seed(args.seed)
 
     x_train, y_train = fashion_mnist(split="train", limit=n_train)
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     found, facts = C.orders(
         attrs, model, comps, data, targets=targets, references=references,
         objective=objective, k=max(ks), paired=True, seed=args.seed,
-        n_random=1 if args.quick else C.N_RANDOM,
+        n_random=1 if args.quick else C.N_RANDOM, pool=8 if args.quick else C.ORACLE_POOL,
     )  # fmt: skip
     clock.say(f"orders: {', '.join(found)}; the oracle ran {facts['oracle_evaluations']} edits")
     curves = C.sweep_all(

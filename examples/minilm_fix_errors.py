@@ -110,7 +110,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 edited = edit.apply(model, comps, order[:k])
                 row["delta"] = 100 * (heldout_acc(edited) - acc_before)
             per_error.append(row)
-        clock.say(f"error {e}: " + ", ".join(f"{r['method']} k={r['k']}" for r in per_error[-10:]))
+        clock.say(
+            f"error {e}: "
+            + ", ".join(f"{r['method']} k={r['k']}" for r in per_error[-len(orders) :])
+        )
 
     methods = list(dict.fromkeys(r["method"] for r in per_error))
     n_done = len(errors[:n_errors])
