@@ -589,8 +589,8 @@ def test_example_spurious_quick(tmp_path):
     _needs_fashion_mnist()
     results = _load_example("spurious").main(["--quick", "--out", str(tmp_path)])
     coar_row = next(r for r in results["summary"] if r["method"] == "coar")
-    # k chosen on validation; measured on test: worst group 0.746 -> 0.855 with k=8,
-    # average 0.903 -> 0.925
+    # k chosen on validation; measured on (every other) test image: worst group
+    # 0.711 -> 0.856 with k=8, average 0.896 -> 0.919
     assert coar_row["test_worst_after"] > coar_row["test_worst_before"] + 0.05
     assert coar_row["test_avg_after"] > coar_row["test_avg_before"] - 0.02
     # the oracle's first step is exact on the validation objective (worst group, then
