@@ -15,7 +15,7 @@ attributions, COAR's paired scores (each triggered image against its clean copy)
 ``edit.select_predicted`` on COAR, random components and ``edit.oracle`` (the greedy
 edit found by running the model on the attributed images); see ``_common.py``.
 
-Run: ``python examples/backdoor.py`` (about 2-3 min on 2 CPU cores; ``--quick`` for a
+Run: ``python examples/backdoor.py`` (about 4-5 min of CPU time, one thread; ``--quick`` for a
 smoke test).
 """
 

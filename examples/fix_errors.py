@@ -12,7 +12,7 @@ ordered by Welch scores), ``edit.select_predicted`` on COAR (the objective: e fi
 minus the share of references broken), ``edit.oracle`` (the greedy choice by running
 the model on the same images, same objective) and a random order.
 
-Run: ``python examples/fix_errors.py`` (about 2-3 min on 2 CPU cores; ``--quick``
+Run: ``python examples/fix_errors.py`` (about 4-5 min of CPU time, one thread; ``--quick``
 for a smoke test).
 """
 
