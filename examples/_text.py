@@ -5,7 +5,9 @@ and 1,536 MLP neurons: 1,548 components) inside a sentiment probe, on real movie
 sentences (Pang-Lee, from the gensim wheel), on the CPU. Layers 0-4 are frozen and
 never edited, so they run once per sentence (``coarpy.demo.text.encode``) and every
 edit runs only the last layer, the pooling and the head
-(``coarpy.demo.text.EncoderTail``).
+(``coarpy.demo.text.EncoderTail``). With ``--quick`` the components are the 12 heads
+and ``QUICK_NEURONS`` seeded neurons (see :func:`quick_components`): leave-one-out and
+the oracle's first step cost one run per component.
 
 Each example compares, at equal k, on held-out sentences:
 
