@@ -27,12 +27,14 @@ Each example compares, at equal k, on held-out sentences:
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# the clock, tables and plots are the Fashion examples' (examples/ is on sys.path)
+from _common import Clock, at_k, figure_path, markdown, plot  # noqa: F401
 from torch import Tensor, nn
 
 import coarpy as coar
@@ -46,24 +48,6 @@ START = 5  # the first (and only) encoder layer edited: the last of six
 MAX_LENGTH = 24  # tokens kept per sentence (with [CLS] and [SEP]); the median sentence has 27
 N_RANDOM = 3  # random orders averaged
 QUICK_NEURONS = 52  # --quick edits the 12 heads and this many seeded neurons (64 components)
-FIGURES = Path(__file__).resolve().parent / "figures"  # where full runs put their plots
-
-
-def figure_path(out: Path, task: str, quick: bool) -> Path:
-    """``examples/figures/<task>.png`` for a full run, a file under ``out`` for a quick one."""
-    return out / task / "curve.png" if quick else FIGURES / f"{task}.png"
-
-
-class Clock:
-    """Seconds since start, wall-clock and CPU (this process), printed with each step."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.cpu = time.process_time()
-
-    def say(self, text: str) -> None:
-        wall, cpu = time.perf_counter() - self.start, time.process_time() - self.cpu
-        print(f"[{wall:6.1f} s, CPU {cpu:6.1f} s] {text}", flush=True)
 
 
 def load() -> tuple[Any, Any, list[str], Tensor]:
@@ -313,57 +297,3 @@ def compare(
         "orders": {name: [int(j) for j in order.tolist()] for name, order in orders.items()},
     }
     return curves, facts
-
-
-def at_k(curves: Mapping[str, list[dict]], column: str, ks: Sequence[int]) -> list[dict]:
-    """Rows ``{"method", "k=0", "k=1", ...}`` of ``column`` (for a markdown table)."""
-    rows = []
-    for method, table in curves.items():
-        by_k = {r["k"]: r for r in table}
-        rows.append({"method": method, **{f"k={k}": by_k[k][column] for k in ks}})
-    return rows
-
-
-def markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Rows as a GitHub markdown table (floats with 3 decimals)."""
-    columns = list(columns or rows[0])
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3f}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def plot(
-    curves: Mapping[str, list[dict]],
-    methods: Sequence[str],
-    *,
-    target: str,
-    reference: str | None,
-    title: str,
-    path: Path,
-) -> Path | None:
-    """Held-out target (solid) and reference (dashed) metrics of a few methods against k."""
-    try:
-        from coarpy.report import plot_edit_curve
-    except ImportError:  # matplotlib is an optional extra
-        return None
-    rows = []
-    for i, k in enumerate(r["k"] for r in curves[methods[0]]):
-        row = {"k": k}
-        for m in methods:
-            row[f"{m} {target}"] = curves[m][i][target]
-            if reference:
-                row[f"{m} {reference}"] = curves[m][i][reference]
-        rows.append(row)
-    fig = plot_edit_curve(
-        rows, target=[f"{m} {target}" for m in methods],
-        reference=[f"{m} {reference}" for m in methods] if reference else [], title=title,
-    )  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
