@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out)
     clock = C.Clock()
     n_train, n_set, n_masks, n_eval = (
-        (3000, 50, 300, 300) if args.quick else (10_000, 100, 800, 2000)
+        (3000, 50, 200, 300) if args.quick else (10_000, 100, 800, 2000)
     )
     ks = (0, 4, 8, 12, 16) if args.quick else (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 24, 32)
     gen = torch.Generator().manual_seed(args.seed)

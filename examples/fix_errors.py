@@ -32,7 +32,7 @@ from coarpy import edit  # noqa: E402
 from coarpy.demo import accuracy, fashion_mnist  # noqa: E402
 
 
-def orders_for(e, correct, model, comps, data, attrs, k_max, seed):
+def orders_for(e, correct, model, comps, data, attrs, k_max, seed, pool):
     """``(method, order)`` for fixing error ``e``: up to ``k_max`` components each.
 
     The oracle runs with growing k (2, 4, 8, ...) until its edit fixes ``e``; with a
@@ -48,7 +48,7 @@ def orders_for(e, correct, model, comps, data, attrs, k_max, seed):
         k = min(2 * k, k_max)
         order = edit.oracle(
             model, comps, data, objective=objective, k=k, leave_one_out=attrs["leave_one_out"],
-            budget=1 + (k - 1) * C.ORACLE_POOL, progress=False,
+            budget=1 + (k - 1) * pool, progress=False,
         ).order  # fmt: skip
         fixed = edit.measure(
             edit.apply(model, comps, order), data, targets=[e], references=correct, progress=False
@@ -89,10 +89,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )  # fmt: skip
     clock.say(f"attributions: COAR from {n_masks} masks, leave-one-out, gradient")
     fixes: list[dict] = []
+    pool = 8 if args.quick else C.ORACLE_POOL  # the oracle's candidates per step after the first
 
     per_error = []
     for e in errors.tolist():
-        for method, order in orders_for(e, correct, model, comps, data, attrs, k_max, args.seed):
+        for method, order in orders_for(
+            e, correct, model, comps, data, attrs, k_max, args.seed, pool
+        ):
             table = edit.sweep(
                 None, model, comps, data, targets=[e], references=correct, order=order,
                 ks=range(len(order) + 1), until=lambda row: row["target_acc"] == 1.0,

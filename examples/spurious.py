@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     found, facts = C.orders(
         attrs, model, comps, (xv, yv), targets=targets, references=references,
         objective=objective, k=max(ks), seed=args.seed, n_random=1 if args.quick else C.N_RANDOM,
+        pool=8 if args.quick else C.ORACLE_POOL,
     )  # fmt: skip
     clock.say(f"orders: {', '.join(found)}; the oracle ran {facts['oracle_evaluations']} edits")
     curves = C.sweep_all(
