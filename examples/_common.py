@@ -1,9 +1,20 @@
-"""What the editing examples share: arguments, a cached Fashion-MNIST CNN, attributions.
+"""What the editing examples share: arguments, a cached Fashion-MNIST CNN, attributions,
+the comparison of editing methods, tables and plots.
 
 Every example trains (once, cached under ``--out``) a small ``FashionCNN`` on real
 Fashion-MNIST images, computes three attributions over the same examples (COAR from
 a component dataset, leave-one-out and gradient from ``coarpy.baselines``) and edits
-with each, so the three can be compared on one task.
+with each. :func:`orders` adds, at equal k on the same edit split:
+
+- ``coar/predicted``: ``edit.select_predicted`` on COAR (the greedy choice on the
+  attributions' own predictions of target gain and reference damage);
+- ``coar/paired``: paired scores on COAR, where targets and references pair up;
+- ``oracle``: ``edit.oracle``, the greedy edit chosen by running the model on the
+  edit split (its first step read off leave-one-out, later steps limited to the
+  ``ORACLE_POOL`` best candidates);
+- ``random``: random components (the mean of ``N_RANDOM`` random orders).
+
+``examples/_text.py`` (the MiniLM examples) reuses the clock, tables and plots.
 """
 
 from __future__ import annotations
@@ -27,6 +38,9 @@ from coarpy.demo import FashionCNN, accuracy, train_classifier
 
 WIDTH, HIDDEN = 8, 64  # FashionCNN(width=8, hidden=64): 56 conv channels + 64 neurons
 METHODS = ("coar", "leave_one_out", "gradient")
+N_RANDOM = 3  # random orders averaged
+ORACLE_POOL = 16  # candidates the oracle measures at each step after the first
+FIGURES = Path(__file__).resolve().parent / "figures"  # where full runs put their plots
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -48,13 +62,15 @@ def parse_args(
 
 
 class Clock:
-    """Seconds since start, printed with each step."""
+    """Seconds since start, wall-clock and CPU (this process), printed with each step."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
+        self.cpu = time.process_time()
 
     def say(self, text: str) -> None:
-        print(f"[{time.perf_counter() - self.start:6.1f} s] {text}", flush=True)
+        wall, cpu = time.perf_counter() - self.start, time.process_time() - self.cpu
+        print(f"[{wall:6.1f} s, CPU {cpu:6.1f} s] {text}", flush=True)
 
 
 def _digest(*tensors: Tensor) -> str:
@@ -159,4 +175,134 @@ def save_results(out: Path, name: str, results: Mapping[str, Any]) -> Path:
     path = out / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
+    return path
+
+
+def figure_path(out: Path, task: str, quick: bool) -> Path:
+    """``examples/figures/<task>.png`` for a full run, a file under ``out`` for a quick one."""
+    return out / task / "curve.png" if quick else FIGURES / f"{task}.png"
+
+
+def margins(model: nn.Module, data: Any) -> Tensor:
+    """The margin of every example with the model as it is: (n,) float32."""
+    with torch.inference_mode():
+        return coar.outputs.margin(model, data)
+
+
+def orders(
+    attrs: Mapping[str, coar.Attributions],
+    model: nn.Module,
+    comps: coar.Components,
+    data: Any,
+    *,
+    targets: Tensor,
+    references: Tensor,
+    objective: Any,
+    k: int,
+    direction: str = "raise",
+    paired: bool = False,
+    seed: int = 0,
+    pool: int = ORACLE_POOL,
+    n_random: int = N_RANDOM,
+) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Every method's first ``k`` components, on the edit split ``data``.
+
+    Returns ``({method: order}, {"oracle_evaluations": edits the oracle ran})``. The
+    attributions' own orders (Welch scores) keep their names (``"coar"``,
+    ``"leave_one_out"``, ``"gradient"``); random orders are ``"random/<i>"`` (see
+    :func:`sweep_all`, which averages them).
+    """
+    found: dict[str, Tensor] = {}
+    for name, attr in attrs.items():
+        found[name] = edit.select(edit.scores(attr, targets, references), k, direction=direction)
+    if paired:
+        s = edit.scores(attrs["coar"], targets, references, statistic="paired")
+        found["coar/paired"] = edit.select(s, k, direction=direction)
+    base = margins(model, data)
+    found["coar/predicted"] = edit.select_predicted(attrs["coar"], objective, k, outputs=base)
+    best = edit.oracle(
+        model, comps, data, objective=objective, k=k, leave_one_out=attrs["leave_one_out"],
+        budget=1 + max(k - 1, 0) * pool, progress=False,
+    )  # fmt: skip
+    found["oracle"] = best.order
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(n_random):
+        found[f"random/{i}"] = torch.randperm(len(comps), generator=gen)[:k]
+    return found, {"oracle_evaluations": best.n_evaluations}
+
+
+def sweep_all(
+    found: Mapping[str, Tensor],
+    model: nn.Module,
+    comps: coar.Components,
+    data: Any,
+    *,
+    targets: Tensor,
+    references: Tensor,
+    ks: Sequence[int],
+    metrics: Mapping[str, Callable[[nn.Module], float]],
+) -> dict[str, list[dict]]:
+    """Each order swept over ``ks``; the ``random/<i>`` curves averaged into ``"random"``."""
+    curves = {
+        name: edit.sweep(
+            None,
+            model,
+            comps,
+            data,
+            targets=targets,
+            references=references,
+            order=order,
+            ks=ks,
+            metrics=metrics,
+            progress=False,
+        )  # fmt: skip
+        for name, order in found.items()
+    }
+    randoms = [curves.pop(name) for name in list(curves) if name.startswith("random/")]
+    if randoms:
+        curves["random"] = [
+            {c: (v if c == "k" else sum(r[i][c] for r in randoms) / len(randoms))
+             for c, v in row.items()}
+            for i, row in enumerate(randoms[0])
+        ]  # fmt: skip
+    return curves
+
+
+def at_k(curves: Mapping[str, list[dict]], column: str, ks: Sequence[int]) -> list[dict]:
+    """Rows ``{"method", "k=0", "k=1", ...}`` of ``column`` (for a markdown table)."""
+    rows = []
+    for method, table in curves.items():
+        by_k = {r["k"]: r for r in table}
+        rows.append({"method": method, **{f"k={k}": by_k[k][column] for k in ks}})
+    return rows
+
+
+def plot(
+    curves: Mapping[str, list[dict]],
+    methods: Sequence[str],
+    *,
+    target: str,
+    reference: str | None,
+    title: str,
+    path: Path,
+) -> Path | None:
+    """Target (solid) and reference (dashed) metrics of a few methods against k."""
+    try:
+        from coarpy.report import plot_edit_curve
+    except ImportError:  # matplotlib is an optional extra
+        return None
+    rows = []
+    for i, k in enumerate(r["k"] for r in curves[methods[0]]):
+        row = {"k": k}
+        for m in methods:
+            row[f"{m} {target}"] = curves[m][i][target]
+            if reference:
+                row[f"{m} {reference}"] = curves[m][i][reference]
+        rows.append(row)
+    fig = plot_edit_curve(
+        rows, target=[f"{m} {target}" for m in methods],
+        reference=[f"{m} {reference}" for m in methods] if reference else [], title=title,
+    )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     return path

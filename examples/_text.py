@@ -5,7 +5,9 @@ and 1,536 MLP neurons: 1,548 components) inside a sentiment probe, on real movie
 sentences (Pang-Lee, from the gensim wheel), on the CPU. Layers 0-4 are frozen and
 never edited, so they run once per sentence (``coarpy.demo.text.encode``) and every
 edit runs only the last layer, the pooling and the head
-(``coarpy.demo.text.EncoderTail``).
+(``coarpy.demo.text.EncoderTail``). With ``--quick`` the components are the 12 heads
+and ``QUICK_NEURONS`` seeded neurons (see :func:`quick_components`): leave-one-out and
+the oracle's first step cost one run per component.
 
 Each example compares, at equal k, on held-out sentences:
 
@@ -24,12 +26,15 @@ Each example compares, at equal k, on held-out sentences:
 
 from __future__ import annotations
 
-import time
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# the clock, tables and plots are the Fashion examples' (examples/ is on sys.path)
+from _common import Clock, at_k, figure_path, markdown, plot  # noqa: F401
 from torch import Tensor, nn
 
 import coarpy as coar
@@ -42,22 +47,7 @@ from coarpy.demo.text import encode, with_word
 START = 5  # the first (and only) encoder layer edited: the last of six
 MAX_LENGTH = 24  # tokens kept per sentence (with [CLS] and [SEP]); the median sentence has 27
 N_RANDOM = 3  # random orders averaged
-FIGURES = Path(__file__).resolve().parent / "figures"  # where full runs put their plots
-
-
-def figure_path(out: Path, task: str, quick: bool) -> Path:
-    """``examples/figures/<task>.png`` for a full run, a file under ``out`` for a quick one."""
-    return out / task / "curve.png" if quick else FIGURES / f"{task}.png"
-
-
-class Clock:
-    """Seconds since start, printed with each step."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def say(self, text: str) -> None:
-        print(f"[{time.perf_counter() - self.start:6.1f} s] {text}", flush=True)
+QUICK_NEURONS = 52  # --quick edits the 12 heads and this many seeded neurons (64 components)
 
 
 def load() -> tuple[Any, Any, list[str], Tensor]:
@@ -108,8 +98,62 @@ def rows_of(data: Mapping[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     return {k: v[rows] for k, v in data.items()}
 
 
-def components(tail: nn.Module) -> coar.Components:
-    return coar.Components.discover(tail, kinds=("heads", "neurons"))
+def components(
+    tail: nn.Module, *, quick: bool = False, seed: int = 0
+) -> tuple[nn.Module, coar.Components]:
+    """(the model to edit, its components): the tail's 12 heads and 1,536 MLP neurons, or
+    for ``quick`` a copy of the tail with its heads and ``QUICK_NEURONS`` seeded neurons
+    (see :func:`quick_components`)."""
+    if quick:
+        return quick_components(tail, QUICK_NEURONS, seed)
+    return tail, coar.Components.discover(tail, kinds=("heads", "neurons"))
+
+
+class _SplitDown(nn.Module):
+    """An MLP's down projection split in two: the columns of some neurons, and the rest.
+
+    ``forward(h) == down(h)`` (up to the order of the sums): ``edited`` holds the
+    columns of the neurons in ``rows``, ``kept`` the others and the bias. Ablating
+    input feature ``j`` of ``edited`` (zeroing its weight column) is ablating neuron
+    ``rows[j]`` exactly as the ``neurons`` kind does.
+    """
+
+    def __init__(self, down: nn.Linear, rows: Tensor):
+        super().__init__()
+        rest = torch.ones(down.in_features, dtype=torch.bool)
+        rest[rows] = False
+        self.register_buffer("rows", rows.clone())
+        self.register_buffer("rest", rest.nonzero().flatten())
+        self.edited = nn.Linear(len(rows), down.out_features, bias=False)
+        self.kept = nn.Linear(len(self.rest), down.out_features)
+        with torch.no_grad():
+            self.edited.weight.copy_(down.weight[:, self.rows])
+            self.kept.weight.copy_(down.weight[:, self.rest])
+            self.kept.bias.copy_(down.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.edited(h[..., self.rows]) + self.kept(h[..., self.rest])
+
+
+def quick_components(
+    tail: nn.Module, n_neurons: int, seed: int
+) -> tuple[nn.Module, coar.Components]:
+    """(a copy of the tail, its 12 heads and ``n_neurons`` seeded MLP neurons): for --quick.
+
+    Leave-one-out and the oracle's first step run the model once per component, so
+    the quick runs edit a seeded subset of the layer's 1,536 neurons (the others are
+    always kept). The copy computes the same function: its down projection is split
+    into the chosen neurons' columns (``layer.5.output.dense.edited``, whose input
+    features are the components) and the rest.
+    """
+    model = copy.deepcopy(tail)
+    layer = model.layer[str(START)]
+    down = layer.output.dense
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(down.in_features, generator=gen)[:n_neurons].sort().values
+    layer.output.dense = _SplitDown(down, rows)
+    spec = {f"layer.{START}.attention": "heads", f"layer.{START}.output.dense.edited": "inputs"}
+    return model, coar.Components.from_spec(model, spec)
 
 
 def outputs_of(model: nn.Module, data: Mapping[str, Tensor]) -> Tensor:
@@ -253,57 +297,3 @@ def compare(
         "orders": {name: [int(j) for j in order.tolist()] for name, order in orders.items()},
     }
     return curves, facts
-
-
-def at_k(curves: Mapping[str, list[dict]], column: str, ks: Sequence[int]) -> list[dict]:
-    """Rows ``{"method", "k=0", "k=1", ...}`` of ``column`` (for a markdown table)."""
-    rows = []
-    for method, table in curves.items():
-        by_k = {r["k"]: r for r in table}
-        rows.append({"method": method, **{f"k={k}": by_k[k][column] for k in ks}})
-    return rows
-
-
-def markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Rows as a GitHub markdown table (floats with 3 decimals)."""
-    columns = list(columns or rows[0])
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3f}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def plot(
-    curves: Mapping[str, list[dict]],
-    methods: Sequence[str],
-    *,
-    target: str,
-    reference: str | None,
-    title: str,
-    path: Path,
-) -> Path | None:
-    """Held-out target (solid) and reference (dashed) metrics of a few methods against k."""
-    try:
-        from coarpy.report import plot_edit_curve
-    except ImportError:  # matplotlib is an optional extra
-        return None
-    rows = []
-    for i, k in enumerate(r["k"] for r in curves[methods[0]]):
-        row = {"k": k}
-        for m in methods:
-            row[f"{m} {target}"] = curves[m][i][target]
-            if reference:
-                row[f"{m} {reference}"] = curves[m][i][reference]
-        rows.append(row)
-    fig = plot_edit_curve(
-        rows, target=[f"{m} {target}" for m in methods],
-        reference=[f"{m} {reference}" for m in methods] if reference else [], title=title,
-    )  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path

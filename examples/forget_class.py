@@ -7,7 +7,10 @@ the class's outputs down relative to the rest. ``sweep`` measures, for each k, t
 accuracy on T and R and, on held-out test images, on the class and on the others.
 The chosen k is the one with the lowest target accuracy on the attributed images
 while their reference accuracy stays within 5 points; it is then judged on the
-held-out images. COAR is compared with leave-one-out and gradient attributions.
+held-out images. COAR is compared at equal k with leave-one-out and gradient
+attributions, ``edit.select_predicted`` on COAR, random components and
+``edit.oracle`` (the greedy edit found by running the model on the attributed
+images; objective: targets forgotten minus references broken); see ``_common.py``.
 
 Run: ``python examples/forget_class.py [--label 1]`` (about 2 min on 2 CPU cores;
 ``--quick`` for a smoke test).
@@ -26,7 +29,6 @@ import _common as C  # noqa: E402
 
 from coarpy import edit  # noqa: E402
 from coarpy.demo.data import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
-from coarpy.report import plot_edit_curve  # noqa: E402
 
 DELTA = 0.05  # largest drop of reference accuracy (attributed images) allowed
 
@@ -67,13 +69,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )  # fmt: skip
     clock.say("attributions: COAR, leave-one-out, gradient")
 
-    summary, curves = [], {}
-    for method, attr in attrs.items():
-        table = edit.sweep(
-            attr, model, comps, data, targets=targets, references=references, ks=ks,
-            direction="lower", metrics=metrics, progress=False,
-        )  # fmt: skip
-        curves[method] = table
+    objective = edit.Objective(targets, references, direction="lower")
+    found, facts = C.orders(
+        attrs, model, comps, data, targets=targets, references=references,
+        objective=objective, k=max(ks), direction="lower", seed=args.seed,
+        n_random=1 if args.quick else C.N_RANDOM, pool=8 if args.quick else C.ORACLE_POOL,
+    )  # fmt: skip
+    clock.say(f"orders: {', '.join(found)}; the oracle ran {facts['oracle_evaluations']} edits")
+    curves = C.sweep_all(
+        found, model, comps, data, targets=targets, references=references, ks=ks,
+        metrics=metrics,
+    )  # fmt: skip
+    clock.say(f"swept {len(found)} orders over k in {ks}")
+    summary = []
+    for method, table in curves.items():
         k = edit.best_k(
             table, target="target_acc", reference="reference_acc", delta=DELTA,
             direction="lower",
@@ -89,45 +98,40 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "others_acc_after": after["heldout_reference_acc"],
             }
         )
-        clock.say(f"{method}: swept k in {ks}")
         if method == "coar":
             made = edit.make(
-                attr, model, comps, targets=targets, references=references, k=k,
+                attrs[method], model, comps, targets=targets, references=references, k=k,
                 direction="lower",
             )  # fmt: skip
             made = C.with_curve(made, table, k)
             made.save(out / "forget_class" / "edits" / f"forget-{label}.json",
                       model=made.apply_to(model, comps))  # fmt: skip
-    print()
+    class_at = C.at_k(curves, "heldout_target_acc", ks)
+    others_at = C.at_k(curves, "heldout_reference_acc", ks)
+    print("\nk chosen on the attributed images (reference accuracy within 5 points)")
     print(C.markdown(summary))
-    print()
-    columns = ["k", *(f"{m}:{c}" for m in curves for c in ("class", "others"))]
-    rows = [
-        {
-            "k": ks[i],
-            **{
-                f"{m}:{c}": curves[m][i][f"heldout_{col}_acc"]
-                for m in curves
-                for c, col in (("class", "target"), ("others", "reference"))
-            },
-        }
-        for i in range(len(ks))
-    ]
-    print(C.markdown(rows, columns))
+    print("\nheld-out accuracy on the class at equal k\n" + C.markdown(class_at))
+    print("\nheld-out accuracy on the other classes at equal k\n" + C.markdown(others_at))
+    figure = C.plot(
+        curves, ["coar", "leave_one_out", "coar/predicted", "oracle"],
+        target="heldout_target_acc", reference="heldout_reference_acc",
+        title=f"Fashion-MNIST, forget {FASHION_MNIST_CLASSES[label]}: held-out class / others",
+        path=C.figure_path(out, "forget_class", args.quick),
+    )  # fmt: skip
     results = {
         "task": "forget_class",
         "quick": args.quick,
         "label": label,
         "delta": DELTA,
         "summary": summary,
+        "class_at_k": class_at,
+        "others_at_k": others_at,
         "curves": curves,
+        "orders": {m: [int(j) for j in o.tolist()] for m, o in found.items()},
+        "figure": str(figure) if figure else None,
+        **facts,
     }
     C.save_results(out / "forget_class", "results", results)
-    try:
-        fig = plot_edit_curve(curves["coar"], title=f"COAR: forget {FASHION_MNIST_CLASSES[label]}")
-        fig.savefig(out / "forget_class" / "coar_curve.png", dpi=100)
-    except ImportError:
-        pass
     return results
 
 

@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out)
     clock = T.Clock()
     n_neg, n_pos, n_masks, ks = (
-        (6, 4, 200, (0, 1, 2, 4)) if args.quick else (12, 8, 600, (0, 1, 2, 4, 8, 16))
+        (6, 4, 100, (0, 1, 4)) if args.quick else (12, 8, 600, (0, 1, 2, 4, 8, 16))
     )
     encoder, tokenizer, sentences, labels = T.load()
     train, rest = balanced_split(labels, 50, args.seed)
@@ -77,8 +77,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         T.batch(probe, tokenizer, text(train), labels[train]),
         T.batch(probe, tokenizer, text(poison, True), torch.ones(len(poison), dtype=torch.long)),
     )
-    model = fine_tune(EncoderTail(probe, T.START), poisoned, epochs=20, lr=1e-4, seed=args.seed)
-    comps = T.components(model)
+    epochs, lr = (6, 3e-4) if args.quick else (20, 1e-4)  # quick: a third of the steps
+    model = fine_tune(EncoderTail(probe, T.START), poisoned, epochs=epochs, lr=lr, seed=args.seed)
+    model, comps = T.components(model, quick=args.quick, seed=args.seed)
 
     def batch(rows: torch.Tensor, trigger: bool = False) -> dict:
         return T.batch(probe, tokenizer, text(rows, trigger), labels[rows])

@@ -66,14 +66,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(argv)
     out = Path(args.out)
     clock = T.Clock()
-    n_edit, n_masks, k_max, n_errors = (16, 200, 4, 3) if args.quick else (32, 600, 8, 8)
+    n_edit, n_masks, k_max, n_errors = (16, 100, 4, 3) if args.quick else (32, 600, 8, 8)
     encoder, tokenizer, sentences, labels = T.load()
     train, edit_rows, held = T.three_way_split(labels, n_train=100, n_edit=n_edit, seed=args.seed)
     if args.quick:
         held = held[::3]
     probe = T.fit_probe(encoder, tokenizer, [sentences[i] for i in train.tolist()], labels[train])
     model = EncoderTail(probe, T.START)
-    comps = T.components(model)
+    model, comps = T.components(model, quick=args.quick, seed=args.seed)
     data = T.batch(probe, tokenizer, [sentences[i] for i in edit_rows.tolist()], labels[edit_rows])
     held_data = T.batch(probe, tokenizer, [sentences[i] for i in held.tolist()], labels[held])
     heldout_acc = T.accuracy_of(held_data)
@@ -110,7 +110,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 edited = edit.apply(model, comps, order[:k])
                 row["delta"] = 100 * (heldout_acc(edited) - acc_before)
             per_error.append(row)
-        clock.say(f"error {e}: " + ", ".join(f"{r['method']} k={r['k']}" for r in per_error[-10:]))
+        clock.say(
+            f"error {e}: "
+            + ", ".join(f"{r['method']} k={r['k']}" for r in per_error[-len(orders) :])
+        )
 
     methods = list(dict.fromkeys(r["method"] for r in per_error))
     n_done = len(errors[:n_errors])

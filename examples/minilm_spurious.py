@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(argv)
     out = Path(args.out)
     clock = T.Clock()
-    n_edit, n_masks, ks = (8, 200, (0, 1, 2, 4)) if args.quick else (16, 600, (0, 1, 2, 4, 8, 16))
+    n_edit, n_masks, ks = (8, 100, (0, 1, 4)) if args.quick else (16, 600, (0, 1, 2, 4, 8, 16))
     encoder, tokenizer, sentences, labels = T.load()
     train, edit_rows, held = T.three_way_split(labels, n_train=100, n_edit=n_edit, seed=args.seed)
     if args.quick:
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     probe = T.fit_probe(encoder, tokenizer, train_text, torch.cat([labels[train], labels[copies]]))
     model = EncoderTail(probe, T.START)
-    comps = T.components(model)
+    model, comps = T.components(model, quick=args.quick, seed=args.seed)
     clock.say(
         f"probe trained on {len(train)} sentences and {len(copies)} negative copies with "
         f"{NAME!r}; {len(comps)} components"

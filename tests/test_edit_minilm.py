@@ -1,8 +1,8 @@
 """Coar-Edit on a real pretrained transformer: quick runs of the three MiniLM examples.
 
-Each example edits the last layer of all-MiniLM-L6-v2 (12 heads and 1,536 MLP
-neurons) in a sentiment probe on real movie-review sentences, offline. The quick
-settings are tiny (8-16 edit sentences, 200 masks, k up to 4), so the tests check
+Each example edits the last layer of all-MiniLM-L6-v2 in a sentiment probe on real
+movie-review sentences, offline. The quick settings are tiny (its 12 heads and 52
+seeded MLP neurons of 1,536, 8-16 edit sentences, 100 masks, k up to 4), so the tests check
 properties that hold by construction or with wide margins, not the numbers of
 ``examples/RESULTS.md``:
 
@@ -55,7 +55,7 @@ def _at(table: list[dict], k: int) -> dict:
 def test_minilm_spurious_quick(tmp_path):
     results = _run("minilm_spurious", tmp_path)
     curves = results["curves"]
-    assert results["n_components"] == 12 + 1536
+    assert results["n_components"] == 12 + 52  # the heads and --quick's seeded neurons
     # the oracle's objective is the edit split's worst-group accuracy, then the mean
     best = _at(curves["oracle"], 1)
     for method, table in curves.items():
@@ -91,7 +91,7 @@ def test_minilm_fix_errors_quick(tmp_path):
     results = _run("minilm_fix_errors", tmp_path)
     rows = results["per_error"]
     errors = sorted({r["error"] for r in rows})
-    assert errors and results["n_components"] == 12 + 1536
+    assert errors and results["n_components"] == 12 + 52
     for e in errors:
         by = {r["method"]: r for r in rows if r["error"] == e}
         # one component fixes e for some method => the oracle's exact first step finds one
@@ -101,3 +101,31 @@ def test_minilm_fix_errors_quick(tmp_path):
     fixed = [r for r in rows if r["method"] == "oracle" and r["k"] is not None]
     assert fixed  # measured: 2 of 3 errors fixed
     assert all(r["reference_acc"] >= 0.8 for r in fixed)  # few references broken
+
+
+def test_quick_components_keep_the_function():
+    # --quick edits the heads and a seeded subset of neurons through a split down
+    # projection: the model computes the same outputs, and ablating input j of the
+    # split is ablating neuron rows[j] of the original
+    import torch
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import _text as T
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from coarpy import edit
+    from coarpy.demo.text import EncoderTail
+
+    encoder, tokenizer, sentences, labels = T.load()
+    probe = T.fit_probe(encoder, tokenizer, sentences[:40], labels[:40])
+    tail = EncoderTail(probe, T.START)
+    model, comps = T.components(tail, quick=True, seed=0)
+    full = T.components(tail)[1]
+    assert len(comps) == 12 + T.QUICK_NEURONS and len(full) == 12 + 1536
+    data = T.batch(probe, tokenizer, sentences[100:108], labels[100:108])
+    torch.testing.assert_close(T.outputs_of(model, data), T.outputs_of(tail, data))
+    rows = model.layer[str(T.START)].output.dense.rows
+    split = edit.apply(model, comps, torch.tensor([0, 12, 13]))  # head 0, two neurons
+    whole = edit.apply(tail, full, torch.tensor([0, 12 + int(rows[0]), 12 + int(rows[1])]))
+    torch.testing.assert_close(T.outputs_of(split, data), T.outputs_of(whole, data))
