@@ -91,6 +91,12 @@ def test_ids_reach_the_attributions_the_evaluation_and_their_files(tmp_path, net
     assert Evaluation.load(res.save(tmp_path / "ev.json")).example_ids == ids
     heldout = collect(net, comps, xy, path=tmp_path / "held", **{**SETTINGS, "seed": 5})
     assert evaluate_store(attr, heldout).example_ids == ids  # from the attributions
+    from coarpy import edit
+
+    made = edit.make(attr, net, comps, xy, targets=[2], references=[0, 5], k=1)
+    assert (made.meta["target_ids"], made.meta["reference_ids"]) == (["s2"], ["s0", "s5"])
+    saved = json.loads(made.save(tmp_path / "e.json").read_text())
+    assert saved["meta"]["target_ids"] == ["s2"]
 
 
 def test_baselines_carry_the_datas_ids(net, comps, xy):

@@ -402,5 +402,17 @@ def make(
             "output": _outputs.name_of(_outputs.resolve(output)),
             "fingerprint": model_fingerprint(model),
             "n_components": len(components),
+            **_ids(attr, t, r),
         },
     )
+
+
+def _ids(attr: Attributions, targets: Tensor, references: Tensor) -> dict[str, list]:
+    """The targets' and references' example ids, where the attributions name examples."""
+    ids = attr.example_ids
+    if ids is None:
+        return {}
+    return {
+        "target_ids": [ids[i] for i in targets.tolist()],
+        "reference_ids": [ids[i] for i in references.tolist()],
+    }
