@@ -217,14 +217,7 @@ def gradient(
         model, components, data, output=output, batch_size=batch_size, device=device,
         mode=mode, autocast=autocast, progress=progress, device_budget=device_budget,
     )  # fmt: skip
-    for g in components.groups:
-        if g.site == "param":
-            raise ComponentError(
-                f"gradient cannot differentiate through the heads of {g.module!r}: an "
-                "nn.MultiheadAttention is ablated by zeroing its weights, which takes no "
-                "float or per-example mask. Use leave_one_out for these components, or "
-                "select components outside nn.MultiheadAttention."
-            )
+    _refuse_weight_zeroed_heads(components, "gradient")
     n = len(components)
     weights = torch.empty(examples.n_examples, n)  # (E, N)
     full = torch.empty(examples.n_examples)  # (E,)
@@ -232,33 +225,12 @@ def gradient(
     bar = progress_bar(len(examples.batches), progress, desc="gradient", unit="batch")
     with eval_mode(model, "gradient"), ablator, torch.enable_grad(), cast, closing(bar):
         row = 0
+        point = torch.ones(n, device=device)  # (N,): the unablated model
         for batch in examples.device_batches():
             size = B.batch_size(batch)
-            grad = values = None
-            if examples.rows_ok is not False:
-                try:
-                    # Row i of keep only reaches example i, so the gradient of the sum is
-                    # every example's own gradient.
-                    keep = torch.ones(size, n, device=device, requires_grad=True)  # (b, N)
-                    grad, values = _gradient(model, ablator, batch, keep, size, output_fn)
-                    examples.rows_ok = True
-                except MaskError as err:
-                    if examples.rows_ok:
-                        raise
-                    examples.rows_ok = False
-                    log.info(
-                        "per-row masks do not apply to this model (%s); gradient runs one "
-                        "example at a time with a shared mask instead",
-                        err,
-                    )
-            if examples.rows_ok is False:  # one example at a time, one shared soft mask
-                parts = []
-                for i in range(size):
-                    keep = torch.ones(n, device=device, requires_grad=True)  # (N,)
-                    one = B.index(batch, slice(i, i + 1))
-                    parts.append(_gradient(model, ablator, one, keep, 1, output_fn))
-                grad = torch.cat([g.reshape(1, n) for g, _ in parts])
-                values = torch.cat([v for _, v in parts])
+            grad, values = _gradient_at(
+                model, ablator, examples, batch, point, size, output_fn, "gradient"
+            )
             weights[row : row + size] = grad.float().cpu()  # (b, N)
             full[row : row + size] = values.cpu()
             row += size
@@ -362,14 +334,7 @@ def expected_gradient(
         model, components, data, output=output, batch_size=batch_size, device=device,
         mode=mode, autocast=autocast, progress=progress, device_budget=device_budget,
     )  # fmt: skip
-    for g in components.groups:
-        if g.site == "param":
-            raise ComponentError(
-                f"expected_gradient cannot differentiate through the heads of {g.module!r}: "
-                "an nn.MultiheadAttention is ablated by zeroing its weights, which takes no "
-                "float or per-example mask. Use leave_one_out for these components, or "
-                "select components outside nn.MultiheadAttention."
-            )
+    _refuse_weight_zeroed_heads(components, "expected_gradient")
     n_states = _checks.integer(n_states, "n_states", minimum=1)
     n = len(components)
     states = sample_masks(
@@ -389,7 +354,14 @@ def expected_gradient(
                 size = B.batch_size(batch)
                 for point in points:
                     grad, values = _gradient_at(
-                        model, ablator, examples, batch, point, size, output_fn
+                        model,
+                        ablator,
+                        examples,
+                        batch,
+                        point,
+                        size,
+                        output_fn,
+                        "expected_gradient",
                     )
                     weights[row : row + size] += grad.double().cpu()
                     mean_f[row : row + size] += values.double().cpu()
@@ -412,6 +384,18 @@ def expected_gradient(
     )
 
 
+def _refuse_weight_zeroed_heads(components: Components, caller: str) -> None:
+    """Gradients need a float mask; nn.MultiheadAttention heads are zeroed weights."""
+    for g in components.groups:
+        if g.site == "param":
+            raise ComponentError(
+                f"{caller} cannot differentiate through the heads of {g.module!r}: an "
+                "nn.MultiheadAttention is ablated by zeroing its weights, which takes no "
+                "float or per-example mask. Use leave_one_out for these components, or "
+                "select components outside nn.MultiheadAttention."
+            )
+
+
 def _gradient_at(
     model: nn.Module,
     ablator: Ablator,
@@ -420,10 +404,12 @@ def _gradient_at(
     point: Tensor,
     size: int,
     output_fn: Any,
+    caller: str,
 ) -> tuple[Tensor, Tensor]:
     """(d output / d keep (size, N), output (size,)) of one batch at the float keep-mask
-    ``point`` (N,): one row per example, or one example at a time with a shared mask where
-    per-row masks do not apply (as ``gradient`` does)."""
+    ``point`` (N,): one row per example (row i of keep only reaches example i, so the
+    gradient of the sum is every example's own), or one example at a time with a shared
+    mask where per-row masks do not apply (a model whose modules see another batch)."""
     n = point.shape[0]
     if examples.rows_ok is not False:
         try:
@@ -436,9 +422,10 @@ def _gradient_at(
                 raise
             examples.rows_ok = False
             log.info(
-                "per-row masks do not apply to this model (%s); expected_gradient runs one "
-                "example at a time with a shared mask instead",
+                "per-row masks do not apply to this model (%s); %s runs one example at a "
+                "time with a shared mask instead",
                 err,
+                caller,
             )
     parts = []
     for i in range(size):
