@@ -231,6 +231,38 @@ def orders(
     return found, {"oracle_evaluations": best.n_evaluations}
 
 
+def compare(
+    attrs: Mapping[str, coar.Attributions],
+    model: nn.Module,
+    comps: coar.Components,
+    data: Any,
+    *,
+    targets: Tensor,
+    references: Tensor,
+    objective: Any,
+    ks: Sequence[int],
+    metrics: Mapping[str, Callable[[nn.Module], float]],
+    clock: Any,
+    quick: bool,
+    **options: Any,
+) -> tuple[dict[str, Tensor], dict[str, int], dict[str, list[dict]]]:
+    """:func:`orders` up to ``max(ks)`` then :func:`sweep_all`, saying what each took:
+    ``(orders, facts, curves)``. ``quick`` runs one random order and a smaller oracle
+    pool; ``options`` go to :func:`orders` (``direction``, ``paired``, ``seed``)."""
+    found, facts = orders(
+        attrs, model, comps, data, targets=targets, references=references,
+        objective=objective, k=max(ks), n_random=1 if quick else N_RANDOM,
+        pool=8 if quick else ORACLE_POOL, **options,
+    )  # fmt: skip
+    clock.say(f"orders: {', '.join(found)}; the oracle ran {facts['oracle_evaluations']} edits")
+    curves = sweep_all(
+        found, model, comps, data, targets=targets, references=references, ks=ks,
+        metrics=metrics,
+    )  # fmt: skip
+    clock.say(f"swept {len(found)} orders over k in {ks}")
+    return found, facts, curves
+
+
 def sweep_all(
     found: Mapping[str, Tensor],
     model: nn.Module,

@@ -70,17 +70,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     clock.say("attributions: COAR, leave-one-out, gradient")
 
     objective = edit.Objective(targets, references, direction="lower")
-    found, facts = C.orders(
+    found, facts, curves = C.compare(
         attrs, model, comps, data, targets=targets, references=references,
-        objective=objective, k=max(ks), direction="lower", seed=args.seed,
-        n_random=1 if args.quick else C.N_RANDOM, pool=8 if args.quick else C.ORACLE_POOL,
+        objective=objective, ks=ks, metrics=metrics, clock=clock, quick=args.quick,
+        direction="lower", seed=args.seed,
     )  # fmt: skip
-    clock.say(f"orders: {', '.join(found)}; the oracle ran {facts['oracle_evaluations']} edits")
-    curves = C.sweep_all(
-        found, model, comps, data, targets=targets, references=references, ks=ks,
-        metrics=metrics,
-    )  # fmt: skip
-    clock.say(f"swept {len(found)} orders over k in {ks}")
     summary = []
     for method, table in curves.items():
         k = edit.best_k(

@@ -143,17 +143,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         metrics[f"val_group{i}"] = C.accuracy_on(xv[gv == i], yv[gv == i])
         metrics[f"test_group{i}"] = C.accuracy_on(xs[gs == i], ys[gs == i])
     objective = worst_group([(gv == i).nonzero().flatten() for i in range(len(GROUPS))])
-    found, facts = C.orders(
+    found, facts, curves = C.compare(
         attrs, model, comps, (xv, yv), targets=targets, references=references,
-        objective=objective, k=max(ks), seed=args.seed, n_random=1 if args.quick else C.N_RANDOM,
-        pool=8 if args.quick else C.ORACLE_POOL,
+        objective=objective, ks=ks, metrics=metrics, clock=clock, quick=args.quick,
+        seed=args.seed,
     )  # fmt: skip
-    clock.say(f"orders: {', '.join(found)}; the oracle ran {facts['oracle_evaluations']} edits")
-    curves = C.sweep_all(
-        found, model, comps, (xv, yv), targets=targets, references=references, ks=ks,
-        metrics=metrics,
-    )  # fmt: skip
-    clock.say(f"swept {len(found)} orders over k in {ks}")
     summary = []
     for method, table in curves.items():
         for row in table:
