@@ -186,7 +186,7 @@ def collect_setup(
     if claim:
         # this configuration's blocks only: a store another worker has grown holds more
         # blocks than this call's n_masks covers, and collect refuses those
-        mine = range(-(-cfg.n_masks // cfg.block_size)) if blocks is None else blocks
+        mine = range(_n_blocks(cfg)) if blocks is None else blocks
         with Claims(run, mine, shard=shard, lease_s=lease_s) as claims:
             return collect(*args, **settings, blocks=beat.around(claims), progress=progress)
     if blocks is None:
@@ -199,7 +199,12 @@ def collect_setup(
 
 def _every_block(cfg: RunConfig) -> Iterator[int]:
     # a generator: the count is taken when collect asks, after it has checked the settings
-    yield from range(-(-cfg.n_masks // cfg.block_size))
+    yield from range(_n_blocks(cfg))
+
+
+def _n_blocks(cfg: RunConfig) -> int:
+    """The blocks of this configuration's masks (the last one may be short)."""
+    return -(-cfg.n_masks // cfg.block_size)
 
 
 def child_main(argv: Sequence[str]) -> int:
